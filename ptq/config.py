@@ -1,0 +1,180 @@
+"""Typed run configuration, built from Hydra's composed YAML and validated before any heavy work.
+
+Every check raises ConfigError with one sentence naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ptq.data import CALIB_SETS, EVAL_SETS
+from ptq.methods import METHODS, parse_method
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # preset name, for the record
+    path: str | None = None  # a local folder or a hub id; overrides the preset's sources
+    gguf_file: str | None = None  # a GGUF file inside ``path``
+    hub_id: str | None = None  # the preset's hub id
+    assets_dir: str | None = None  # the preset's copy, relative to paths.assets
+    assets_gguf_file: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype on CUDA
+
+
+@dataclass
+class CalibConfig:
+    name: str | None = "wikitext2_valid"  # a calibration set (see ptq.data.CALIB_SETS)
+    path: str | None = None  # or any local .txt / .jsonl file
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8  # windows per block forward in the pipeline
+
+
+@dataclass
+class EvalConfig:
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int | None = None  # default: the model's context, capped at 2048
+    max_windows: int | None = None  # None = the whole test set (the paper protocol)
+    batch_size: int = 1
+    baseline: bool = True  # also evaluate the full-precision model, for the comparison table
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "rtn"
+    method_options: dict = field(default_factory=dict)  # {step: {option: value}}
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    offload: bool = False
+    seed: int = 0
+    output_dir: str = "runs/latest"
+    assets: str | None = None  # paths.assets
+
+    @property
+    def full_precision(self) -> bool:
+        return self.method == "none" or self.bits == 16
+
+    def assets_root(self) -> Path:
+        return Path(self.assets or os.environ.get("PTQ_ASSETS") or REPO_ROOT.parent / "shared" / "assets")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _require_int(name: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be a whole number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    try:
+        steps = parse_method(cfg.method)
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
+    unknown_options = set(cfg.method_options) - set(steps)
+    if unknown_options:
+        raise ConfigError(f"method options for {sorted(unknown_options)} given, but method={cfg.method!r}")
+    _require_int("bits", cfg.bits)
+    if cfg.bits != 16 and not 2 <= cfg.bits <= 8:
+        raise ConfigError(f"bits={cfg.bits} is outside 2..8; use bits=16 or method=none for full precision")
+    _require_int("group_size", cfg.group_size)
+    if cfg.group_size == 0 or cfg.group_size < -1:
+        raise ConfigError(
+            f"group_size={cfg.group_size} is invalid: use a positive number of columns per group, "
+            "or -1 for one scale per output channel"
+        )
+    if not isinstance(cfg.sym, bool):
+        raise ConfigError(f"sym={cfg.sym!r} must be true or false")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    if not (cfg.model.path or cfg.model.hub_id or cfg.model.assets_dir):
+        raise ConfigError("no model given: choose a preset (model=<name>) or set model.path=<folder or hub id>")
+    c = cfg.calib
+    _require_int("calib.nsamples", c.nsamples, 1)
+    _require_int("calib.seqlen", c.seqlen, 2)
+    _require_int("calib.seed", c.seed)
+    _require_int("calib.batch_size", c.batch_size, 1)
+    if c.path is None and c.name not in CALIB_SETS:
+        raise ConfigError(
+            f"calib={c.name!r} is unknown; choose one of {', '.join(sorted(CALIB_SETS))}, "
+            "or set calib.path=<.txt|.jsonl file>"
+        )
+    e = cfg.eval
+    if isinstance(e.ppl, str):
+        e.ppl = [e.ppl]
+    unknown = [name for name in e.ppl if name not in EVAL_SETS]
+    if unknown:
+        raise ConfigError(f"eval.ppl has unknown data sets {unknown}; choose from {', '.join(sorted(EVAL_SETS))}")
+    if e.seqlen is not None:
+        _require_int("eval.seqlen", e.seqlen, 2)
+    if e.max_windows is not None:
+        _require_int("eval.max_windows", e.max_windows, 1)
+    _require_int("eval.batch_size", e.batch_size, 1)
+    return cfg
+
+
+def check_context(cfg: RunConfig, context: int | None) -> None:
+    """Sequence lengths must fit the model's context (known once its config is read)."""
+    if context is None:
+        return
+    if cfg.calib.seqlen > context:
+        raise ConfigError(f"calib.seqlen={cfg.calib.seqlen} is above the model's context of {context} tokens")
+    if cfg.eval.seqlen is not None and cfg.eval.seqlen > context:
+        raise ConfigError(f"eval.seqlen={cfg.eval.seqlen} is above the model's context of {context} tokens")
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in {where}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Build a RunConfig from Hydra's resolved config (a plain dict) and validate it."""
+    d = dict(d)
+    d.pop("hydra", None)
+    method = dict(d.pop("method", {}) or {})
+    name = method.pop("name", None)
+    if not name:
+        raise ConfigError("method has no name; choose method=<name>")
+    unknown_steps = [k for k in method if k not in METHODS]
+    if unknown_steps:
+        raise ConfigError(f"unknown method options {unknown_steps}; options go under method.<step>.<option>")
+    paths = d.pop("paths", {}) or {}
+    cfg = _build(
+        RunConfig,
+        {
+            **d,
+            "model": _build(ModelConfig, d.get("model", {}), "model"),
+            "calib": _build(CalibConfig, d.get("calib", {}), "calib"),
+            "eval": _build(EvalConfig, d.get("eval", {}), "eval"),
+            "method": name,
+            "method_options": {k: dict(v or {}) for k, v in method.items()},
+            "assets": paths.get("assets"),
+        },
+        "the top-level config",
+    )
+    return validate(cfg)

@@ -1,0 +1,218 @@
+"""Evaluation text and calibration windows, from the assets folder, any local file, or the hub.
+
+A named data set resolves to its copy in the assets folder when that exists (the text is the same
+as the hub's), otherwise to the hub through ``datasets``. Nothing is substituted: a data set that is
+neither local nor reachable is an error that says how to point at a local file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """A data set could not be found or read; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class HubText:
+    path: str
+    name: str | None
+    split: str
+    field: str
+    data_files: dict | None = None
+    max_rows: int | None = None  # GPTQ's C4 evaluation uses the first 1100 validation documents
+
+
+@dataclass(frozen=True)
+class TextSet:
+    """One named text: where it lives and how its rows become one string (the GPTQ protocol)."""
+
+    description: str
+    local: str | None  # file relative to the assets folder
+    hub: HubText | None
+    join: str  # separator between rows
+    documents: bool = False  # calibrate on random windows of random long documents (GPTQ's C4)
+
+
+_C4_VAL = "en/c4-validation.00000-of-00008.json.gz"
+_C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+
+EVAL_SETS: dict[str, TextSet] = {
+    "wikitext2": TextSet(
+        "WikiText-2 raw test, rows joined with '\\n\\n'",
+        "data/wikitext-2-raw-v1/test.jsonl",
+        HubText("wikitext", "wikitext-2-raw-v1", "test", "text"),
+        "\n\n",
+    ),
+    "ptb": TextSet(
+        "Penn Treebank test, sentences joined with ' '",
+        "data/ptb/ptb.test.txt",
+        HubText("ptb_text_only", "penn_treebank", "test", "sentence"),
+        " ",
+    ),
+    "c4": TextSet(
+        "C4 validation (first shard, first 1100 documents joined with ' ', as in the GPTQ code)",
+        None,
+        HubText("allenai/c4", None, "validation", "text", {"validation": _C4_VAL}, max_rows=1100),
+        " ",
+    ),
+}
+
+CALIB_SETS: dict[str, TextSet] = {
+    "wikitext2": TextSet(
+        "WikiText-2 raw train (the GPTQ paper's WikiText-2 calibration)",
+        None,
+        HubText("wikitext", "wikitext-2-raw-v1", "train", "text"),
+        "\n\n",
+    ),
+    "wikitext2_valid": TextSet(
+        "WikiText-2 validation (tokenized variant with <unk>)",
+        "data/wikitext-2/valid.tokens.txt",
+        HubText("wikitext", "wikitext-2-v1", "validation", "text"),
+        "",
+    ),
+    "ptb": TextSet("Penn Treebank train", None, HubText("ptb_text_only", "penn_treebank", "train", "sentence"), " "),
+    "c4": TextSet(
+        "C4 train (first shard; random documents longer than seqlen, as in the GPTQ code)",
+        None,
+        HubText("allenai/c4", None, "train", "text", {"train": _C4_TRAIN}),
+        " ",
+        documents=True,
+    ),
+}
+
+
+def _read_local_rows(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    if path.name.startswith("ptb."):
+        return [line.strip() for line in text.splitlines()]  # as the hub's ptb_text_only sentences
+    return [text]
+
+
+def _read_hub_rows(name: str, hub: HubText) -> list[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub.path, hub.name, split=hub.split, data_files=hub.data_files)
+    except Exception as err:  # datasets raises many types for "offline" / "not found"
+        raise DataError(
+            f"data set {name!r} is not in the assets folder and the hub could not give "
+            f"{hub.path}/{hub.name or ''}:{hub.split} ({err.__class__.__name__}: {str(err)[:200]}). "
+            "Offline, set paths.assets (or PTQ_ASSETS) to the assets folder, or calib.path=<.txt|.jsonl file>"
+        ) from err
+    if hub.max_rows is not None:
+        ds = ds.select(range(min(hub.max_rows, len(ds))))
+    return list(ds[hub.field])
+
+
+@dataclass
+class Text:
+    rows: list[str]
+    source: str  # file path or hub id, for the record
+    join: str
+
+    @property
+    def joined(self) -> str:
+        return self.join.join(self.rows)
+
+
+def load_text(name: str, sets: dict[str, TextSet], assets_root: Path) -> Text:
+    if name not in sets:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(sets))}")
+    spec = sets[name]
+    if spec.local and (assets_root / spec.local).is_file():
+        path = assets_root / spec.local
+        return Text(_read_local_rows(path), str(path), spec.join)
+    if spec.hub is None:
+        raise DataError(f"data set {name!r} has no local copy under {assets_root} and no hub source")
+    rows = _read_hub_rows(name, spec.hub)
+    return Text(rows, f"hub:{spec.hub.path}/{spec.hub.name or ''}:{spec.hub.split}", spec.join)
+
+
+def load_text_file(path: str) -> Text:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"calib.path={path!r} does not exist; give a .txt file or a .jsonl file with a 'text' field")
+    return Text(_read_local_rows(p), str(p), "\n\n")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one row of token ids [1, T] (tokenized once, as in the GPTQ protocol)."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation windows
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] from the start of the text; a partial tail is dropped."""
+    n = ids.shape[1] // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"the evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    return ids[0, : n * seqlen].reshape(n, seqlen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclass
+class Calibration:
+    input_ids: torch.Tensor  # [nsamples, seqlen]
+    source: str
+    offsets: list  # start offset per window (or [document, offset] pairs)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """``nsamples`` random windows of ``seqlen`` tokens from one long token row (GPTQ's sampling)."""
+    total = ids.shape[1]
+    if total <= seqlen:
+        raise DataError(f"the calibration text has {total} tokens, not more than calib.seqlen={seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen, (nsamples,), generator=generator)
+    index = starts[:, None] + torch.arange(seqlen)[None, :]
+    return ids[0][index], starts.tolist()
+
+
+def sample_document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int):
+    """GPTQ's C4 sampling: a random document longer than seqlen, then a random window inside it."""
+    generator = torch.Generator().manual_seed(seed)
+    windows, offsets = [], []
+    for _ in range(100 * nsamples):
+        if len(windows) == nsamples:
+            break
+        doc = int(torch.randint(0, len(rows), (1,), generator=generator))
+        ids = tokenizer(rows[doc], return_tensors="pt").input_ids
+        if ids.shape[1] <= seqlen:
+            continue
+        start = int(torch.randint(0, ids.shape[1] - seqlen, (1,), generator=generator))
+        windows.append(ids[0, start : start + seqlen])
+        offsets.append([doc, start])
+    if len(windows) < nsamples:
+        raise DataError(f"found only {len(windows)} calibration documents longer than {seqlen} tokens")
+    return torch.stack(windows), offsets
+
+
+def load_calibration(
+    tokenizer, name: str | None, path: str | None, nsamples: int, seqlen: int, seed: int, assets_root: Path
+) -> Calibration:
+    text = load_text_file(path) if path else load_text(name, CALIB_SETS, assets_root)
+    if name and not path and CALIB_SETS[name].documents:
+        ids, offsets = sample_document_windows(tokenizer, text.rows, nsamples, seqlen, seed)
+    else:
+        ids, offsets = sample_windows(tokenize(tokenizer, text.joined), nsamples, seqlen, seed)
+    return Calibration(ids, text.source, offsets)

@@ -1,0 +1,40 @@
+"""Registry of methods. A method name may chain steps with '+', e.g. ``awq+gptq``."""
+
+from __future__ import annotations
+
+from ptq.methods.base import Method
+from ptq.methods.rtn import RTN
+from ptq.quant import QuantSpec
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN,)}
+FULL_PRECISION = "none"
+
+
+def method_names() -> list[str]:
+    return [FULL_PRECISION, *sorted(METHODS)]
+
+
+def parse_method(method: str) -> list[str]:
+    """Step names of a method string; raises ValueError naming the valid ones."""
+    if method == FULL_PRECISION:
+        return []
+    steps = method.split("+")
+    unknown = [s for s in steps if s not in METHODS]
+    if unknown or not steps:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(method_names())} (steps may be chained with '+')"
+        )
+    return steps
+
+
+def build_steps(method: str, spec: QuantSpec | None, options: dict | None = None) -> list[Method]:
+    """Instantiate the steps of ``method``; ``options[step]`` holds keyword options of each step."""
+    options = options or {}
+    names = parse_method(method)
+    extra = set(options) - set(names)
+    if extra:
+        raise ValueError(f"options given for {sorted(extra)}, which are not steps of method {method!r}")
+    return [METHODS[name](spec, **options.get(name, {})) for name in names]
+
+
+__all__ = ["METHODS", "Method", "build_steps", "method_names", "parse_method"]

@@ -1,0 +1,25 @@
+"""The interface a quantization method implements. Methods know nothing about Hydra or files."""
+
+from __future__ import annotations
+
+from ptq.pipeline import BlockContext
+from ptq.quant import QuantSpec
+
+
+class Method:
+    """One step of a method: quantizes (or transforms) one decoder block at a time, in place.
+
+    ``needs_calibration``: whether ``quantize_block`` runs the block on calibration inputs
+    (``ctx.forward()``); when no step needs it, the pipeline skips capturing inputs entirely.
+    """
+
+    name = "base"
+    needs_calibration = False
+
+    def __init__(self, spec: QuantSpec, **options) -> None:
+        if options:
+            raise ValueError(f"method {self.name!r} has no options {sorted(options)}")
+        self.spec = spec
+
+    def quantize_block(self, ctx: BlockContext) -> None:
+        raise NotImplementedError

@@ -1,0 +1,257 @@
+"""Model loading and the one table of architecture knowledge.
+
+Every method asks this module, never the model class, where the decoder blocks are, which modules
+run before block 0, and in which order a block's linears see their inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where things are in one model family (paths are dotted attribute names)."""
+
+    layers: str  # the ModuleList of decoder blocks
+    embeddings: tuple[str, ...]  # modules that run before block 0 (needed to capture its inputs)
+    head: tuple[str, ...]  # modules that run after the last block, in order (final norm, lm_head)
+    # Linears of one block grouped by the input they read, in the order the data flows through the
+    # block (GPTQ's true-sequential order): attention-in, attention-out, MLP-in, MLP-out.
+    sequential: tuple[tuple[str, ...], ...]
+
+
+_LLAMA_LIKE = Arch(
+    layers="model.layers",
+    embeddings=("model.embed_tokens", "model.rotary_emb"),
+    head=("model.norm", "lm_head"),
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "opt": Arch(
+        layers="model.decoder.layers",
+        embeddings=(
+            "model.decoder.embed_tokens",
+            "model.decoder.embed_positions",
+            "model.decoder.project_in",
+        ),
+        head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    "gpt_neox": Arch(
+        layers="gpt_neox.layers",
+        embeddings=("gpt_neox.embed_in", "gpt_neox.rotary_emb"),
+        head=("gpt_neox.final_layer_norm", "embed_out"),
+        sequential=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+    ),
+    "gpt2": Arch(
+        layers="transformer.h",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        head=("transformer.ln_f", "lm_head"),
+        sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    ),
+}
+
+
+def get_arch(model: nn.Module) -> Arch:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture {model_type!r} is not in ptq's architecture table; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add one entry to ARCHITECTURES in ptq/models.py."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    arch = get_arch(model)
+    blocks = get_submodule(model, arch.layers)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ModelLoadError(f"{type(model).__name__} has no decoder blocks at {arch.layers!r}")
+    return blocks
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    found = (get_submodule(model, path) for path in get_arch(model).embeddings)
+    return [m for m in found if m is not None]
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    found = (get_submodule(model, path) for path in get_arch(model).head)
+    return [m for m in found if m is not None]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Module]:
+    """The quantizable linears of one block, by name, in true-sequential order."""
+    linears = {}
+    for group in get_arch(model).sequential:
+        for name in group:
+            module = get_submodule(block, name)
+            if module is None or not is_linear(module):
+                raise ModelLoadError(f"expected a linear layer at {name!r} in {type(block).__name__}")
+            linears[name] = module
+    return linears
+
+
+def get_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], whatever the module stores."""
+    return linear.weight.data.t() if type(linear).__name__ == "Conv1D" else linear.weight.data
+
+
+def set_weight(linear: nn.Module, weight: torch.Tensor) -> None:
+    """Write a [out_features, in_features] weight back in the module's own layout and dtype."""
+    target = linear.weight.data
+    target.copy_(weight.t() if type(linear).__name__ == "Conv1D" else weight)
+
+
+def max_context_of(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, after resolving presets against the assets folder."""
+
+    path: str  # local directory or hub id
+    gguf_file: str | None
+    origin: str  # "local" | "assets" | "hub"
+
+
+def resolve_source(
+    path: str | None,
+    gguf_file: str | None,
+    hub_id: str | None,
+    assets_dir: str | None,
+    assets_gguf_file: str | None,
+    assets_root: Path,
+) -> ModelSource:
+    """An explicit ``model.path`` wins; else the preset's copy in the assets folder; else the hub."""
+    if path:
+        return ModelSource(path, gguf_file, "local" if Path(path).exists() else "hub")
+    if assets_dir and (assets_root / assets_dir).is_dir():
+        return ModelSource(str(assets_root / assets_dir), assets_gguf_file, "assets")
+    if hub_id:
+        return ModelSource(hub_id, None, "hub")
+    raise ModelLoadError(
+        f"this model preset has no hub id and its assets copy {assets_dir!r} is not under "
+        f"{assets_root}; set paths.assets (or PTQ_ASSETS) to the assets folder, or model.path=<dir>"
+    )
+
+
+def check_source(source: ModelSource) -> None:
+    """Cheap checks that fail before any heavy work: missing files, missing gguf package."""
+    if source.gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError("loading a GGUF file needs the 'gguf' package: pip install gguf")
+        if source.origin != "hub" and not (Path(source.path) / source.gguf_file).is_file():
+            raise ModelLoadError(f"model.gguf_file={source.gguf_file!r} is not in {source.path}")
+    if source.origin == "local" and not (Path(source.path) / "config.json").is_file() and not source.gguf_file:
+        raise ModelLoadError(f"model.path={source.path!r} has no config.json (not a Hugging Face model folder)")
+    looks_local = source.path.startswith(("/", ".", "~")) or os.sep + os.sep in source.path
+    if source.origin == "hub" and looks_local:
+        raise ModelLoadError(f"model.path={source.path!r} does not exist")
+
+
+def _hub_hint(what: str) -> str:
+    return (
+        f"could not reach the Hugging Face Hub for {what}. Offline, point at local files: "
+        "model.path=<folder with config.json and weights> (plus model.gguf_file=<file> for GGUF), "
+        "or a preset whose copy is in the assets folder (paths.assets / PTQ_ASSETS)"
+    )
+
+
+def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return loader.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        if source.origin == "hub":
+            raise ModelLoadError(f"{_hub_hint(source.path)}. ({err.__class__.__name__}: {err})") from err
+        raise ModelLoadError(f"could not load the {what} from {source.path}: {err}") from err
+
+
+def load_config(source: ModelSource):
+    """The model's config only (cheap): enough to check the architecture and context up front."""
+    from transformers import AutoConfig
+
+    check_source(source)
+    config = _from_pretrained(AutoConfig, source, "config")
+    if config.model_type not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} is not in ptq's architecture table; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add one entry to ARCHITECTURES in ptq/models.py."
+        )
+    return config
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, source, "tokenizer")
+
+
+def load_model(source: ModelSource, dtype: torch.dtype) -> nn.Module:
+    """Load a causal LM on the CPU, in eval mode with the KV cache disabled."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=dtype)
+    model.eval()
+    model.config.use_cache = False
+    get_arch(model)
+    return model

@@ -1,0 +1,208 @@
+"""The sequential block executor: every method runs through here, one decoder block at a time.
+
+    capture the inputs of block 0 (hidden states + the keyword arguments the block needs)
+    for each block: move it to the compute device
+                    each method step quantizes it, running it over the calibration inputs as needed
+                    run the quantized block to get the next block's inputs
+                    move it back when offloading
+
+Calibration activations are kept in chunks of ``batch_size`` windows, on the compute device, or in
+(pinned) host memory when offloading, and streamed to the device chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, head_modules
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _slice_batch(value, n: int, captured: int):
+    """Cut batch-sized tensors in captured kwargs down to a smaller last chunk."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == captured and n != captured:
+        return value[:n]
+    if isinstance(value, tuple):
+        return tuple(_slice_batch(v, n, captured) for v in value)
+    return value
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block (a list of chunks) and the kwargs each block call needs."""
+
+    chunks: list[torch.Tensor]
+    kwargs: dict
+    captured_batch: int
+
+    def kwargs_for(self, chunk: torch.Tensor) -> dict:
+        n = chunk.shape[0]
+        return {k: _slice_batch(v, n, self.captured_batch) for k, v in self.kwargs.items()}
+
+
+def _to_store(x: torch.Tensor, store: torch.device) -> torch.Tensor:
+    if store.type == "cpu" and x.device.type == "cuda":
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        out.copy_(x, non_blocking=True)
+        return out
+    return x.to(store)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int, store: torch.device
+) -> BlockInputs:
+    """Run the model up to block 0 and keep what block 0 receives, for every calibration window."""
+    first = get_blocks(model)[0]
+    captured: dict = {}
+
+    def hook(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    embeddings = embedding_modules(model)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in embeddings]
+    for m in embeddings:
+        m.to(device)
+    chunks, kwargs = [], None
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            chunks.append(_to_store(captured["hidden"], store))
+            kwargs = kwargs if kwargs is not None else captured["kwargs"]
+    finally:
+        handle.remove()
+        for m, home in zip(embeddings, homes, strict=True):
+            m.to(home)
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return BlockInputs(chunks, kwargs, min(batch_size, input_ids.shape[0]))
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block: its linears, and a way to run it on the calibration inputs."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Module]  # name -> linear, in true-sequential order
+    sequential: tuple[tuple[str, ...], ...]  # names grouped by the input they share, in data-flow order
+    inputs: BlockInputs | None  # None when no step needs calibration data
+    device: torch.device
+    stats: dict = field(default_factory=dict)  # what the steps report, per layer
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run the block over every calibration chunk (hooks registered by a method see each call)."""
+        if self.inputs is None:
+            raise RuntimeError("this block has no calibration inputs: the step must set needs_calibration")
+        outputs = []
+        for chunk in self.inputs.chunks:
+            hidden = chunk.to(self.device, non_blocking=True)
+            out = _run(self.block, hidden, self.inputs.kwargs_for(hidden))
+            if keep_outputs:
+                outputs.append(_to_store(out, chunk.device))
+        return outputs if keep_outputs else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    steps: list,
+    calib_ids: torch.Tensor | None,
+    device: torch.device,
+    offload: bool,
+    batch_size: int = 8,
+) -> dict:
+    """Quantize ``model`` in place, block by block, with each step in ``steps`` in order.
+
+    Returns timings and what each step reported per block. With ``offload`` only the current block
+    (and, during input capture, the embeddings) is on ``device``; otherwise the whole model is moved.
+    """
+    arch = get_arch(model)
+    blocks = get_blocks(model)
+    needs_calibration = any(step.needs_calibration for step in steps)
+    if needs_calibration and calib_ids is None:
+        raise ValueError(f"{'+'.join(s.name for s in steps)} needs calibration data (calib_ids)")
+    if not offload:
+        model.to(device)
+    store = torch.device("cpu") if offload else device
+    report: dict = {"blocks": [], "capture_s": 0.0}
+
+    inputs = None
+    if needs_calibration:
+        start = time.perf_counter()
+        inputs = capture_block_inputs(model, calib_ids, device, batch_size, store)
+        _sync(device)
+        report["capture_s"] = time.perf_counter() - start
+
+    for index, block in enumerate(blocks):
+        start = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(device)
+        ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
+        for step in steps:
+            step.quantize_block(ctx)
+        if inputs is not None and index + 1 < len(blocks):
+            inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+        if offload:
+            block.to(home)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        report["blocks"].append({"index": index, "seconds": seconds, "layers": ctx.stats})
+        log.info("block %d/%d quantized in %.2f s", index + 1, len(blocks), seconds)
+    return report
+
+
+@torch.no_grad()
+def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int = 1):
+    """Logits of an offloaded model, moving one block at a time to ``device`` (yields per chunk).
+
+    Used to evaluate models that do not fit on the device: the same computation as model(input_ids).
+    """
+    inputs = capture_block_inputs(model, input_ids, device, batch_size, torch.device("cpu"))
+    for block in get_blocks(model):
+        home = next(block.parameters()).device
+        block.to(device)
+        ctx = BlockContext(-1, block, {}, (), inputs, device)
+        inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+        block.to(home)
+    head = head_modules(model)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in head]
+    for m in head:
+        m.to(device)
+    try:
+        for chunk in inputs.chunks:
+            hidden = chunk.to(device)
+            for m in head:
+                hidden = m(hidden)
+            yield hidden
+    finally:
+        for m, home in zip(head, homes, strict=True):
+            m.to(home)

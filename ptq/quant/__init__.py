@@ -1,0 +1,23 @@
+"""Number formats: what "4-bit, group 128, asymmetric" means, once, for every method."""
+
+from ptq.quant.format import (
+    QuantizedWeight,
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    group_qparams,
+    quantize,
+    quantize_weight,
+)
+
+__all__ = [
+    "QuantSpec",
+    "QuantizedWeight",
+    "compute_qparams",
+    "dequantize",
+    "fake_quantize",
+    "group_qparams",
+    "quantize",
+    "quantize_weight",
+]

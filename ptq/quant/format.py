@@ -1,0 +1,123 @@
+"""Integer weight formats (2-8 bits), per channel or per group, symmetric or asymmetric.
+
+The grid follows the GPTQ reference (IST-DASLab/gptq, quant.py), so that RTN, GPTQ and AWQ agree
+bit for bit and the result packs into the GPTQ checkpoint layout:
+
+    q = clamp(round(x / scale) + zero, 0, 2^bits - 1),     x_hat = scale * (q - zero)
+
+- asymmetric: the range [min(x, 0), max(x, 0)] is mapped onto [0, 2^bits - 1]; zero is an integer.
+- symmetric:  scale = 2 * max|x| / (2^bits - 1), zero = 2^(bits - 1) (the midpoint of the grid).
+
+The range always contains 0, so 0 is exactly representable; padding a partial last group with zeros
+therefore leaves its scale and zero point unchanged. Scales and zero points are computed in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bits: 2..8; group_size: -1 = one scale per output channel, else columns per group."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is outside 2..8; use bits=16 (or method=none) for full precision")
+        if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != -1):
+            raise ValueError(
+                f"group_size={self.group_size!r} is invalid: use a positive number of input columns "
+                "per group, or -1 for one scale per output channel"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        g = self.group_size_for(in_features)
+        return (in_features + g - 1) // g
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``x`` ([rows, cols]), in fp32. Both are [rows, 1]."""
+    x = x.float()
+    xmin = x.amin(dim=1, keepdim=True).clamp(max=0)
+    xmax = x.amax(dim=1, keepdim=True).clamp(min=0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any positive scale represents it exactly
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / spec.maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as float tensor, exact small integers) of ``x`` on the grid."""
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``x`` to the nearest grid point and return it in ``x``'s dtype."""
+    return dequantize(quantize(x, scale, zero, maxq), scale, zero).to(x.dtype)
+
+
+def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for every group of a [out, in] weight: each [out, num_groups], fp32.
+
+    A partial last group (``in`` not a multiple of the group size) gets its own parameters from
+    its real columns only: the zero padding added here never changes min(x, 0) or max(x, 0).
+    """
+    out_features, in_features = weight.shape
+    g = spec.group_size_for(in_features)
+    n = spec.num_groups(in_features)
+    padded = torch.nn.functional.pad(weight.float(), (0, n * g - in_features))
+    scale, zero = compute_qparams(padded.reshape(out_features * n, g), spec)
+    return scale.reshape(out_features, n), zero.reshape(out_features, n)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes with their group parameters; ``g_idx[j]`` is the group of input column j."""
+
+    qweight: torch.Tensor  # [out, in], integer values 0..maxq (uint8)
+    scale: torch.Tensor  # [out, groups], fp32
+    zero: torch.Tensor  # [out, groups], fp32 holding integers
+    g_idx: torch.Tensor  # [in], int32
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        cols = self.g_idx.long()
+        return dequantize(self.qweight.float(), self.scale[:, cols], self.zero[:, cols])
+
+
+def default_g_idx(in_features: int, spec: QuantSpec, device=None) -> torch.Tensor:
+    return torch.arange(in_features, device=device, dtype=torch.int32) // spec.group_size_for(in_features)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest of a [out, in] weight: the RTN baseline and the reference grid for all methods."""
+    scale, zero = group_qparams(weight, spec)
+    g_idx = default_g_idx(weight.shape[1], spec, weight.device)
+    cols = g_idx.long()
+    q = quantize(weight, scale[:, cols], zero[:, cols], spec.maxq)
+    return QuantizedWeight(q.to(torch.uint8), scale, zero, g_idx, spec)

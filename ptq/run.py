@@ -1,0 +1,211 @@
+"""``python -m ptq.run method=rtn bits=4 group_size=128``: load, calibrate, quantize, evaluate, record.
+
+Glue only: the algorithm lives in ptq/methods, the executor in ptq/pipeline.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptq import data, models
+from ptq.api import quantize, resolve_device
+from ptq.config import ConfigError, RunConfig, check_context, from_dict
+from ptq.data import EVAL_SETS, DataError
+from ptq.eval.perplexity import perplexity
+from ptq.methods import build_steps
+from ptq.models import ModelLoadError
+from ptq.quant import QuantSpec
+from ptq.results import environment, peak_memory, write_json
+
+log = logging.getLogger("ptq")
+EXPECTED_ERRORS = (ConfigError, ModelLoadError, DataError)
+
+
+def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
+    """auto: fp32 on CPU; on CUDA the checkpoint's half type (bf16 if it says so, else fp16, the
+    GPTQ reference's choice). Statistics are accumulated in fp32 whatever the model's dtype."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
+
+
+def evaluate(model, windows: dict, cfg: RunConfig, device: torch.device) -> tuple[dict, float]:
+    start = time.perf_counter()
+    ppl = {}
+    for name, w in windows.items():
+        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=cfg.eval.batch_size)
+        log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
+    return {"ppl": ppl}, time.perf_counter() - start
+
+
+def run(cfg: RunConfig) -> dict:
+    """One run; returns the record (also written to <output_dir>/result.json)."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    (out / "result.json").unlink(missing_ok=True)  # never leave an old success behind a new failure
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = {}
+
+    # Everything cheap first, so bad settings and missing files fail before heavy work.
+    m = cfg.model
+    source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
+    config = models.load_config(source)
+    context = models.max_context_of(config)
+    check_context(cfg, context)
+    spec = None if cfg.full_precision else QuantSpec(cfg.bits, cfg.group_size, cfg.sym)
+    steps = [] if cfg.full_precision else build_steps(cfg.method, spec, cfg.method_options)
+    tokenizer = models.load_tokenizer(source)
+
+    t = time.perf_counter()
+    eval_seqlen = cfg.eval.seqlen or min(context or 2048, 2048)
+    windows, eval_info = {}, {}
+    for name in cfg.eval.ppl:
+        text = data.load_text(name, EVAL_SETS, cfg.assets_root())
+        ids = data.tokenize(tokenizer, text.joined)
+        windows[name] = data.eval_windows(ids, eval_seqlen, cfg.eval.max_windows)
+        eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
+    calibration = None
+    if any(step.needs_calibration for step in steps):
+        c = cfg.calib
+        calibration = data.load_calibration(tokenizer, c.name, c.path, c.nsamples, c.seqlen, c.seed, cfg.assets_root())
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = models.load_model(source, pick_dtype(m.dtype, device, config))
+    timings["load_s"] = time.perf_counter() - t
+    log.info(
+        "loaded %s from %s (%s) in %.1f s",
+        m.name or source.path,
+        source.path,
+        source.origin,
+        timings["load_s"],
+    )
+
+    baseline = None
+    if not cfg.full_precision and cfg.eval.baseline:
+        metrics, timings["baseline_eval_s"] = evaluate(model, windows, cfg, device)
+        baseline = {"metrics": metrics}
+
+    t = time.perf_counter()
+    report = quantize(
+        model,
+        method=cfg.method,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        calib=calibration.input_ids if calibration else None,
+        device=device,
+        offload=cfg.offload,
+        batch_size=cfg.calib.batch_size,
+        options=cfg.method_options,
+    )
+    timings["quantize_s"] = time.perf_counter() - t
+
+    metrics, timings["eval_s"] = evaluate(model, windows, cfg, device)
+    timings["total_s"] = time.perf_counter() - started
+
+    record = {
+        "status": "ok",
+        "model": m.name or m.path,
+        "method": "none" if cfg.full_precision else cfg.method,
+        "bits": 16 if cfg.full_precision else cfg.bits,
+        "group_size": None if cfg.full_precision else cfg.group_size,
+        "sym": None if cfg.full_precision else cfg.sym,
+        "metrics": metrics,
+        "baseline": baseline,
+        "timings": timings,
+        "memory": peak_memory(device),
+        "model_source": {"path": source.path, "gguf_file": source.gguf_file, "origin": source.origin},
+        "calibration": None
+        if calibration is None
+        else {
+            "name": cfg.calib.name,
+            "source": calibration.source,
+            "nsamples": cfg.calib.nsamples,
+            "seqlen": cfg.calib.seqlen,
+            "seed": cfg.calib.seed,
+            "offsets": calibration.offsets,
+        },
+        "eval": {"seqlen": eval_seqlen, "max_windows": cfg.eval.max_windows, "ppl": eval_info},
+        "quantization": report,
+        "env": environment(device),
+        "config": cfg.to_dict(),
+    }
+    write_json(out / "result.json", record)
+    return record
+
+
+def format_table(record: dict) -> str:
+    names = list(record["metrics"]["ppl"])
+    header = f"{'':24} " + " ".join(f"{n:>12}" for n in names)
+    rows = [header]
+    base = (record.get("baseline") or {}).get("metrics", {}).get("ppl")
+    if base:
+        rows.append(f"{'full precision':24} " + " ".join(f"{base[n]:12.3f}" for n in names))
+    if record["method"] == "none":
+        label = "full precision"
+    else:
+        group = "per-channel" if record["group_size"] == -1 else f"g{record['group_size']}"
+        label = f"{record['method']} w{record['bits']} {group} {'sym' if record['sym'] else 'asym'}"
+    rows.append(f"{label:24} " + " ".join(f"{record['metrics']['ppl'][n]:12.3f}" for n in names))
+    t = record["timings"]
+    mem = record["memory"]
+    gpu = f", peak GPU {mem['peak_gpu_bytes'] / 2**30:.2f} GiB" if mem["peak_gpu_bytes"] else ""
+    rows.append(
+        f"perplexity ({record['eval']['seqlen']}-token windows); quantize {t['quantize_s']:.1f} s, "
+        f"eval {t['eval_s']:.1f} s, total {t['total_s']:.1f} s; peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}"
+    )
+    return "\n".join(rows)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(hydra_cfg: DictConfig) -> None:
+    container = OmegaConf.to_container(hydra_cfg, resolve=True)
+    output_dir = Path(container.get("output_dir") or ".")
+    try:
+        cfg = from_dict(container)
+        record = run(cfg)
+    except Exception as err:
+        expected = isinstance(err, EXPECTED_ERRORS)
+        write_json(
+            output_dir / "error.json",
+            {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": None if expected else traceback.format_exc(),
+                "config": container,
+            },
+        )
+        if not expected:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        if _in_multirun():
+            return  # keep the sweep going; the failure is recorded in error.json
+        sys.exit(2)
+    print(format_table(record))
+    print(output_dir / "result.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+import ptq
+from ptq.methods.base import Method
+from ptq.models import block_linears, get_blocks, get_weight
+from ptq.pipeline import run_blocks
+from ptq.quant import QuantSpec, quantize_weight
+from tests.conftest import tiny_model
+
+
+def ids(n=3, length=16, vocab=96, seed=0):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_method_none_leaves_logits_exactly_unchanged(arch_model):
+    x = ids()
+    before = arch_model(x).logits
+    ptq.quantize(arch_model, method="none", calib=x, device="cpu")
+    assert torch.equal(arch_model(x).logits, before)
+
+
+class RecordInputs(Method):
+    """A calibrating step that changes nothing: it records each block's inputs for the test."""
+
+    name = "record"
+    needs_calibration = True
+
+    def __init__(self):
+        self.seen = []
+
+    def quantize_block(self, ctx):
+        self.seen.append(torch.cat([c for c in ctx.inputs.chunks]))
+        ctx.forward()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_pipeline_propagates_the_same_hidden_states_as_the_model(arch_model, batch_size):
+    x = ids(n=5)
+    reference = arch_model(x, output_hidden_states=True).hidden_states  # embeddings, then each block
+    step = RecordInputs()
+    run_blocks(arch_model, [step], x, torch.device("cpu"), offload=False, batch_size=batch_size)
+    assert len(step.seen) == len(get_blocks(arch_model))
+    for i, seen in enumerate(step.seen):
+        torch.testing.assert_close(seen, reference[i], rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_with_offload_gives_the_same_result():
+    x = ids(n=4)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    sa, sb = RecordInputs(), RecordInputs()
+    run_blocks(a, [sa], x, torch.device("cpu"), offload=False, batch_size=3)
+    run_blocks(b, [sb], x, torch.device("cpu"), offload=True, batch_size=3)
+    for u, v in zip(sa.seen, sb.seen, strict=True):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_through_the_pipeline_equals_direct_rtn(arch_model, sym):
+    spec = QuantSpec(3, 16, sym)
+    expected = {
+        (i, name): quantize_weight(get_weight(linear).clone(), spec).dequantize()
+        for i, block in enumerate(get_blocks(arch_model))
+        for name, linear in block_linears(arch_model, block).items()
+    }
+    embed_before = arch_model.get_input_embeddings().weight.clone()
+    ptq.quantize(arch_model, method="rtn", bits=3, group_size=16, sym=sym, device="cpu")
+    for i, block in enumerate(get_blocks(arch_model)):
+        for name, linear in block_linears(arch_model, block).items():
+            assert torch.equal(get_weight(linear), expected[(i, name)]), (i, name)
+    # embeddings and lm_head stay in full precision
+    assert torch.equal(arch_model.get_input_embeddings().weight, embed_before)
+
+
+def test_rtn_changes_logits_and_more_bits_change_them_less():
+    x = ids()
+    base = tiny_model("llama")(x).logits
+    errors = {}
+    for bits in (3, 8):
+        model = tiny_model("llama")
+        ptq.quantize(model, method="rtn", bits=bits, group_size=16, device="cpu")
+        errors[bits] = (model(x).logits - base).abs().mean().item()
+    assert 0 < errors[8] < errors[3]
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method 'foo'.*rtn"):
+        ptq.quantize(tiny_model("llama"), method="foo")
+
+
+def test_unknown_architecture_is_a_clear_error():
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(RuntimeError, match="'mystery' is not in ptq's architecture table.*llama"):
+        ptq.quantize(model, method="rtn", device="cpu")
