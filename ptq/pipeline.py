@@ -125,6 +125,19 @@ class BlockContext:
                 outputs.append(_to_store(out, chunk.device))
         return outputs if keep_outputs else None
 
+    def forward_with_input_hooks(self, modules: dict[str, nn.Module], on_input) -> None:
+        """Run the block over the calibration inputs, calling ``on_input(name, x)`` with the input
+        of each listed module (x: [batch, seq, features]) every time it runs."""
+        handles = [
+            module.register_forward_hook(lambda _m, args, _out, name=name: on_input(name, args[0]))
+            for name, module in modules.items()
+        ]
+        try:
+            self.forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ptq.methods.base import Method
+from ptq.methods.gptq import GPTQ
 from ptq.methods.rtn import RTN
 from ptq.quant import QuantSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ)}
 FULL_PRECISION = "none"
 
 

@@ -48,9 +48,14 @@ class QuantSpec:
         return (in_features + g - 1) // g
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for everything, except that float64 stays float64 (for exact reference tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``x`` ([rows, cols]), in fp32. Both are [rows, 1]."""
-    x = x.float()
+    x = _stat_dtype(x)
     xmin = x.amin(dim=1, keepdim=True).clamp(max=0)
     xmax = x.amax(dim=1, keepdim=True).clamp(min=0)
     if spec.sym:
@@ -69,7 +74,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes (as float tensor, exact small integers) of ``x`` on the grid."""
-    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+    return torch.clamp(torch.round(_stat_dtype(x) / scale) + zero, 0, maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -90,7 +95,7 @@ def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     out_features, in_features = weight.shape
     g = spec.group_size_for(in_features)
     n = spec.num_groups(in_features)
-    padded = torch.nn.functional.pad(weight.float(), (0, n * g - in_features))
+    padded = torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features))
     scale, zero = compute_qparams(padded.reshape(out_features * n, g), spec)
     return scale.reshape(out_features, n), zero.reshape(out_features, n)
 

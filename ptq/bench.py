@@ -1,0 +1,150 @@
+"""``python -m ptq.bench``: quantization speed and memory at real scale, on random weights.
+
+Builds a model of a real shape (default Llama-3-8B) with random weights directly on the GPU, draws
+random calibration tokens, and runs a method end to end through ``ptq.quantize`` (the pipeline users
+run). Prints one JSON record per repetition and the median, and writes them to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import ptq
+from ptq.results import environment
+
+SHAPES = {
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(SHAPES[shape])
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    config = LlamaConfig(**kwargs, use_cache=False)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    p.add_argument("--method", default="gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=int, default=None, help="truncate the model to this many blocks")
+    p.add_argument("--offload", action="store_true", help="model starts in host memory; one block on the GPU")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--option", action="append", default=[], help="method option, e.g. gptq.act_order=true")
+    p.add_argument("--out", default=None, help="write the records as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    options: dict = {}
+    for item in args.option:
+        key, value = item.split("=", 1)
+        step, name = key.split(".", 1)
+        options.setdefault(step, {})[name] = json.loads(value)
+    runs = []
+    for rep in range(args.repeat):
+        torch.manual_seed(rep)
+        model = build_model(args.shape, args.layers, dtype, device)
+        if args.offload:
+            model.to("cpu")
+        calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        report = ptq.quantize(
+            model,
+            method=args.method,
+            bits=args.bits,
+            group_size=args.group_size,
+            sym=args.sym,
+            calib=calib,
+            device=device,
+            offload=args.offload,
+            batch_size=args.batch_size,
+            options=options,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        block_s = [b["seconds"] for b in report["blocks"]]
+        run = {
+            "rep": rep,
+            "seconds": seconds,
+            "peak_gpu_bytes": peak,
+            "capture_s": report["capture_s"],
+            "block_s_median": statistics.median(block_s) if block_s else None,
+        }
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+        del model, report
+    summary = {
+        "shape": args.shape,
+        "layers": args.layers,
+        "method": args.method,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "offload": args.offload,
+        "dtype": args.dtype,
+        "options": options,
+        "median_seconds": statistics.median(r["seconds"] for r in runs),
+        "peak_gpu_gib": max((r["peak_gpu_bytes"] or 0) for r in runs) / 2**30,
+        "runs": runs,
+        "env": environment(device),
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "env")}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

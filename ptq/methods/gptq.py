@@ -1,0 +1,213 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), following IST-DASLab/gptq's ``fasterquant`` (Algorithm 1 of the paper).
+
+Per linear layer, with H = 2/n * sum over calibration tokens of x x^T (Eq. 1's Hessian):
+quantize the weight columns one at a time, and after each column spread its rounding error over the
+columns not yet quantized, weighted by the upper Cholesky factor of H^-1 (Eq. 3 / Algorithm 1).
+Updates are applied lazily in blocks of ``block_size`` columns (Section 4, step 2).
+
+Linears that read the same input (q/k/v, gate/up) share one H, so their weights are stacked by rows
+and solved together: one Cholesky factorization and one column loop for the group.
+
+One deliberate difference from the reference: when a quantization group starts inside a lazy block,
+its scale is computed from the weights *with* the pending updates of that block applied. The
+reference reads the not-yet-updated weights there, which makes its result depend on ``block_size``;
+here every block size gives the same result as the unblocked algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ptq.methods.base import Method
+from ptq.models import get_weight, set_weight
+from ptq.pipeline import BlockContext
+from ptq.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize, group_qparams, quantize
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H).
+
+    If H + damp*I is not positive definite (numerically), the damping is multiplied by 10 and the
+    factorization retried; the damping actually used is returned so that it can be recorded.
+    """
+    mean_diag = torch.mean(torch.diagonal(H))
+    damp_fraction = percdamp
+    for attempt in range(max_tries):
+        damped = H.clone()
+        damped.diagonal().add_(damp_fraction * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, {"percdamp": damp_fraction, "retries": attempt}
+        log.warning(
+            "Hessian not positive definite with percdamp=%g; retrying with %g", damp_fraction, damp_fraction * 10
+        )
+        damp_fraction *= 10
+    raise FloatingPointError(f"Hessian stayed non-positive-definite up to percdamp={damp_fraction / 10:g}")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[QuantizedWeight, torch.Tensor, dict]:
+    """Quantize a [rows, columns] weight with the GPTQ solver given its input Hessian [columns, columns].
+
+    Works in fp32 (float64 if given float64). Returns the quantized weight (codes, group scales and
+    zeros, ``g_idx`` in original column order), the per-row reconstruction loss, and solver info.
+    """
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(work).clone()
+    H = H.to(work).clone()
+    rows, columns = W.shape
+    maxq = spec.maxq
+    group = spec.group_size_for(columns)
+
+    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if static_groups:  # group parameters from the original weights, before any column is updated
+        static_scale, static_zero = group_qparams(W, spec)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv, info = inverse_hessian_cholesky(H, percdamp)
+    del H
+
+    num_groups = spec.num_groups(columns)
+    scale = torch.zeros(rows, num_groups, dtype=work, device=W.device)
+    zero = torch.zeros_like(scale)
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, dtype=work, device=W.device)
+    group_of = torch.arange(columns, device=W.device) // group  # group of each column, in solve order
+    if static_groups:
+        original = perm if perm is not None else torch.arange(columns, device=W.device)
+        group_of = original // group
+        scale, zero = static_scale.to(work), static_zero.to(work)
+
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static_groups and col % group == 0:
+                # This group's current weights: in-block columns from W1 (already updated), later
+                # columns from W plus the updates this block has not yet propagated to them.
+                end = min(col + group, columns)
+                current = W1[:, i : min(end, i2) - i1]
+                if end > i2:
+                    pending = W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]
+                    current = torch.cat([current, pending], dim=1)
+                s, z = compute_qparams(current, spec)
+                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+            g = group_of[col]
+            s, z = scale[:, g], zero[:, g]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            c = quantize(w, s, z, maxq)
+            q = dequantize(c, s, z)
+            codes[:, col], Q[:, col] = c, q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = group_of.to(torch.int32)
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes, Q, g_idx = codes[:, inverse], Q[:, inverse], g_idx[inverse]
+    qweight = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, spec)
+    return qweight, losses, info
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        block_size: int = 128,
+        percdamp: float = 0.01,
+        act_order: bool = False,
+        static_groups: bool = False,
+        true_sequential: bool = True,
+    ) -> None:
+        super().__init__(spec)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"gptq.block_size={block_size!r} must be a whole number of at least 1 (default 128)")
+        if not isinstance(percdamp, (int, float)) or not percdamp > 0:
+            raise ValueError(f"gptq.percdamp={percdamp!r} must be positive (default 0.01)")
+        self.block_size = block_size
+        self.percdamp = float(percdamp)
+        self.act_order = act_order
+        self.static_groups = static_groups
+        self.true_sequential = true_sequential
+
+    def _hessians(self, ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
+        """H = 2/n * X^T X for the input of each group (read at the group's first linear), fp32."""
+        readers = {group[0]: ctx.linears[group[0]] for group in groups}
+        sums: dict[str, torch.Tensor] = {}
+        tokens = dict.fromkeys(readers, 0)
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            sums[name].addmm_(x.t(), x)
+            tokens[name] += x.shape[0]
+
+        ctx.forward_with_input_hooks(readers, accumulate)
+        return {name: sums[name] * (2 / tokens[name]) for name in readers}
+
+    def _solve(self, ctx: BlockContext, group: tuple[str, ...], H: torch.Tensor) -> None:
+        start = time.perf_counter()
+        weights = [get_weight(ctx.linears[name]) for name in group]
+        stacked = torch.cat([w.float() for w in weights], dim=0)
+        qweight, losses, info = gptq_quantize(
+            stacked, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups
+        )
+        result = qweight.dequantize()
+        if not torch.isfinite(result).all():
+            raise FloatingPointError(f"GPTQ produced non-finite weights in block {ctx.index} {group}")
+        seconds = time.perf_counter() - start
+        row = 0
+        for name, w in zip(group, weights, strict=True):
+            rows = w.shape[0]
+            set_weight(ctx.linears[name], result[row : row + rows].to(w.dtype))
+            loss = losses[row : row + rows].sum().item()
+            ctx.stats[name] = {"loss": loss, "seconds": seconds, **info}
+            log.debug("block %d %s: loss %.4f", ctx.index, name, loss)
+            row += rows
+        if info["retries"]:
+            log.warning("block %d %s: damping raised to percdamp=%g", ctx.index, "/".join(group), info["percdamp"])
+
+    def quantize_block(self, ctx: BlockContext) -> None:
+        groups = list(ctx.sequential)
+        # true_sequential: each group's statistics come from a forward pass in which the groups
+        # before it are already quantized. Otherwise one pass collects every group's statistics.
+        schedule = [[group] for group in groups] if self.true_sequential else [groups]
+        for batch in schedule:
+            hessians = self._hessians(ctx, batch)
+            for group in batch:
+                self._solve(ctx, group, hessians[group[0]])
+        losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
+        log.info("block %d GPTQ losses: %s", ctx.index, losses)

@@ -1,0 +1,93 @@
+"""The command line as a user runs it, on stories260k from the assets folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ASSETS, require_assets
+
+
+def ptq_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ptq.run", *args, f"paths.assets={ASSETS}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+QUICK = ["model=stories260k", "eval.max_windows=4", "calib.nsamples=4", "calib.seqlen=64"]
+
+
+def test_run_writes_a_complete_record_and_prints_its_path_last(tmp_path):
+    require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl")
+    out = tmp_path / "run"
+    proc = ptq_run(*QUICK, "method=rtn", "bits=4", "group_size=64", f"output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert Path(last) == out / "result.json"
+    record = json.loads(Path(last).read_text())
+    assert record["status"] == "ok"
+    assert (record["model"], record["method"], record["bits"], record["group_size"], record["sym"]) == (
+        "stories260k",
+        "rtn",
+        4,
+        64,
+        False,
+    )
+    ppl = record["metrics"]["ppl"]["wikitext2"]
+    base = record["baseline"]["metrics"]["ppl"]["wikitext2"]
+    assert 50 < base < ppl < 2 * base
+    for key in ("quantize_s", "eval_s"):
+        assert record["timings"][key] >= 0
+    assert record["memory"]["peak_gpu_bytes"] is None and record["memory"]["peak_rss_bytes"] > 0
+    assert {"python", "torch", "transformers", "lm_eval", "ptq", "device_name"} <= set(record["env"])
+    assert record["config"]["calib"]["nsamples"] == 4
+    assert record["eval"]["ppl"]["wikitext2"]["windows"] == 4
+    assert "full precision" in proc.stdout and "rtn w4 g64 asym" in proc.stdout
+
+
+def test_bad_setting_fails_before_work_and_writes_no_result(tmp_path):
+    out = tmp_path / "bad"
+    proc = ptq_run("model=stories260k", "group_size=0", f"output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "group_size=0 is invalid" in proc.stderr
+    assert not (out / "result.json").exists()
+    assert json.loads((out / "error.json").read_text())["status"] == "failed"
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    proc = ptq_run("model=custom", f"model.path={tmp_path}/nothing", f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_seqlen_above_context_is_rejected(tmp_path):
+    require_assets("models/stories260K")
+    proc = ptq_run("model=stories260k", "eval.seqlen=4096", f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "eval.seqlen=4096 is above the model's context of 512" in proc.stderr
+
+
+@pytest.mark.parametrize("unknown", ["method=fancy", "model=gpt5"])
+def test_unknown_preset_lists_the_options(tmp_path, unknown):
+    proc = ptq_run(unknown, f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode != 0 and "Available options" in proc.stderr
+
+
+def test_multirun_sweep_writes_one_record_per_job(tmp_path):
+    require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl")
+    proc = ptq_run(
+        "-m",
+        *QUICK,
+        "method=none,rtn",
+        "bits=3,4",
+        "eval.baseline=false",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/result.json"))]
+    assert sorted((r["method"], r["bits"]) for r in records) == [("none", 16), ("none", 16), ("rtn", 3), ("rtn", 4)]
