@@ -114,12 +114,17 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         block_s = [b["seconds"] for b in report["blocks"]]
+        phases: dict = {}
+        for block in report["blocks"]:
+            for phase, value in block["timings"].items():
+                phases[phase] = phases.get(phase, 0.0) + value
         run = {
             "rep": rep,
             "seconds": seconds,
             "peak_gpu_bytes": peak,
             "capture_s": report["capture_s"],
             "block_s_median": statistics.median(block_s) if block_s else None,
+            **phases,
         }
         print(json.dumps(run), flush=True)
         runs.append(run)

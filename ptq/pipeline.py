@@ -111,6 +111,10 @@ class BlockContext:
     inputs: BlockInputs | None  # None when no step needs calibration data
     device: torch.device
     stats: dict = field(default_factory=dict)  # what the steps report, per layer
+    timings: dict = field(default_factory=dict)  # seconds per phase (e.g. hessian_s, solve_s), summed
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     @torch.no_grad()
     def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
@@ -188,7 +192,7 @@ def run_blocks(
             block.to(home)
         _sync(device)
         seconds = time.perf_counter() - start
-        report["blocks"].append({"index": index, "seconds": seconds, "layers": ctx.stats})
+        report["blocks"].append({"index": index, "seconds": seconds, "timings": ctx.timings, "layers": ctx.stats})
         log.info("block %d/%d quantized in %.2f s", index + 1, len(blocks), seconds)
     return report
 

@@ -92,7 +92,6 @@ def gptq_quantize(
     scale = torch.zeros(rows, num_groups, dtype=work, device=W.device)
     zero = torch.zeros_like(scale)
     codes = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
     losses = torch.zeros(rows, dtype=work, device=W.device)
     group_of = torch.arange(columns, device=W.device) // group  # group of each column, in solve order
     if static_groups:
@@ -100,6 +99,7 @@ def gptq_quantize(
         group_of = original // group
         scale, zero = static_scale.to(work), static_zero.to(work)
 
+    group_list = group_of.tolist()  # python ints: indexing by them launches no kernel
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
@@ -117,23 +117,22 @@ def gptq_quantize(
                     current = torch.cat([current, pending], dim=1)
                 s, z = compute_qparams(current, spec)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
-            g = group_of[col]
+            g = group_list[col]
             s, z = scale[:, g], zero[:, g]
             w = W1[:, i]
-            d = Hinv1[i, i]
             c = quantize(w, s, z, maxq)
-            q = dequantize(c, s, z)
-            codes[:, col], Q[:, col] = c, q
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            codes[:, col] = c
+            err = (w - dequantize(c, s, z)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        # Loss of each column: (w - q)^2 / [H^-1]_jj^2 / 2 (the reference's Losses), i.e. err^2 / 2.
+        losses += (Err1**2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = group_of.to(torch.int32)
     if perm is not None:
         inverse = torch.argsort(perm)
-        codes, Q, g_idx = codes[:, inverse], Q[:, inverse], g_idx[inverse]
+        codes, g_idx = codes[:, inverse], g_idx[inverse]
     qweight = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, spec)
     return qweight, losses, info
 
@@ -188,13 +187,15 @@ class GPTQ(Method):
         result = qweight.dequantize()
         if not torch.isfinite(result).all():
             raise FloatingPointError(f"GPTQ produced non-finite weights in block {ctx.index} {group}")
-        seconds = time.perf_counter() - start
+        if result.is_cuda:
+            torch.cuda.synchronize(result.device)
+        ctx.add_time("solve_s", time.perf_counter() - start)
         row = 0
         for name, w in zip(group, weights, strict=True):
             rows = w.shape[0]
             set_weight(ctx.linears[name], result[row : row + rows].to(w.dtype))
             loss = losses[row : row + rows].sum().item()
-            ctx.stats[name] = {"loss": loss, "seconds": seconds, **info}
+            ctx.stats[name] = {"loss": loss, **info}
             log.debug("block %d %s: loss %.4f", ctx.index, name, loss)
             row += rows
         if info["retries"]:
@@ -206,7 +207,11 @@ class GPTQ(Method):
         # before it are already quantized. Otherwise one pass collects every group's statistics.
         schedule = [[group] for group in groups] if self.true_sequential else [groups]
         for batch in schedule:
+            start = time.perf_counter()
             hessians = self._hessians(ctx, batch)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
             for group in batch:
                 self._solve(ctx, group, hessians[group[0]])
         losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
