@@ -130,14 +130,32 @@ class BlockContext:
         return outputs if keep_outputs else None
 
     def forward_with_input_hooks(self, modules: dict[str, nn.Module], on_input) -> None:
-        """Run the block over the calibration inputs, calling ``on_input(name, x)`` with the input
-        of each listed module (x: [batch, seq, features]) every time it runs."""
-        handles = [
-            module.register_forward_hook(lambda _m, args, _out, name=name: on_input(name, args[0]))
-            for name, module in modules.items()
-        ]
+        """Run the block over the calibration inputs, calling ``on_input(name, x)`` with the input of
+        each listed module (x: [batch, seq, features]). Each chunk's forward stops as soon as every
+        listed module has seen its input: the rest of the block is not needed for these statistics."""
+        if self.inputs is None:
+            raise RuntimeError("this block has no calibration inputs: the step must set needs_calibration")
+        seen: set[str] = set()
+
+        def hook(name):
+            def capture(_module, args):
+                on_input(name, args[0])
+                seen.add(name)
+                if len(seen) == len(modules):
+                    raise _StopForward
+
+            return capture
+
+        handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
         try:
-            self.forward()
+            with torch.no_grad():
+                for chunk in self.inputs.chunks:
+                    seen.clear()
+                    hidden = chunk.to(self.device, non_blocking=True)
+                    try:
+                        _run(self.block, hidden, self.inputs.kwargs_for(hidden))
+                    except _StopForward:
+                        pass
         finally:
             for handle in handles:
                 handle.remove()

@@ -93,3 +93,35 @@ def test_unknown_architecture_is_a_clear_error():
     model.config.model_type = "mystery"
     with pytest.raises(RuntimeError, match="'mystery' is not in ptq's architecture table.*llama"):
         ptq.quantize(model, method="rtn", device="cpu")
+
+
+class CaptureLinearInputs(Method):
+    """Collects the inputs of every sequential group's first linear, with early-stopping hooks."""
+
+    name = "capture"
+    needs_calibration = True
+
+    def __init__(self):
+        self.early, self.full = {}, {}
+
+    def quantize_block(self, ctx):
+        for group in ctx.sequential:
+            reader = {group[0]: ctx.linears[group[0]]}
+            ctx.forward_with_input_hooks(reader, lambda n, x: self.early.setdefault((ctx.index, n), []).append(x))
+        handles = [
+            ctx.linears[g[0]].register_forward_hook(
+                lambda _m, args, _o, n=g[0]: self.full.setdefault((ctx.index, n), []).append(args[0])
+            )
+            for g in ctx.sequential
+        ]
+        ctx.forward()
+        for h in handles:
+            h.remove()
+
+
+def test_early_stopping_input_hooks_see_what_a_full_forward_sees(arch_model):
+    step = CaptureLinearInputs()
+    run_blocks(arch_model, [step], ids(n=5), torch.device("cpu"), offload=False, batch_size=2)
+    assert step.early.keys() == step.full.keys() and len(step.early) == 4 * len(get_blocks(arch_model))
+    for key in step.full:
+        assert torch.equal(torch.cat(step.early[key]), torch.cat(step.full[key])), key
