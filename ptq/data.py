@@ -40,6 +40,7 @@ class TextSet:
     hub: HubText | None
     join: str  # separator between rows
     documents: bool = False  # calibrate on random windows of random long documents (GPTQ's C4)
+    max_windows: int | None = None  # evaluation cap of the protocol (GPTQ's C4: 256 windows)
 
 
 _C4_VAL = "en/c4-validation.00000-of-00008.json.gz"
@@ -63,6 +64,7 @@ EVAL_SETS: dict[str, TextSet] = {
         None,
         HubText("allenai/c4", None, "validation", "text", {"validation": _C4_VAL}, max_rows=1100),
         " ",
+        max_windows=256,
     ),
 }
 

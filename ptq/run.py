@@ -76,7 +76,8 @@ def run(cfg: RunConfig) -> dict:
     for name in cfg.eval.ppl:
         text = data.load_text(name, EVAL_SETS, cfg.assets_root())
         ids = data.tokenize(tokenizer, text.joined)
-        windows[name] = data.eval_windows(ids, eval_seqlen, cfg.eval.max_windows)
+        caps = [n for n in (cfg.eval.max_windows, EVAL_SETS[name].max_windows) if n is not None]
+        windows[name] = data.eval_windows(ids, eval_seqlen, min(caps) if caps else None)
         eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
     calibration = None
     if any(step.needs_calibration for step in steps):
@@ -130,15 +131,14 @@ def run(cfg: RunConfig) -> dict:
         "timings": timings,
         "memory": peak_memory(device),
         "model_source": {"path": source.path, "gguf_file": source.gguf_file, "origin": source.origin},
-        "calibration": None
-        if calibration is None
-        else {
+        "calibration": {
+            "used": calibration is not None,  # RTN and full precision read no calibration data
             "name": cfg.calib.name,
-            "source": calibration.source,
+            "source": calibration.source if calibration else None,
             "nsamples": cfg.calib.nsamples,
             "seqlen": cfg.calib.seqlen,
             "seed": cfg.calib.seed,
-            "offsets": calibration.offsets,
+            "offsets": calibration.offsets if calibration else [],
         },
         "eval": {"seqlen": eval_seqlen, "max_windows": cfg.eval.max_windows, "ppl": eval_info},
         "quantization": report,

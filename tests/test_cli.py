@@ -49,6 +49,22 @@ def test_run_writes_a_complete_record_and_prints_its_path_last(tmp_path):
     assert record["config"]["calib"]["nsamples"] == 4
     assert record["eval"]["ppl"]["wikitext2"]["windows"] == 4
     assert "full precision" in proc.stdout and "rtn w4 g64 asym" in proc.stdout
+    assert record["calibration"]["used"] is False and record["calibration"]["offsets"] == []
+
+
+def test_gptq_run_records_its_calibration_windows(tmp_path):
+    require_assets("models/stories260K", "data/wikitext-2/valid.tokens.txt")
+    out = tmp_path / "gptq"
+    proc = ptq_run(
+        *QUICK, "method=gptq", "bits=3", "group_size=32", "eval.baseline=false", f"output_dir={out}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "result.json").read_text())
+    calib = record["calibration"]
+    assert calib["used"] and calib["source"].endswith("valid.tokens.txt")
+    assert (calib["nsamples"], calib["seqlen"], calib["seed"]) == (4, 64, 0) and len(calib["offsets"]) == 4
+    layers = record["quantization"]["blocks"][0]["layers"]
+    assert layers["self_attn.q_proj"]["loss"] > 0 and layers["self_attn.q_proj"]["percdamp"] == 0.01
 
 
 def test_bad_setting_fails_before_work_and_writes_no_result(tmp_path):
