@@ -134,11 +134,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def check_context(cfg: RunConfig, context: int | None) -> None:
+def check_context(cfg: RunConfig, context: int | None, uses_calibration: bool) -> None:
     """Sequence lengths must fit the model's context (known once its config is read)."""
     if context is None:
         return
-    if cfg.calib.seqlen > context:
+    if uses_calibration and cfg.calib.seqlen > context:
         raise ConfigError(f"calib.seqlen={cfg.calib.seqlen} is above the model's context of {context} tokens")
     if cfg.eval.seqlen is not None and cfg.eval.seqlen > context:
         raise ConfigError(f"eval.seqlen={cfg.eval.seqlen} is above the model's context of {context} tokens")

@@ -53,7 +53,8 @@ def run(cfg: RunConfig) -> dict:
     """One run; returns the record (also written to <output_dir>/result.json)."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    (out / "result.json").unlink(missing_ok=True)  # never leave an old success behind a new failure
+    for stale in ("result.json", "error.json"):  # a record in this folder must describe this run
+        (out / stale).unlink(missing_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -64,10 +65,11 @@ def run(cfg: RunConfig) -> dict:
     m = cfg.model
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
-    context = models.max_context_of(config)
-    check_context(cfg, context)
     spec = None if cfg.full_precision else QuantSpec(cfg.bits, cfg.group_size, cfg.sym)
     steps = [] if cfg.full_precision else build_steps(cfg.method, spec, cfg.method_options)
+    uses_calibration = any(step.needs_calibration for step in steps)
+    context = models.max_context_of(config)
+    check_context(cfg, context, uses_calibration)
     tokenizer = models.load_tokenizer(source)
 
     t = time.perf_counter()
@@ -80,7 +82,7 @@ def run(cfg: RunConfig) -> dict:
         windows[name] = data.eval_windows(ids, eval_seqlen, min(caps) if caps else None)
         eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
     calibration = None
-    if any(step.needs_calibration for step in steps):
+    if uses_calibration:
         c = cfg.calib
         calibration = data.load_calibration(tokenizer, c.name, c.path, c.nsamples, c.seqlen, c.seed, cfg.assets_root())
     timings["data_s"] = time.perf_counter() - t
@@ -188,6 +190,7 @@ def main(hydra_cfg: DictConfig) -> None:
         record = run(cfg)
     except Exception as err:
         expected = isinstance(err, EXPECTED_ERRORS)
+        (output_dir / "result.json").unlink(missing_ok=True)  # no earlier success may stand beside this failure
         write_json(
             output_dir / "error.json",
             {

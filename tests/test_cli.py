@@ -107,3 +107,18 @@ def test_multirun_sweep_writes_one_record_per_job(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/result.json"))]
     assert sorted((r["method"], r["bits"]) for r in records) == [("none", 16), ("none", 16), ("rtn", 3), ("rtn", 4)]
+
+
+def test_calibration_length_is_only_checked_for_methods_that_read_calibration(tmp_path):
+    require_assets("models/stories260K")
+    proc = ptq_run("model=stories260k", "method=gptq", "calib.seqlen=1024", f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "calib.seqlen=1024 is above the model's context of 512" in proc.stderr
+    proc = ptq_run(
+        "model=stories260k",
+        "method=rtn",
+        "calib.seqlen=1024",
+        "eval.max_windows=2",
+        f"output_dir={tmp_path}/r",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
