@@ -66,7 +66,10 @@ def run(cfg: RunConfig) -> dict:
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
     spec = None if cfg.full_precision else QuantSpec(cfg.bits, cfg.group_size, cfg.sym)
-    steps = [] if cfg.full_precision else build_steps(cfg.method, spec, cfg.method_options)
+    try:
+        steps = [] if cfg.full_precision else build_steps(cfg.method, spec, cfg.method_options)
+    except ValueError as err:  # a method's own option checks
+        raise ConfigError(str(err)) from None
     uses_calibration = any(step.needs_calibration for step in steps)
     context = models.max_context_of(config)
     check_context(cfg, context, uses_calibration)

@@ -122,3 +122,11 @@ def test_calibration_length_is_only_checked_for_methods_that_read_calibration(tm
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("option,message", [("percdamp=0", "gptq.percdamp=0"), ("block_size=0", "gptq.block_size=0")])
+def test_bad_gptq_option_is_one_clear_error(tmp_path, option, message):
+    proc = ptq_run(
+        "model=stories260k", "method=gptq", f"method.gptq.{option}", f"output_dir={tmp_path}/o", cwd=tmp_path
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
