@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,19 @@ def _to_store(x: torch.Tensor, store: torch.device) -> torch.Tensor:
     return x.to(store)
 
 
+@contextmanager
+def on_device(modules: list[nn.Module], device: torch.device):
+    """Temporarily move ``modules`` to ``device``; each goes back where it was afterwards."""
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes, strict=True):
+            m.to(home)
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int, store: torch.device
@@ -71,24 +85,19 @@ def capture_block_inputs(
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    embeddings = embedding_modules(model)
-    homes = [next(m.parameters(), torch.empty(0)).device for m in embeddings]
-    for m in embeddings:
-        m.to(device)
     chunks, kwargs = [], None
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in input_ids.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-            chunks.append(_to_store(captured["hidden"], store))
-            kwargs = kwargs if kwargs is not None else captured["kwargs"]
+        with on_device(embedding_modules(model), device):
+            for batch in input_ids.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                chunks.append(_to_store(captured["hidden"], store))
+                kwargs = kwargs if kwargs is not None else captured["kwargs"]
     finally:
         handle.remove()
-        for m, home in zip(embeddings, homes, strict=True):
-            m.to(home)
     kwargs["use_cache"] = False
     kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_value", None)
@@ -229,15 +238,9 @@ def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.de
         inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
         block.to(home)
     head = head_modules(model)
-    homes = [next(m.parameters(), torch.empty(0)).device for m in head]
-    for m in head:
-        m.to(device)
-    try:
+    with on_device(head, device):
         for chunk in inputs.chunks:
             hidden = chunk.to(device)
             for m in head:
                 hidden = m(hidden)
             yield hidden
-    finally:
-        for m, home in zip(head, homes, strict=True):
-            m.to(home)
