@@ -86,14 +86,17 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
-def get_arch(model: nn.Module) -> Arch:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def arch_for(model_type: str | None) -> Arch:
     if model_type not in ARCHITECTURES:
         raise ModelLoadError(
             f"architecture {model_type!r} is not in ptq's architecture table; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}. Add one entry to ARCHITECTURES in ptq/models.py."
         )
     return ARCHITECTURES[model_type]
+
+
+def get_arch(model: nn.Module) -> Arch:
+    return arch_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -232,11 +235,7 @@ def load_config(source: ModelSource):
 
     check_source(source)
     config = _from_pretrained(AutoConfig, source, "config")
-    if config.model_type not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"architecture {config.model_type!r} is not in ptq's architecture table; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. Add one entry to ARCHITECTURES in ptq/models.py."
-        )
+    arch_for(config.model_type)
     return config
 
 

@@ -126,24 +126,29 @@ class BlockContext:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block over every calibration chunk (hooks registered by a method see each call)."""
+    def _each_chunk(self, stop_early: bool = False):
+        """Run the block on every calibration chunk; yields (stored chunk, block output or None).
+        With ``stop_early`` a hook may raise _StopForward to skip the rest of a chunk's forward."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs: the step must set needs_calibration")
-        outputs = []
         for chunk in self.inputs.chunks:
             hidden = chunk.to(self.device, non_blocking=True)
-            out = _run(self.block, hidden, self.inputs.kwargs_for(hidden))
-            if keep_outputs:
-                outputs.append(_to_store(out, chunk.device))
+            try:
+                yield chunk, _run(self.block, hidden, self.inputs.kwargs_for(hidden))
+            except _StopForward:
+                if not stop_early:
+                    raise
+                yield chunk, None
+
+    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run the block over every calibration chunk (hooks registered by a method see each call)."""
+        outputs = [_to_store(out, chunk.device) for chunk, out in self._each_chunk() if keep_outputs]
         return outputs if keep_outputs else None
 
     def forward_with_input_hooks(self, modules: dict[str, nn.Module], on_input) -> None:
         """Run the block over the calibration inputs, calling ``on_input(name, x)`` with the input of
         each listed module (x: [batch, seq, features]). Each chunk's forward stops as soon as every
         listed module has seen its input: the rest of the block is not needed for these statistics."""
-        if self.inputs is None:
-            raise RuntimeError("this block has no calibration inputs: the step must set needs_calibration")
         seen: set[str] = set()
 
         def hook(name):
@@ -151,20 +156,15 @@ class BlockContext:
                 on_input(name, args[0])
                 seen.add(name)
                 if len(seen) == len(modules):
+                    seen.clear()
                     raise _StopForward
 
             return capture
 
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
         try:
-            with torch.no_grad():
-                for chunk in self.inputs.chunks:
-                    seen.clear()
-                    hidden = chunk.to(self.device, non_blocking=True)
-                    try:
-                        _run(self.block, hidden, self.inputs.kwargs_for(hidden))
-                    except _StopForward:
-                        pass
+            for _ in self._each_chunk(stop_early=True):
+                pass
         finally:
             for handle in handles:
                 handle.remove()
