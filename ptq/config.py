@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ptq.data import CALIB_SETS, EVAL_SETS
 from ptq.methods import METHODS, parse_method
+from ptq.quant.activations import GRANULARITIES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,6 +60,8 @@ class RunConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    act_bits: int | None = None  # quantize linear inputs too (W8A8, W4A8); None = weights only
+    act_granularity: str = "per_token"  # per_token (dynamic) | per_tensor (static, calibrated)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
@@ -104,6 +107,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if not isinstance(cfg.sym, bool):
         raise ConfigError(f"sym={cfg.sym!r} must be true or false")
+    if cfg.act_bits is not None:
+        _require_int("act_bits", cfg.act_bits)
+    if cfg.act_granularity not in GRANULARITIES:
+        raise ConfigError(
+            f"act_granularity={cfg.act_granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
+        )
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device!r} is unknown; choose one of {', '.join(DEVICES)}")
     if cfg.model.dtype not in DTYPES:

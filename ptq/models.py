@@ -23,6 +23,19 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """Linears whose input channels can be rescaled without changing the block's function (AWQ,
+    SmoothQuant): ``prev`` produces their input, so x/s is folded into ``prev`` and s into their
+    weight columns. ``prev`` is a norm (weight and bias scaled), a linear (output rows scaled) or an
+    activation module (wrapped to divide by s). ``inspect`` is the module whose output AWQ compares
+    (it contains the linears, and its input is theirs)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where things are in one model family (paths are dotted attribute names)."""
 
@@ -32,6 +45,10 @@ class Arch:
     # Linears of one block grouped by the input they read, in the order the data flows through the
     # block (GPTQ's true-sequential order): attention-in, attention-out, MLP-in, MLP-out.
     sequential: tuple[tuple[str, ...], ...]
+    # Scaling groups in data-flow order (AWQ, SmoothQuant); empty where none are known. A group whose
+    # ``prev`` is a linear applies only when its output size matches (e.g. not v -> o under GQA).
+    scaling: tuple[ScaleGroup, ...] = ()
+    no_clip: tuple[str, ...] = ()  # linears AWQ does not clip (q/k: the reference skips them)
 
 
 _LLAMA_LIKE = Arch(
@@ -44,6 +61,13 @@ _LLAMA_LIKE = Arch(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    scaling=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -65,6 +89,15 @@ ARCHITECTURES: dict[str, Arch] = {
             ("fc1",),
             ("fc2",),
         ),
+        scaling=(  # pre-norm OPT only (do_layer_norm_before); see scale_groups()
+            ScaleGroup(
+                "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
+            ),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+            ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+            ScaleGroup("fc1", ("fc2",), "fc2"),  # ReLU between them commutes with a positive scale
+        ),
+        no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers",
@@ -76,6 +109,13 @@ ARCHITECTURES: dict[str, Arch] = {
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        # q/k/v are one fused linear, so v cannot be rescaled alone: no attention-out group.
+        scaling=(
+            ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+            ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+            ScaleGroup("mlp.act", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),  # GELU: wrapped, see ScaledActivation
+        ),
+        no_clip=("attention.query_key_value",),
     ),
     "gpt2": Arch(
         layers="transformer.h",
@@ -106,6 +146,23 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
         if module is None:
             return None
     return module
+
+
+def scale_groups(config) -> tuple[ScaleGroup, ...]:
+    """The scaling groups of a model's blocks, from its HF config; an error if the table has none."""
+    arch = arch_for(config.model_type)
+    if not arch.scaling:
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} has no scaling groups (needed by AWQ and SmoothQuant); "
+            f"supported: {', '.join(sorted(k for k, a in ARCHITECTURES.items() if a.scaling))}. "
+            "Add `scaling=` to its entry in ARCHITECTURES (ptq/models.py), or use method=rtn or gptq."
+        )
+    if config.model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
+        raise ModelLoadError(
+            "this OPT model normalizes after attention (do_layer_norm_before=False, e.g. OPT-350M), so its "
+            "layer norms do not feed the linears and scales cannot be folded into them; use method=rtn or gptq"
+        )
+    return arch.scaling
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:

@@ -145,6 +145,24 @@ class BlockContext:
         outputs = [_to_store(out, chunk.device) for chunk, out in self._each_chunk() if keep_outputs]
         return outputs if keep_outputs else None
 
+    def capture_calls(self, module: nn.Module) -> list[tuple[tuple, dict]]:
+        """The (args, kwargs) with which the block calls ``module``, one per calibration chunk, kept on
+        the compute device; each chunk's forward stops there. Calling ``module(*args, **kwargs)``
+        again reproduces that part of the block (AWQ compares such outputs)."""
+        calls = []
+
+        def capture(_module, args, kwargs):
+            calls.append((args, dict(kwargs)))
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for _ in self._each_chunk(stop_early=True):
+                pass
+        finally:
+            handle.remove()
+        return calls
+
     def forward_with_input_hooks(self, modules: dict[str, nn.Module], on_input) -> None:
         """Run the block over the calibration inputs, calling ``on_input(name, x)`` with the input of
         each listed module (x: [batch, seq, features]). Each chunk's forward stops as soon as every
@@ -191,6 +209,8 @@ def run_blocks(
     """
     arch = get_arch(model)
     blocks = get_blocks(model)
+    for step in steps:
+        step.prepare(model.config)
     needs_calibration = any(step.needs_calibration for step in steps)
     if needs_calibration and calib_ids is None:
         raise ValueError(f"{'+'.join(s.name for s in steps)} needs calibration data (calib_ids)")

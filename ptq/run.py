@@ -16,13 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptq import data, models
-from ptq.api import quantize, resolve_device
+from ptq.api import plan_steps, quantize, resolve_device
 from ptq.config import ConfigError, RunConfig, check_context, from_dict
 from ptq.data import EVAL_SETS, DataError
 from ptq.eval.perplexity import perplexity
-from ptq.methods import build_steps
 from ptq.models import ModelLoadError
-from ptq.quant import QuantSpec
 from ptq.results import environment, peak_memory, write_json
 
 log = logging.getLogger("ptq")
@@ -62,14 +60,17 @@ def run(cfg: RunConfig) -> dict:
     timings = {}
 
     # Everything cheap first, so bad settings and missing files fail before heavy work.
+    try:
+        steps = plan_steps(
+            cfg.method, cfg.bits, cfg.group_size, cfg.sym, cfg.method_options, cfg.act_bits, cfg.act_granularity
+        )
+    except ValueError as err:  # a method's own option checks, activation settings
+        raise ConfigError(str(err)) from None
     m = cfg.model
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
-    spec = None if cfg.full_precision else QuantSpec(cfg.bits, cfg.group_size, cfg.sym)
-    try:
-        steps = [] if cfg.full_precision else build_steps(cfg.method, spec, cfg.method_options)
-    except ValueError as err:  # a method's own option checks
-        raise ConfigError(str(err)) from None
+    for step in steps:
+        step.prepare(config)  # e.g. AWQ: does the architecture table know this model's scaling groups?
     uses_calibration = any(step.needs_calibration for step in steps)
     context = models.max_context_of(config)
     check_context(cfg, context, uses_calibration)
@@ -118,6 +119,8 @@ def run(cfg: RunConfig) -> dict:
         offload=cfg.offload,
         batch_size=cfg.calib.batch_size,
         options=cfg.method_options,
+        act_bits=cfg.act_bits,
+        act_granularity=cfg.act_granularity,
     )
     timings["quantize_s"] = time.perf_counter() - t
 
@@ -131,6 +134,8 @@ def run(cfg: RunConfig) -> dict:
         "bits": 16 if cfg.full_precision else cfg.bits,
         "group_size": None if cfg.full_precision else cfg.group_size,
         "sym": None if cfg.full_precision else cfg.sym,
+        "act_bits": cfg.act_bits,
+        "act_granularity": cfg.act_granularity if cfg.act_bits else None,
         "metrics": metrics,
         "baseline": baseline,
         "timings": timings,
@@ -165,7 +170,10 @@ def format_table(record: dict) -> str:
         label = "full precision"
     else:
         group = "per-channel" if record["group_size"] == -1 else f"g{record['group_size']}"
-        label = f"{record['method']} w{record['bits']} {group} {'sym' if record['sym'] else 'asym'}"
+        label = f"{record['method']} w{record['bits']}"
+        if record.get("act_bits"):
+            label += f"a{record['act_bits']} ({record['act_granularity']})"
+        label += f" {group} {'sym' if record['sym'] else 'asym'}"
     rows.append(f"{label:24} " + " ".join(f"{record['metrics']['ppl'][n]:12.3f}" for n in names))
     t = record["timings"]
     mem = record["memory"]

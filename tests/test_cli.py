@@ -130,3 +130,39 @@ def test_bad_gptq_option_is_one_clear_error(tmp_path, option, message):
         "model=stories260k", "method=gptq", f"method.gptq.{option}", f"output_dir={tmp_path}/o", cwd=tmp_path
     )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "label"),
+    [
+        (["method=awq", "bits=3", "group_size=32"], "awq w3 g32 asym"),
+        (["method=awq+gptq", "bits=3", "group_size=32"], "awq+gptq w3 g32 asym"),
+        (
+            ["method=smoothquant", "scheme=w8a8", "act_granularity=per_tensor"],
+            "smoothquant w8a8 (per_tensor) per-channel sym",
+        ),
+    ],
+)
+def test_scaling_methods_from_the_command_line(tmp_path, args, label):
+    require_assets("models/stories260K", "data/wikitext-2/valid.tokens.txt")
+    out = tmp_path / "run"
+    proc = ptq_run(*QUICK, *args, f"output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert label in proc.stdout
+    record = json.loads((out / "result.json").read_text())
+    base = record["baseline"]["metrics"]["ppl"]["wikitext2"]
+    assert base < record["metrics"]["ppl"]["wikitext2"] < 2 * base
+    assert record["calibration"]["used"]
+
+
+def test_smoothquant_without_activation_bits_is_one_clear_error(tmp_path):
+    proc = ptq_run("model=stories260k", "method=smoothquant", f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "set act_bits (e.g. scheme=w8a8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_awq_on_an_architecture_without_scaling_groups_fails_before_loading(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    proc = ptq_run("model=custom", f"model.path={gpt2}", "method=awq", f"output_dir={tmp_path}/o", cwd=tmp_path)
+    assert proc.returncode == 2 and "'gpt2' has no scaling groups" in proc.stderr and "Traceback" not in proc.stderr

@@ -48,7 +48,7 @@ def test_bits_16_means_full_precision():
 def test_unknown_method_lists_the_valid_ones():
     d = composed()
     d["method"] = {"name": "fancy"}
-    with pytest.raises(ConfigError, match="unknown method 'fancy'.*none, gptq, rtn"):
+    with pytest.raises(ConfigError, match="unknown method 'fancy'.*none, awq, gptq, rtn, smoothquant"):
         from_dict(d)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ptq.quant import QuantSpec, compute_qparams, group_qparams, quantize_weight
+from ptq.quant import QuantSpec, compute_qparams, fake_quantize_weight, group_qparams, quantize_weight
 
 
 def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
@@ -34,6 +34,18 @@ def test_rtn_matches_reference_formula(bits, group, sym):
     got = quantize_weight(w, QuantSpec(bits, group, sym)).dequantize()
     want = reference_rtn(w, bits, group, sym).float()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [-1, 16, 40])  # 40: a partial last group of 96 columns
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_weight_equals_quantize_then_dequantize(group, sym, dtype):
+    torch.manual_seed(group + 7)
+    w = (torch.randn(24, 96) * torch.rand(24, 1)).to(dtype)
+    spec = QuantSpec(3, group, sym)
+    got = fake_quantize_weight(w, spec)
+    assert got.dtype == dtype
+    assert torch.equal(got, quantize_weight(w, spec).dequantize().to(dtype))
 
 
 def test_partial_last_group_has_its_own_parameters():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from ptq.methods.awq import AWQ
 from ptq.methods.base import Method
 from ptq.methods.gptq import GPTQ
 from ptq.methods.rtn import RTN
+from ptq.methods.smoothquant import SmoothQuant
 from ptq.quant import QuantSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant)}
 FULL_PRECISION = "none"
 
 
@@ -35,7 +37,16 @@ def build_steps(method: str, spec: QuantSpec | None, options: dict | None = None
     extra = set(options) - set(names)
     if extra:
         raise ValueError(f"options given for {sorted(extra)}, which are not steps of method {method!r}")
-    return [METHODS[name](spec, **options.get(name, {})) for name in names]
+    steps = [METHODS[name](spec, **options.get(name, {})) for name in names]
+    for step in steps[:-1]:
+        if not step.transform:
+            transforms = sorted(name for name, cls in METHODS.items() if cls.transform)
+            raise ValueError(
+                f"method {method!r}: {step.name!r} rounds the weights, so it can only be the last step; "
+                f"steps before the last must be transforms ({', '.join(transforms)}), e.g. awq+gptq"
+            )
+        step.round_weights = False  # the last step quantizes the weights
+    return steps
 
 
 __all__ = ["METHODS", "Method", "build_steps", "method_names", "parse_method"]

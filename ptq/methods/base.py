@@ -11,15 +11,22 @@ class Method:
 
     ``needs_calibration``: whether ``quantize_block`` runs the block on calibration inputs
     (``ctx.forward()``); when no step needs it, the pipeline skips capturing inputs entirely.
+    ``transform``: the step rescales/clips weights (AWQ, SmoothQuant) and rounds them itself only
+    when it is the last step; in ``awq+gptq`` the later step does the rounding (``round_weights``).
     """
 
     name = "base"
     needs_calibration = False
+    transform = False
 
     def __init__(self, spec: QuantSpec, **options) -> None:
         if options:
             raise ValueError(f"method {self.name!r} has no options {sorted(options)}")
         self.spec = spec
+        self.round_weights = True
+
+    def prepare(self, config) -> None:
+        """Check that the model (its HF config) suits this step, before any heavy work."""
 
     def quantize_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError

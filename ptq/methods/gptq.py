@@ -195,7 +195,7 @@ class GPTQ(Method):
             rows = w.shape[0]
             set_weight(ctx.linears[name], result[row : row + rows].to(w.dtype))
             loss = losses[row : row + rows].sum().item()
-            ctx.stats[name] = {"loss": loss, **info}
+            ctx.stats.setdefault(name, {}).update(loss=loss, **info)
             log.debug("block %d %s: loss %.4f", ctx.index, name, loss)
             row += rows
         if info["retries"]:

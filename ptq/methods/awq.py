@@ -1,0 +1,254 @@
+"""AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"), following mit-han-lab/llm-awq's ``auto_scale`` and ``auto_clip``.
+
+Per scaling group of a block (a previous op, the linears it feeds, and the module whose output is
+compared; see ``ScaleGroup`` in ptq/models.py):
+
+1. Scale search (Sec. 3.2, Eq. 5): with a = mean |x| per input channel over the calibration tokens,
+   try s = a^alpha for alpha in {0, 1/n, ..., (n-1)/n} (``duo_scaling``: s = a^alpha / w^(1-alpha),
+   w the mean of group-normalized |W| per channel), normalized by sqrt(max(s) min(s)). For each, the
+   group's weights become Q(W diag(s)) diag(s)^-1 and the compared module is run on the block's
+   calibration inputs; the alpha with the lowest output MSE against full precision wins. The scales
+   are then folded into the previous op and the linears (function-preserving, ptq/methods/scaling.py).
+2. Clipping search (``clip``): per quantization group, shrink the weight range to max|w| * (1 - i/n)
+   for i < ``clip_max_shrink`` * n and keep the value with the lowest output error on a sample of
+   ``clip_tokens`` input tokens. q/k projections are not clipped (the reference skips them).
+3. Round to nearest, unless a later step (``awq+gptq``) quantizes the weights.
+
+When the compared module is one linear, the output MSE is computed from E = W_q - W and the input's
+Gram matrix, tr(E X^T X E^T) / (tokens * rows): the same number, without running the module.
+Each group's inputs are re-captured after the earlier groups' scales were folded in, so they are
+already in the scaled domain. Losses stay on the device until the search of a group ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ptq.methods.base import Method
+from ptq.methods.rtn import round_linears
+from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
+from ptq.models import arch_for, get_weight, scale_groups, set_weight
+from ptq.pipeline import BlockContext
+from ptq.quant import QuantSpec, compute_qparams, fake_quantize, fake_quantize_weight
+
+log = logging.getLogger(__name__)
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def weight_channel_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Mean over rows of |W| normalized by each quantization group's max (AutoAWQ's duo scaling)."""
+    w = torch.cat([x.float() for x in weights]).abs()
+    rows, columns = w.shape
+    g, n = spec.group_size_for(columns), spec.num_groups(columns)
+    grouped = torch.nn.functional.pad(w, (0, n * g - columns)).reshape(rows, n, g)
+    normalized = grouped / (grouped.amax(dim=2, keepdim=True) + 1e-6)
+    return normalized.reshape(rows, n * g)[:, :columns].mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = x_mean^alpha (or x_mean^alpha / w_mean^(1-alpha)), clamped and normalized as the reference."""
+    if w_mean is None:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_clip(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    spec: QuantSpec,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_batch: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping threshold [rows, groups] for a [rows, columns] weight, given input tokens
+    x [tokens, columns]: the candidate max|w| * (1 - i/n_grid), i < max_shrink * n_grid, whose
+    rounded weights give the lowest mean squared output error of the group's partial product.
+    Returns the thresholds and the chosen ratios (1 - i/n_grid)."""
+    rows, columns = weight.shape
+    g, n = spec.group_size_for(columns), spec.num_groups(columns)
+    pad = n * g - columns
+    w_all = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(rows, n, g)
+    x = torch.nn.functional.pad(x.float(), (0, pad)).reshape(-1, n, g)
+    ratios = []
+    for w in w_all.split(rows_per_batch):
+        reference = torch.einsum("rgk,tgk->rtg", w, x)
+        original_max = w.abs().amax(dim=2, keepdim=True)
+        best_err = torch.full(original_max.shape[:2], float("inf"), device=w.device)
+        best_ratio = torch.ones_like(best_err)
+        for i in range(int(max_shrink * n_grid)):
+            ratio = 1 - i / n_grid
+            clipped = torch.clamp(w, -original_max * ratio, original_max * ratio).reshape(-1, g)
+            scale, zero = compute_qparams(clipped, spec)
+            rounded = fake_quantize(clipped, scale, zero, spec.maxq).reshape(w.shape)
+            err = (torch.einsum("rgk,tgk->rtg", rounded, x) - reference).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, ratio, best_ratio)
+        ratios.append(best_ratio)
+    ratio = torch.cat(ratios)
+    return w_all.abs().amax(dim=2) * ratio, ratio
+
+
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Clamp each group of ``weight`` to [-max_val, max_val] (max_val: [rows, groups])."""
+    columns = weight.shape[1]
+    bound = max_val.repeat_interleave(spec.group_size_for(columns), dim=1)[:, :columns]
+    return torch.clamp(weight.float(), -bound, bound).to(weight.dtype)
+
+
+class AWQ(Method):
+    name = "awq"
+    needs_calibration = True
+    transform = True
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        n_grid: int = 20,
+        duo_scaling: bool = False,
+        clip: bool = True,
+        clip_grid: int = 20,
+        clip_max_shrink: float = 0.5,
+        clip_tokens: int = 512,
+    ) -> None:
+        super().__init__(spec)
+        for key, value in (("n_grid", n_grid), ("clip_grid", clip_grid), ("clip_tokens", clip_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"awq.{key}={value!r} must be a whole number of at least 1")
+        if not isinstance(clip_max_shrink, (int, float)) or not 0 < clip_max_shrink < 1:
+            raise ValueError(f"awq.clip_max_shrink={clip_max_shrink!r} must lie strictly between 0 and 1 (default 0.5)")
+        self.n_grid = n_grid
+        self.duo_scaling = duo_scaling
+        self.clip = clip
+        self.clip_grid = clip_grid
+        self.clip_max_shrink = float(clip_max_shrink)
+        self.clip_tokens = clip_tokens
+        self.groups = None
+        self.no_clip: tuple[str, ...] = ()
+
+    def prepare(self, config) -> None:
+        self.groups = scale_groups(config)
+        self.no_clip = arch_for(config.model_type).no_clip
+
+    # -- scale search ------------------------------------------------------------------------
+
+    def search_scale(
+        self, group: BlockGroup, calls: list[tuple[tuple, dict]]
+    ) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Best scales for ``group`` given the calls of its compared module; also alpha and all losses."""
+        inputs = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
+        channels = group.channels
+        x_mean = torch.zeros(channels, device=inputs[0].device)
+        tokens = 0
+        for x in inputs:
+            x = x.reshape(-1, channels)
+            x_mean += x.abs().float().sum(dim=0)
+            tokens += x.shape[0]
+        x_mean /= tokens
+        originals = {name: get_weight(linear).clone() for name, linear in group.linears.items()}
+        w_mean = weight_channel_mean(list(originals.values()), self.spec) if self.duo_scaling else None
+        loss_of = self._gram_loss(group, inputs, tokens) if self._compares_one_linear(group) else None
+        if loss_of is None:
+            references = [_output(group.inspect(*args, **kwargs)) for args, kwargs in calls]
+
+        losses, candidates = [], []
+        for i in range(self.n_grid):
+            s = candidate_scales(x_mean, i / self.n_grid, w_mean)
+            trial = {
+                name: (fake_quantize_weight(w.float() * s, self.spec) / s).to(w.dtype) for name, w in originals.items()
+            }
+            if loss_of is not None:
+                losses.append(loss_of(trial))
+            else:
+                for name, linear in group.linears.items():
+                    set_weight(linear, trial[name])
+                total = torch.zeros((), device=x_mean.device)
+                count = 0
+                for (args, kwargs), reference in zip(calls, references, strict=True):
+                    out = _output(group.inspect(*args, **kwargs))
+                    total += (out.float() - reference.float()).pow(2).sum()
+                    count += out.numel()
+                losses.append(total / count)
+            candidates.append(s)
+        for name, linear in group.linears.items():
+            set_weight(linear, originals[name])
+        losses = torch.stack(losses)
+        best = int(torch.argmin(losses))  # the one host synchronization of the search
+        return candidates[best], best / self.n_grid, losses
+
+    @staticmethod
+    def _compares_one_linear(group: BlockGroup) -> bool:
+        return len(group.linears) == 1 and next(iter(group.linears.values())) is group.inspect
+
+    @staticmethod
+    def _gram_loss(group: BlockGroup, inputs: list[torch.Tensor], tokens: int):
+        """Output MSE of a lone linear from its inputs' Gram matrix: mean over tokens and rows of (E x)^2."""
+        ((name, linear),) = group.linears.items()
+        channels = group.channels
+        gram = torch.zeros(channels, channels, device=inputs[0].device)
+        for x in inputs:
+            x = x.reshape(-1, channels).float()
+            gram.addmm_(x.t(), x)
+        original = get_weight(linear).float()
+
+        def loss(trial: dict[str, torch.Tensor]) -> torch.Tensor:
+            error = trial[name].float() - original
+            return ((error @ gram) * error).sum() / (tokens * error.shape[0])
+
+        return loss
+
+    # -- clipping ----------------------------------------------------------------------------
+
+    def _clip(self, ctx: BlockContext) -> None:
+        targets = {name: linear for name, linear in ctx.linears.items() if name not in self.no_clip}
+        if not targets:
+            return
+        total = sum(chunk.shape[0] * chunk.shape[1] for chunk in ctx.inputs.chunks)
+        step = max(1, total // self.clip_tokens)
+        samples: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+
+        def keep(name: str, x: torch.Tensor) -> None:
+            samples[name].append(x.reshape(-1, x.shape[-1])[::step])
+
+        ctx.forward_with_input_hooks(targets, keep)
+        for name, linear in targets.items():
+            weight = get_weight(linear)
+            x = torch.cat(samples[name])[: self.clip_tokens]
+            max_val, ratio = search_clip(weight, x, self.spec, self.clip_grid, self.clip_max_shrink)
+            set_weight(linear, apply_clip(weight, max_val, self.spec))
+            ctx.stats.setdefault(name, {})["awq_clip_mean_ratio"] = ratio.mean().item()
+
+    def quantize_block(self, ctx: BlockContext) -> None:
+        if self.groups is None:
+            raise RuntimeError("AWQ.prepare(config) must run before quantize_block")
+        start = time.perf_counter()
+        for group in resolve_groups(ctx.block, self.groups, ctx.index):
+            calls = ctx.capture_calls(group.inspect)
+            scales, alpha, losses = self.search_scale(group, calls)
+            del calls
+            fold_scales(ctx.block, group, scales)
+            stats = {"awq_alpha": alpha, "awq_loss": losses.min().item(), "awq_loss_alpha0": losses[0].item()}
+            for name in group.linears:
+                ctx.stats.setdefault(name, {}).update(stats)
+        ctx.add_time("scale_search_s", time.perf_counter() - start)
+        if self.clip:
+            start = time.perf_counter()
+            self._clip(ctx)
+            ctx.add_time("clip_search_s", time.perf_counter() - start)
+        if self.round_weights:
+            round_linears(ctx.linears, self.spec)
+        alphas = ", ".join(
+            f"{name.split('.')[-1]} {stats['awq_alpha']:.2f}"
+            for name, stats in ctx.stats.items()
+            if "awq_alpha" in stats
+        )
+        log.info("block %d AWQ alphas: %s", ctx.index, alphas)
