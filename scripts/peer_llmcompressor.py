@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -101,8 +102,10 @@ def main() -> None:
     )
     quantize_s = time.perf_counter() - start
     ppl = perplexity(model, windows, torch.device("cpu"))
-    record = {
+    record = {  # the fields ptq.report reads, so peer and ptq records share one table
+        "status": "ok",
         "peer": "llm-compressor GPTQModifier",
+        "method": f"gptq (llm-compressor {version('llmcompressor')})",
         "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "torch", "transformers")},
         "model": args.model,
         "bits": args.bits,
@@ -114,6 +117,8 @@ def main() -> None:
         "metrics": {"ppl": {"wikitext2": ppl}},
         "eval": {"seqlen": eval_seqlen, "windows": windows.shape[0]},
         "timings": {"quantize_s": quantize_s},
+        "memory": {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "env": {"device": "cpu", "cpu_threads": torch.get_num_threads()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
