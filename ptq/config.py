@@ -13,6 +13,8 @@ from ptq.data import CALIB_SETS, EVAL_SETS
 from ptq.methods import METHODS, parse_method
 from ptq.quant.activations import GRANULARITIES
 
+TASK_SOURCES = ("auto", "hub", "local")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -48,7 +50,14 @@ class EvalConfig:
     ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int | None = None  # default: the model's context, capped at 2048
     max_windows: int | None = None  # None = the whole test set (the paper protocol)
-    batch_size: int = 1
+    batch_size: int | str = (
+        "auto"  # lm-eval requests per batch ("auto": largest that fits); perplexity: auto = 1 window
+    )
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks, e.g. [piqa, arc_easy]
+    limit: int | float | None = None  # lm-eval: first N documents per task (or a fraction), for quick runs
+    num_fewshot: int | None = None  # lm-eval: None = each task's default (0 for these tasks)
+    task_source: str = "auto"  # auto: the hub if reachable, else local files | hub | local
+    task_data: str | None = None  # folder with the local task files (default: <assets>/data)
     baseline: bool = True  # also evaluate the full-precision model, for the comparison table
 
 
@@ -139,7 +148,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require_int("eval.seqlen", e.seqlen, 2)
     if e.max_windows is not None:
         _require_int("eval.max_windows", e.max_windows, 1)
-    _require_int("eval.batch_size", e.batch_size, 1)
+    if e.batch_size != "auto":
+        _require_int("eval.batch_size", e.batch_size, 1)
+    if isinstance(e.tasks, str):
+        e.tasks = [e.tasks]
+    if e.task_source not in TASK_SOURCES:
+        raise ConfigError(f"eval.task_source={e.task_source!r} is unknown; choose one of {', '.join(TASK_SOURCES)}")
+    if e.num_fewshot is not None:
+        _require_int("eval.num_fewshot", e.num_fewshot, 0)
+    if e.limit is not None and (isinstance(e.limit, bool) or not isinstance(e.limit, (int, float)) or e.limit <= 0):
+        raise ConfigError(f"eval.limit={e.limit!r} must be a positive number of documents (or a fraction below 1)")
+    if e.tasks and cfg.offload:
+        raise ConfigError("eval.tasks needs the model on one device; with offload=true use eval.tasks=[] for now")
     return cfg
 
 

@@ -45,8 +45,19 @@ def markdown_table(records: list[dict]) -> str:
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     datasets = sorted({d for r in ok for d in r["metrics"].get("ppl", {})})
-    header = ["model", "method", "bits", "group", "sym", *(f"{d} ppl" for d in datasets), "quantize s", "device", "peak RSS GiB"]
+    header = [
+        "model",
+        "method",
+        "bits",
+        "group",
+        "sym",
+        *(f"{d} ppl" for d in datasets),
+        "quantize s",
+        "device",
+        "peak RSS GiB",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
     def key(r):
         rank = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER)
         return r["model"], -(r["bits"] or 0), -(r.get("act_bits") or 16), str(_label(r)[3]), rank, str(r["sym"])

@@ -20,11 +20,12 @@ from ptq.api import plan_steps, quantize, resolve_device
 from ptq.config import ConfigError, RunConfig, check_context, from_dict
 from ptq.data import EVAL_SETS, DataError
 from ptq.eval.perplexity import perplexity
+from ptq.eval.tasks import TaskError, evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.models import ModelLoadError
 from ptq.results import environment, peak_memory, write_json
 
 log = logging.getLogger("ptq")
-EXPECTED_ERRORS = (ConfigError, ModelLoadError, DataError)
+EXPECTED_ERRORS = (ConfigError, ModelLoadError, DataError, TaskError)
 
 
 def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
@@ -38,13 +39,21 @@ def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
     return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
 
 
-def evaluate(model, windows: dict, cfg: RunConfig, device: torch.device) -> tuple[dict, float]:
+def evaluate(model, tokenizer, windows: dict, cfg: RunConfig, device: torch.device) -> tuple[dict, float]:
     start = time.perf_counter()
+    e = cfg.eval
     ppl = {}
+    ppl_batch = 1 if e.batch_size == "auto" else e.batch_size
     for name, w in windows.items():
-        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=cfg.eval.batch_size)
+        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch)
         log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
-    return {"ppl": ppl}, time.perf_counter() - start
+    metrics = {"ppl": ppl}
+    if e.tasks:
+        data_dir = task_data_dir(cfg.assets_root(), e.task_data)
+        metrics["tasks"] = evaluate_tasks(
+            model, tokenizer, e.tasks, e.task_source, data_dir, e.batch_size, e.limit, e.num_fewshot, device, cfg.seed
+        )
+    return metrics, time.perf_counter() - start
 
 
 def run(cfg: RunConfig) -> dict:
@@ -74,6 +83,11 @@ def run(cfg: RunConfig) -> dict:
     uses_calibration = any(step.needs_calibration for step in steps)
     context = models.max_context_of(config)
     check_context(cfg, context, uses_calibration)
+    if cfg.eval.tasks:  # task names and local files, before any heavy work
+        resolved = resolve_tasks(
+            cfg.eval.tasks, cfg.eval.task_source, task_data_dir(cfg.assets_root(), cfg.eval.task_data)
+        )
+        cfg.eval.task_source = "local" if all(where == "local" for _, where in resolved) else "hub"
     tokenizer = models.load_tokenizer(source)
 
     t = time.perf_counter()
@@ -104,7 +118,7 @@ def run(cfg: RunConfig) -> dict:
 
     baseline = None
     if not cfg.full_precision and cfg.eval.baseline:
-        metrics, timings["baseline_eval_s"] = evaluate(model, windows, cfg, device)
+        metrics, timings["baseline_eval_s"] = evaluate(model, tokenizer, windows, cfg, device)
         baseline = {"metrics": metrics}
 
     t = time.perf_counter()
@@ -124,7 +138,7 @@ def run(cfg: RunConfig) -> dict:
     )
     timings["quantize_s"] = time.perf_counter() - t
 
-    metrics, timings["eval_s"] = evaluate(model, windows, cfg, device)
+    metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, cfg, device)
     timings["total_s"] = time.perf_counter() - started
 
     record = {
@@ -159,13 +173,42 @@ def run(cfg: RunConfig) -> dict:
     return record
 
 
+TASK_COLUMNS = {  # metric -> column suffix, in this order; lm-eval's word perplexity is not token perplexity
+    "acc": "acc",
+    "acc_norm": "acc_norm",
+    "perplexity": "ppl (lm-eval)",
+    "word_perplexity": "word ppl (lm-eval)",
+}
+
+
+def _columns(metrics: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(header, path into metrics) for each number the console table shows."""
+    cols = [(f"{name} ppl", ("ppl", name)) for name in metrics["ppl"]]
+    for task, scores in (metrics.get("tasks") or {}).items():
+        cols += [
+            (f"{task} {label}", ("tasks", task, m)) for m, label in TASK_COLUMNS.items() if scores.get(m) is not None
+        ]
+    return cols
+
+
+def _get(metrics: dict, path: tuple[str, ...]):
+    for key in path:
+        metrics = (metrics or {}).get(key)
+    return metrics
+
+
 def format_table(record: dict) -> str:
-    names = list(record["metrics"]["ppl"])
-    header = f"{'':24} " + " ".join(f"{n:>12}" for n in names)
-    rows = [header]
-    base = (record.get("baseline") or {}).get("metrics", {}).get("ppl")
+    cols = _columns(record["metrics"])
+    width = max(24, *(len(h) for h, _ in cols))
+    rows = [f"{'':28} " + " ".join(f"{h:>{width}}" for h, _ in cols)]
+
+    def row(label: str, metrics: dict) -> str:
+        values = [_get(metrics, path) for _, path in cols]
+        return f"{label:28} " + " ".join(f"{v:{width}.4g}" if v is not None else f"{'—':>{width}}" for v in values)
+
+    base = (record.get("baseline") or {}).get("metrics")
     if base:
-        rows.append(f"{'full precision':24} " + " ".join(f"{base[n]:12.3f}" for n in names))
+        rows.append(row("full precision", base))
     if record["method"] == "none":
         label = "full precision"
     else:
@@ -174,14 +217,17 @@ def format_table(record: dict) -> str:
         if record.get("act_bits"):
             label += f"a{record['act_bits']} ({record['act_granularity']})"
         label += f" {group} {'sym' if record['sym'] else 'asym'}"
-    rows.append(f"{label:24} " + " ".join(f"{record['metrics']['ppl'][n]:12.3f}" for n in names))
+    rows.append(row(label, record["metrics"]))
     t = record["timings"]
     mem = record["memory"]
     gpu = f", peak GPU {mem['peak_gpu_bytes'] / 2**30:.2f} GiB" if mem["peak_gpu_bytes"] else ""
     rows.append(
-        f"perplexity ({record['eval']['seqlen']}-token windows); quantize {t['quantize_s']:.1f} s, "
-        f"eval {t['eval_s']:.1f} s, total {t['total_s']:.1f} s; peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}"
+        f"ppl: GPTQ-protocol token perplexity ({record['eval']['seqlen']}-token windows); "
+        f"quantize {t['quantize_s']:.1f} s, eval {t['eval_s']:.1f} s, total {t['total_s']:.1f} s; "
+        f"peak RSS {mem['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}"
     )
+    notes = {task: s["note"] for task, s in (record["metrics"].get("tasks") or {}).items() if s.get("note")}
+    rows += [f"{task}: {note}" for task, note in notes.items()]
     return "\n".join(rows)
 
 

@@ -1,0 +1,313 @@
+"""Task scores through lm-eval (EleutherAI's harness), on the model in memory, online or offline.
+
+Online, a task is lm-eval's own definition, data from the Hugging Face Hub. Offline, the same
+definition (prompt, choices, target, metrics: lm-eval's YAML, loaded from the installed package)
+reads local files instead: only the data loading is swapped, through the config's
+``custom_dataset`` hook, and each local row is converted to the Hub dataset's schema. Where the
+local file is not the Hub's data, the task says so in its ``note`` (and is named differently when
+the prompts differ): see LOCAL_TASKS.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TaskError(ValueError):
+    """A task cannot run as asked; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files -> the Hub datasets' schemas
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _labels(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def piqa_rows(root: Path) -> list[dict]:
+    """baber/piqa, validation: goal, sol1, sol2, label (int)."""
+    rows = _jsonl(root / "piqa" / "valid.jsonl")
+    labels = _labels(root / "piqa" / "valid-labels.lst")
+    return [
+        {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)}
+        for r, y in zip(rows, labels, strict=True)
+    ]
+
+
+def arc_rows(root: Path, subset: str) -> list[dict]:
+    """allenai/ai2_arc ARC-Easy / ARC-Challenge, test: id, question, choices {text, label}, answerKey."""
+    out = []
+    for r in _jsonl(root / "arc" / f"{subset}-Test.jsonl"):
+        choices = r["question"]["choices"]
+        out.append(
+            {
+                "id": r["id"],
+                "question": r["question"]["stem"],
+                "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+                "answerKey": r["answerKey"],
+            }
+        )
+    return out
+
+
+def winogrande_rows(root: Path) -> list[dict]:
+    """allenai/winogrande winogrande_xl, validation (= WinoGrande 1.1 dev): sentence, option1, option2, answer."""
+    rows = _jsonl(root / "winogrande" / "dev.jsonl")
+    labels = _labels(root / "winogrande" / "dev-labels.lst")
+    return [
+        {"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": y}
+        for r, y in zip(rows, labels, strict=True)
+    ]
+
+
+def boolq_rows(root: Path) -> list[dict]:
+    """aps/super_glue boolq, validation: question, passage, idx, label (0 = no, 1 = yes)."""
+    rows = _jsonl(root / "boolq" / "dev.jsonl")
+    return [
+        {"question": r["question"], "passage": r["passage"], "idx": i, "label": int(r["answer"])}
+        for i, r in enumerate(rows)
+    ]
+
+
+def lambada_rows(root: Path) -> list[dict]:
+    """The original LAMBADA test passages (what lm-eval's lambada_standard reads): text."""
+    lines = (root / "lambada" / "lambada_test_plain_text.txt").read_text(encoding="utf-8").splitlines()
+    return [{"text": line.strip()} for line in lines if line.strip()]
+
+
+def hellaswag_rows(root: Path) -> list[dict]:
+    """HellaSwag validation from the assets' text file (6 lines per item: "activity_label: ctx",
+    label, 4 endings), with lm-eval's bracket cleanup applied: query, choices, label."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    out = []
+    for i in range(0, len(lines) - 5, 6):
+        query, label, *endings = lines[i : i + 6]
+        out.append({"query": preprocess(query), "choices": [preprocess(e) for e in endings], "label": int(label)})
+    return out
+
+
+def wikitext_rows(root: Path) -> list[dict]:
+    """EleutherAI/wikitext_document_level wikitext-2-raw-v1, test: one ``page`` per article,
+    rebuilt from the raw rows by starting a page at each top-level heading (" = Title = ")."""
+    rows = [json.loads(line)["text"] for line in (root / "wikitext-2-raw-v1" / "test.jsonl").read_text().splitlines()]
+    pages: list[list[str]] = []
+    for i, row in enumerate(rows):
+        is_title = row.startswith(" = ") and not row.startswith(" = = ") and row.rstrip().endswith(" =")
+        if is_title and (i == 0 or rows[i - 1] == ""):
+            pages.append([])
+        if pages:
+            pages[-1].append(row)
+    return [{"page": "".join(p)} for p in pages]
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    standard: str  # lm-eval's task whose definition (prompts, metrics) is used
+    split: str  # the split of that definition that the rows fill
+    rows: Callable[[Path], list[dict]]
+    files: tuple[str, ...]  # relative to the data folder
+    note: str | None = None  # how the local data differs from the standard source, if it does
+    drop: tuple[str, ...] = ()  # config keys not to take over from the standard definition
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "piqa": LocalTask("piqa", "validation", piqa_rows, ("piqa/valid.jsonl", "piqa/valid-labels.lst")),
+    "arc_easy": LocalTask("arc_easy", "test", lambda r: arc_rows(r, "ARC-Easy"), ("arc/ARC-Easy-Test.jsonl",)),
+    "arc_challenge": LocalTask(
+        "arc_challenge", "test", lambda r: arc_rows(r, "ARC-Challenge"), ("arc/ARC-Challenge-Test.jsonl",)
+    ),
+    "winogrande": LocalTask(
+        "winogrande", "validation", winogrande_rows, ("winogrande/dev.jsonl", "winogrande/dev-labels.lst")
+    ),
+    "boolq": LocalTask("boolq", "validation", boolq_rows, ("boolq/dev.jsonl",)),
+    "lambada_standard": LocalTask(
+        "lambada_standard",
+        "test",
+        lambada_rows,
+        ("lambada/lambada_test_plain_text.txt",),
+        note="original LAMBADA test release (5153 passages, tokenized, lower-cased); lambada_openai's "
+        "detokenized text is not available offline",
+    ),
+    "hellaswag_local": LocalTask(
+        "hellaswag",
+        "validation",
+        hellaswag_rows,
+        ("hellaswag/hellaswag_val_full.txt.bz2",),
+        note="HellaSwag validation from a preprocessed text file: the context is 'activity_label: ctx' with "
+        "ctx_b not capitalized (lm-eval capitalizes it), so prompts differ slightly from lm-eval's hellaswag",
+        drop=("process_docs",),
+    ),
+    "wikitext": LocalTask(
+        "wikitext",
+        "test",
+        wikitext_rows,
+        ("wikitext-2-raw-v1/test.jsonl",),
+        note="documents rebuilt from the raw WikiText-2 test rows (one page per top-level heading)",
+    ),
+}
+# Names that offline resolve to a local task with another name (the record keeps the local name).
+LOCAL_ALIASES = {"lambada": "lambada_standard", "hellaswag": "hellaswag_local"}
+
+
+def task_data_dir(assets_root: Path, data_dir: str | None) -> Path:
+    return Path(data_dir) if data_dir else assets_root / "data"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://huggingface.co/api/datasets/baber/piqa", timeout=timeout)
+        return True
+    except Exception:  # no network, DNS failure, proxy refusal: all mean "offline" here
+        return False
+
+
+def resolve_tasks(names: list[str], source: str, data_dir: Path) -> list[tuple[str, str]]:
+    """(task name as it will be recorded, "hub" | "local") for each requested name; checks that
+    local files exist before anything expensive runs."""
+    if source == "auto":
+        source = "hub" if hub_reachable() else "local"
+        log.info("lm-eval tasks: %s data (eval.task_source=auto)", source)
+    resolved = []
+    for name in names:
+        if source == "hub":
+            resolved.append((name, "hub"))
+            continue
+        local = LOCAL_ALIASES.get(name, name)
+        if local not in LOCAL_TASKS:
+            raise TaskError(
+                f"eval.tasks: {name!r} has no local data; offline tasks are {', '.join(sorted(LOCAL_TASKS))} "
+                f"(plus the aliases {', '.join(sorted(LOCAL_ALIASES))}); run with the hub reachable for others"
+            )
+        missing = [f for f in LOCAL_TASKS[local].files if not (data_dir / f).is_file()]
+        if missing:
+            raise TaskError(
+                f"eval.tasks: {name!r} needs {', '.join(missing)} under {data_dir}; set eval.task_data=<folder> "
+                "(or paths.assets) to where the task files are, or eval.task_source=hub"
+            )
+        if local != name:
+            log.warning("eval.tasks: %r runs offline as %r (%s)", name, local, LOCAL_TASKS[local].note)
+        resolved.append((local, "local"))
+    return resolved
+
+
+@functools.cache
+def task_manager():
+    """lm-eval's index of its task definitions (building it scans every YAML: do it once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def standard_config(name: str) -> dict:
+    """lm-eval's YAML definition of task ``name``, includes resolved."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
+
+
+def local_task_config(name: str, data_dir: Path) -> dict:
+    """lm-eval's own definition of the standard task, reading the local rows instead of the Hub."""
+    from datasets import Dataset, DatasetDict
+
+    spec = LOCAL_TASKS[name]
+    config = standard_config(spec.standard)
+    for key in ("tag", "group", "dataset_path", "dataset_name", *spec.drop):
+        config.pop(key, None)
+    rows = spec.rows(data_dir)
+
+    def load(**_kwargs):
+        return DatasetDict({spec.split: Dataset.from_list(rows)})
+
+    # Only the evaluated split exists locally (few-shot examples, if asked for, come from it too).
+    splits = {"training_split": None, "validation_split": None, "test_split": None, "fewshot_split": None}
+    splits[f"{spec.split}_split"] = spec.split
+    return {**config, **splits, "task": name, "custom_dataset": load}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _metrics(result: dict) -> dict:
+    """lm-eval's "acc,none" / "acc_stderr,none" keys -> {"acc": .., "acc_stderr": ..}."""
+    out = {}
+    for key, value in result.items():
+        if "," not in key or isinstance(value, str):
+            continue
+        metric, _filter = key.split(",", 1)
+        out[metric] = value if value != "N/A" else None
+    return out
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    names: list[str],
+    source: str,
+    data_dir: Path,
+    batch_size: int | str,
+    limit: int | float | None,
+    num_fewshot: int | None,
+    device,
+    seed: int = 0,
+) -> dict:
+    """Score ``model`` (in memory, as it is) on each task; returns {task: metrics + provenance}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    resolved = resolve_tasks(names, source, data_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    scores = {}
+    for name, where in resolved:
+        spec = local_task_config(name, data_dir) if where == "local" else name
+        start = time.perf_counter()
+        out = simple_evaluate(
+            model=lm,
+            tasks=[spec],
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=100000,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            task_manager=task_manager(),
+        )
+        seconds = time.perf_counter() - start
+        result = out["results"][name]
+        entry = _metrics(result)
+        entry.update(
+            source=where,
+            data=[str(data_dir / f) for f in LOCAL_TASKS[name].files] if where == "local" else "hub",
+            standard_definition=LOCAL_TASKS[name].standard if where == "local" else name,
+            note=LOCAL_TASKS[name].note if where == "local" else None,
+            samples=out.get("n-samples", {}).get(name, {}).get("effective"),
+            num_fewshot=num_fewshot or 0,
+            seconds=seconds,
+        )
+        scores[name] = entry
+        log.info("task %s: %s (%.1f s)", name, {k: v for k, v in entry.items() if k in ("acc", "acc_norm")}, seconds)
+    return scores
