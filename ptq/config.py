@@ -58,6 +58,7 @@ class EvalConfig:
     num_fewshot: int | None = None  # lm-eval: None = each task's default (0 for these tasks)
     task_source: str = "auto"  # auto: the hub if reachable, else local files | hub | local
     task_data: str | None = None  # folder with the local task files (default: <assets>/data)
+    max_length: int | None = None  # lm-eval: longest input in tokens (default: the model's context)
     baseline: bool = True  # also evaluate the full-precision model, for the comparison table
 
 
@@ -154,6 +155,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         e.tasks = [e.tasks]
     if e.task_source not in TASK_SOURCES:
         raise ConfigError(f"eval.task_source={e.task_source!r} is unknown; choose one of {', '.join(TASK_SOURCES)}")
+    if e.max_length is not None:
+        _require_int("eval.max_length", e.max_length, 2)
     if e.num_fewshot is not None:
         _require_int("eval.num_fewshot", e.num_fewshot, 0)
     if e.limit is not None and (isinstance(e.limit, bool) or not isinstance(e.limit, (int, float)) or e.limit <= 0):

@@ -38,24 +38,44 @@ def _device(r: dict) -> str:
     return f"CPU ×{env['cpu_threads']}" if env.get("cpu_threads") else "CPU"
 
 
+TASK_COLUMNS = {  # metric -> column suffix, in this order; lm-eval's word perplexity is not token perplexity
+    "acc": "acc",
+    "acc_norm": "acc_norm",
+    "perplexity": "ppl (lm-eval)",
+    "word_perplexity": "word ppl (lm-eval)",
+}
+
+
+def metric_columns(all_metrics: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
+    """(header, path into a record's metrics) for every number found in any of ``all_metrics``:
+    GPTQ-protocol perplexities first, then each lm-eval task's scores."""
+    cols: dict[tuple[str, ...], str] = {}
+    for metrics in all_metrics:
+        for name in metrics.get("ppl", {}):
+            cols.setdefault(("ppl", name), f"{name} ppl")
+    for metrics in all_metrics:
+        for task, scores in (metrics.get("tasks") or {}).items():
+            for metric, label in TASK_COLUMNS.items():
+                if scores.get(metric) is not None:
+                    cols.setdefault(("tasks", task, metric), f"{task} {label}")
+    return [(header, path) for path, header in cols.items()]
+
+
+def metric_value(metrics: dict, path: tuple[str, ...]):
+    for key in path:
+        metrics = (metrics or {}).get(key)
+    return metrics
+
+
 METHOD_ORDER = ["none", "rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"]
 
 
 def markdown_table(records: list[dict]) -> str:
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
-    datasets = sorted({d for r in ok for d in r["metrics"].get("ppl", {})})
-    header = [
-        "model",
-        "method",
-        "bits",
-        "group",
-        "sym",
-        *(f"{d} ppl" for d in datasets),
-        "quantize s",
-        "device",
-        "peak RSS GiB",
-    ]
+    columns = metric_columns([r["metrics"] for r in ok])
+    fixed = ["model", "method", "bits", "group", "sym"]
+    header = [*fixed, *(h for h, _ in columns), "quantize s", "device", "peak RSS GiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def key(r):
@@ -64,7 +84,11 @@ def markdown_table(records: list[dict]) -> str:
 
     ok.sort(key=key)
     for r in ok:
-        ppl = [f"{r['metrics']['ppl'][d]:.2f}" if d in r["metrics"].get("ppl", {}) else "—" for d in datasets]
+        values = [metric_value(r["metrics"], path) for _, path in columns]
+        ppl = [
+            ("—" if v is None else f"{v:.2f}" if path[0] == "ppl" or v > 1 else f"{v:.3f}")
+            for v, (_, path) in zip(values, columns, strict=True)
+        ]
         quant = f"{r['timings']['quantize_s']:.1f}" if "quantize_s" in r.get("timings", {}) else "—"
         rss_bytes = (r.get("memory") or {}).get("peak_rss_bytes")
         rss = f"{rss_bytes / 2**30:.2f}" if rss_bytes else "—"

@@ -22,6 +22,7 @@ from ptq.data import EVAL_SETS, DataError
 from ptq.eval.perplexity import perplexity
 from ptq.eval.tasks import TaskError, evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.models import ModelLoadError
+from ptq.report import metric_columns, metric_value
 from ptq.results import environment, peak_memory, write_json
 
 log = logging.getLogger("ptq")
@@ -51,7 +52,17 @@ def evaluate(model, tokenizer, windows: dict, cfg: RunConfig, device: torch.devi
     if e.tasks:
         data_dir = task_data_dir(cfg.assets_root(), e.task_data)
         metrics["tasks"] = evaluate_tasks(
-            model, tokenizer, e.tasks, e.task_source, data_dir, e.batch_size, e.limit, e.num_fewshot, device, cfg.seed
+            model,
+            tokenizer,
+            e.tasks,
+            e.task_source,
+            data_dir,
+            e.batch_size,
+            e.limit,
+            e.num_fewshot,
+            device,
+            cfg.seed,
+            e.max_length,
         )
     return metrics, time.perf_counter() - start
 
@@ -173,37 +184,13 @@ def run(cfg: RunConfig) -> dict:
     return record
 
 
-TASK_COLUMNS = {  # metric -> column suffix, in this order; lm-eval's word perplexity is not token perplexity
-    "acc": "acc",
-    "acc_norm": "acc_norm",
-    "perplexity": "ppl (lm-eval)",
-    "word_perplexity": "word ppl (lm-eval)",
-}
-
-
-def _columns(metrics: dict) -> list[tuple[str, tuple[str, ...]]]:
-    """(header, path into metrics) for each number the console table shows."""
-    cols = [(f"{name} ppl", ("ppl", name)) for name in metrics["ppl"]]
-    for task, scores in (metrics.get("tasks") or {}).items():
-        cols += [
-            (f"{task} {label}", ("tasks", task, m)) for m, label in TASK_COLUMNS.items() if scores.get(m) is not None
-        ]
-    return cols
-
-
-def _get(metrics: dict, path: tuple[str, ...]):
-    for key in path:
-        metrics = (metrics or {}).get(key)
-    return metrics
-
-
 def format_table(record: dict) -> str:
-    cols = _columns(record["metrics"])
+    cols = metric_columns([record["metrics"]])
     width = max(24, *(len(h) for h, _ in cols))
     rows = [f"{'':28} " + " ".join(f"{h:>{width}}" for h, _ in cols)]
 
     def row(label: str, metrics: dict) -> str:
-        values = [_get(metrics, path) for _, path in cols]
+        values = [metric_value(metrics, path) for _, path in cols]
         return f"{label:28} " + " ".join(f"{v:{width}.4g}" if v is not None else f"{'—':>{width}}" for v in values)
 
     base = (record.get("baseline") or {}).get("metrics")

@@ -272,30 +272,38 @@ def evaluate_tasks(
     num_fewshot: int | None,
     device,
     seed: int = 0,
+    max_length: int | None = None,
 ) -> dict:
     """Score ``model`` (in memory, as it is) on each task; returns {task: metrics + provenance}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     resolved = resolve_tasks(names, source, data_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
     scores = {}
     for name, where in resolved:
         spec = local_task_config(name, data_dir) if where == "local" else name
         start = time.perf_counter()
-        out = simple_evaluate(
-            model=lm,
-            tasks=[spec],
-            num_fewshot=num_fewshot,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=100000,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            task_manager=task_manager(),
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=[spec],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=100000,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                task_manager=task_manager(),
+            )
+        except AssertionError as err:  # lm-eval asserts (without a message) when an answer outgrows the context
+            raise TaskError(
+                f"lm-eval stopped on task {name!r} ({err!r}); the usual cause is an answer longer than the "
+                f"model's context of {lm.max_length} tokens: set eval.max_length=<tokens> (positions beyond the "
+                "trained context are extrapolated) or leave the task out"
+            ) from err
         seconds = time.perf_counter() - start
         result = out["results"][name]
         entry = _metrics(result)
