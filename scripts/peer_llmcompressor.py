@@ -112,8 +112,12 @@ def main() -> None:
         "group_size": args.group_size,
         "sym": args.sym,
         "options": {"block_size": 128, "dampening_frac": 0.01, "actorder": None},
-        "calibration": {"name": "wikitext2_valid", "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "offsets": calib.offsets},
+        "calibration": {
+            "name": "wikitext2_valid",
+            "nsamples": args.nsamples,
+            "seqlen": args.seqlen,
+            "offsets": calib.offsets,
+        },
         "metrics": {"ppl": {"wikitext2": ppl}},
         "eval": {"seqlen": eval_seqlen, "windows": windows.shape[0]},
         "timings": {"quantize_s": quantize_s},
@@ -122,8 +126,10 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"{args.model} w{args.bits} g{args.group_size} {'sym' if args.sym else 'asym'}: ppl {ppl:.3f}, "
-          f"quantize {quantize_s:.1f} s -> {args.out}")
+    print(
+        f"{args.model} w{args.bits} g{args.group_size} {'sym' if args.sym else 'asym'}: ppl {ppl:.3f}, "
+        f"quantize {quantize_s:.1f} s -> {args.out}"
+    )
 
 
 if __name__ == "__main__":
