@@ -126,12 +126,17 @@ class BlockContext:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     @torch.no_grad()
-    def _each_chunk(self, stop_early: bool = False):
+    def _each_chunk(self, stop_early: bool = False, max_tokens: int | None = None):
         """Run the block on every calibration chunk; yields (stored chunk, block output or None).
-        With ``stop_early`` a hook may raise _StopForward to skip the rest of a chunk's forward."""
+        With ``stop_early`` a hook may raise _StopForward to skip the rest of a chunk's forward.
+        ``max_tokens``: only the first chunks, as many as hold at most that many tokens (at least one)."""
         if self.inputs is None:
             raise RuntimeError("this block has no calibration inputs: the step must set needs_calibration")
-        for chunk in self.inputs.chunks:
+        tokens = 0
+        for i, chunk in enumerate(self.inputs.chunks):
+            tokens += chunk.shape[0] * chunk.shape[1]
+            if max_tokens is not None and tokens > max_tokens and i > 0:
+                return
             hidden = chunk.to(self.device, non_blocking=True)
             try:
                 yield chunk, _run(self.block, hidden, self.inputs.kwargs_for(hidden))
@@ -145,10 +150,10 @@ class BlockContext:
         outputs = [_to_store(out, chunk.device) for chunk, out in self._each_chunk() if keep_outputs]
         return outputs if keep_outputs else None
 
-    def capture_calls(self, module: nn.Module) -> list[tuple[tuple, dict]]:
-        """The (args, kwargs) with which the block calls ``module``, one per calibration chunk, kept on
-        the compute device; each chunk's forward stops there. Calling ``module(*args, **kwargs)``
-        again reproduces that part of the block (AWQ compares such outputs)."""
+    def capture_calls(self, module: nn.Module, max_tokens: int | None = None) -> list[tuple[tuple, dict]]:
+        """The (args, kwargs) with which the block calls ``module``, one per calibration chunk (up to
+        ``max_tokens`` tokens), kept on the compute device; each chunk's forward stops there. Calling
+        ``module(*args, **kwargs)`` again reproduces that part of the block (AWQ compares such outputs)."""
         calls = []
 
         def capture(_module, args, kwargs):
@@ -157,7 +162,7 @@ class BlockContext:
 
         handle = module.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            for _ in self._each_chunk(stop_early=True):
+            for _ in self._each_chunk(stop_early=True, max_tokens=max_tokens):
                 pass
         finally:
             handle.remove()

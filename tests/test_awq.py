@@ -248,3 +248,28 @@ def test_only_transforms_may_precede_the_last_step():
 def test_bad_awq_options(option):
     with pytest.raises(ValueError, match="awq\\."):
         build_steps("awq", QuantSpec(4, 128), {"awq": option})
+
+
+@pytest.mark.parametrize(("search_tokens", "chunks"), [(None, 2), (64, 2), (32, 1), (40, 1), (1, 1)])
+def test_scale_search_reads_at_most_search_tokens(monkeypatch, search_tokens, chunks):
+    seen = []
+    original = AWQ.search_scale
+
+    def spy(self, group, calls):
+        seen.append(len(calls))
+        return original(self, group, calls)
+
+    monkeypatch.setattr(AWQ, "search_scale", spy)
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))  # 2 chunks of 2 x 16 tokens
+    options = {"awq": {"search_tokens": search_tokens}}
+    ptq.quantize(
+        tiny_model("llama"),
+        method="awq",
+        bits=4,
+        group_size=16,
+        calib=calib,
+        device="cpu",
+        batch_size=2,
+        options=options,
+    )
+    assert seen and set(seen) == {chunks}

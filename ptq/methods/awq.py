@@ -13,6 +13,10 @@ compared; see ``ScaleGroup`` in ptq/models.py):
 2. Clipping search (``clip``): per quantization group, shrink the weight range to max|w| * (1 - i/n)
    for i < ``clip_max_shrink`` * n and keep the value with the lowest output error on a sample of
    ``clip_tokens`` input tokens. q/k projections are not clipped (the reference skips them).
+
+The scale search reads the first calibration chunks up to ``search_tokens`` tokens (default 65,536:
+the reference's whole calibration budget, 128 x 512). Calibration windows are drawn at random, so
+these are a random subset; with 128 x 2048 calibration tokens this does a quarter of the work.
 3. Round to nearest, unless a later step (``awq+gptq``) quantizes the weights.
 
 When the compared module is one linear, the output MSE is computed from E = W_q - W and the input's
@@ -119,9 +123,13 @@ class AWQ(Method):
         clip_grid: int = 20,
         clip_max_shrink: float = 0.5,
         clip_tokens: int = 512,
+        search_tokens: int | None = 65536,
     ) -> None:
         super().__init__(spec)
-        for key, value in (("n_grid", n_grid), ("clip_grid", clip_grid), ("clip_tokens", clip_tokens)):
+        checks = [("n_grid", n_grid), ("clip_grid", clip_grid), ("clip_tokens", clip_tokens)]
+        if search_tokens is not None:
+            checks.append(("search_tokens", search_tokens))
+        for key, value in checks:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"awq.{key}={value!r} must be a whole number of at least 1")
         if not isinstance(clip_max_shrink, (int, float)) or not 0 < clip_max_shrink < 1:
@@ -132,6 +140,7 @@ class AWQ(Method):
         self.clip_grid = clip_grid
         self.clip_max_shrink = float(clip_max_shrink)
         self.clip_tokens = clip_tokens
+        self.search_tokens = search_tokens
         self.groups = None
         self.no_clip: tuple[str, ...] = ()
 
@@ -232,7 +241,7 @@ class AWQ(Method):
             raise RuntimeError("AWQ.prepare(config) must run before quantize_block")
         start = time.perf_counter()
         for group in resolve_groups(ctx.block, self.groups, ctx.index):
-            calls = ctx.capture_calls(group.inspect)
+            calls = ctx.capture_calls(group.inspect, self.search_tokens)
             scales, alpha, losses = self.search_scale(group, calls)
             del calls
             fold_scales(ctx.block, group, scales)
