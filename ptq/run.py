@@ -186,12 +186,17 @@ def run(cfg: RunConfig) -> dict:
 
 def format_table(record: dict) -> str:
     cols = metric_columns([record["metrics"]])
-    width = max(24, *(len(h) for h, _ in cols))
-    rows = [f"{'':28} " + " ".join(f"{h:>{width}}" for h, _ in cols)]
+    widths = [max(10, len(h)) for h, _ in cols]
+    rows = [f"{'':28} " + " ".join(f"{h:>{w}}" for (h, _), w in zip(cols, widths, strict=True))]
+
+    def number(v) -> str:  # perplexities with 3 decimals, accuracies with 4, huge values in exponent form
+        if v is None:
+            return "—"
+        return f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.3f}" if abs(v) >= 1 else f"{v:.4f}"
 
     def row(label: str, metrics: dict) -> str:
-        values = [metric_value(metrics, path) for _, path in cols]
-        return f"{label:28} " + " ".join(f"{v:{width}.4g}" if v is not None else f"{'—':>{width}}" for v in values)
+        values = [number(metric_value(metrics, path)) for _, path in cols]
+        return f"{label:28} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
 
     base = (record.get("baseline") or {}).get("metrics")
     if base:
