@@ -28,7 +28,11 @@ def _label(r: dict) -> tuple:
     bits = r.get("bits")
     if r.get("act_bits"):
         bits = f"w{bits}a{r['act_bits']} {r['act_granularity'].replace('_', '-')}"
-    return r.get("model"), r.get("method"), bits, group, sym
+    method = r.get("method")
+    smooth = ((r.get("config") or {}).get("method_options") or {}).get("smoothquant")
+    if smooth:  # the migration strength is what distinguishes SmoothQuant runs
+        method += f" α={smooth['alpha']}" + (f" ({smooth['scope']})" if smooth.get("scope", "norms") != "norms" else "")
+    return r.get("model"), method, bits, group, sym
 
 
 def _device(r: dict) -> str:
@@ -80,7 +84,8 @@ def markdown_table(records: list[dict]) -> str:
 
     def key(r):
         rank = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER)
-        return r["model"], -(r["bits"] or 0), -(r.get("act_bits") or 16), str(_label(r)[3]), rank, str(r["sym"])
+        label = _label(r)
+        return r["model"], -(r["bits"] or 0), -(r.get("act_bits") or 16), str(label[3]), str(label[2]), rank, label[1]
 
     ok.sort(key=key)
     for r in ok:
