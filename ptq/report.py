@@ -1,4 +1,5 @@
-"""``python -m ptq.report <result.json files, dirs or globs>``: a Markdown table from run records.
+"""``python -m ptq.report <result.json files, dirs or globs> [--out DIR]``: a comparison table from run
+records, printed as Markdown and written as Markdown and CSV.
 
 Tables in the README are generated with this from committed records, never typed by hand.
 """
@@ -6,6 +7,7 @@ Tables in the README are generated with this from committed records, never typed
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import json
 from pathlib import Path
@@ -74,40 +76,105 @@ def metric_value(metrics: dict, path: tuple[str, ...]):
 METHOD_ORDER = ["none", "rtn", "gptq", "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"]
 
 
-def markdown_table(records: list[dict]) -> str:
-    ok = [r for r in records if r.get("status") == "ok"]
+def _sort_key(r: dict) -> tuple:
+    rank = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER)
+    label = _label(r)
+    return r["model"], -(r["bits"] or 0), -(r.get("act_bits") or 16), str(label[3]), str(label[2]), rank, label[1]
+
+
+def _full_precision_ppl(r: dict, ok: list[dict]) -> dict:
+    """The full-precision perplexities to compare ``r`` with: its own baseline, else a method=none record
+    of the same model scored on the same windows."""
+    base = ((r.get("baseline") or {}).get("metrics") or {}).get("ppl")
+    if base:
+        return base
+    for other in ok:
+        if other["method"] == "none" and other["model"] == r["model"] and _windows(other) == _windows(r):
+            return other["metrics"].get("ppl", {})
+    return {}
+
+
+def _windows(r: dict) -> tuple:
+    """What a perplexity was measured on: window length and the number of windows per data set."""
+    ev = r.get("eval") or {}
+    return ev.get("seqlen"), {name: info.get("windows") for name, info in (ev.get("ppl") or {}).items()}
+
+
+def table(records: list[dict]) -> tuple[list[str], list[list], list[dict]]:
+    """Header, one row of raw values per successful record (sorted), and the failed records."""
+    ok = sorted((r for r in records if r.get("status") == "ok"), key=_sort_key)
     failed = [r for r in records if r.get("status") != "ok"]
     columns = metric_columns([r["metrics"] for r in ok])
-    fixed = ["model", "method", "bits", "group", "sym"]
-    header = [*fixed, *(h for h, _ in columns), "quantize s", "device", "peak RSS GiB"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def key(r):
-        rank = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER)
-        label = _label(r)
-        return r["model"], -(r["bits"] or 0), -(r.get("act_bits") or 16), str(label[3]), str(label[2]), rank, label[1]
-
-    ok.sort(key=key)
+    ppl_sets = [path[1] for _, path in columns if path[0] == "ppl"]
+    header = [
+        "model", "method", "bits", "group", "sym",
+        *(h for h, _ in columns),
+        *(f"Δ {name} ppl vs fp %" for name in ppl_sets),
+        "quantize s", "device", "peak RSS GiB",
+    ]  # fmt: skip
+    rows = []
     for r in ok:
         values = [metric_value(r["metrics"], path) for _, path in columns]
-        ppl = [
-            ("—" if v is None else f"{v:.2f}" if path[0] == "ppl" or v > 1 else f"{v:.3f}")
-            for v, (_, path) in zip(values, columns, strict=True)
-        ]
-        quant = f"{r['timings']['quantize_s']:.1f}" if "quantize_s" in r.get("timings", {}) else "—"
-        rss_bytes = (r.get("memory") or {}).get("peak_rss_bytes")
-        rss = f"{rss_bytes / 2**30:.2f}" if rss_bytes else "—"
-        lines.append("| " + " | ".join(str(x) for x in (*_label(r), *ppl, quant, _device(r), rss)) + " |")
-    for r in failed:
+        fp = _full_precision_ppl(r, ok)
+        deltas = []
+        for name in ppl_sets:
+            ppl = r["metrics"].get("ppl", {}).get(name)
+            deltas.append(None if ppl is None or not fp.get(name) else 100 * (ppl / fp[name] - 1))
+        quant = (r.get("timings") or {}).get("quantize_s")
+        rss = (r.get("memory") or {}).get("peak_rss_bytes")
+        rows.append([*_label(r), *values, *deltas, quant, _device(r), rss / 2**30 if rss else None])
+    return header, rows, failed
+
+
+def _cell(header: str, value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str) or isinstance(value, bool):
+        return str(value)
+    if header.startswith("Δ"):
+        return f"{value:+.1f}%"
+    if header == "quantize s":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.2f}" if header.endswith("ppl") or "ppl (" in header or value > 1 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(records: list[dict]) -> str:
+    header, rows, failed = table(records)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(h, v) for h, v in zip(header, row, strict=True)) + " |")
+    for r in failed:  # listed, never dropped
         lines.append(f"| failed: {r.get('error', '?')[:80]} ({r['_path']}) |")
     return "\n".join(lines)
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    """The same table with raw numbers (empty where a metric is missing), failed runs as rows too."""
+    header, rows, failed = table(records)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*header, "status", "error"])
+        for row in rows:
+            writer.writerow([*("" if v is None else v for v in row), "ok", ""])
+        for r in failed:
+            writer.writerow([*[""] * len(header), "failed", f"{r.get('error', '?')} ({r['_path']})"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+")
+    parser.add_argument("--out", help="also write <out>/report.md and <out>/report.csv")
     args = parser.parse_args(argv)
-    print(markdown_table(find_records(args.paths)))
+    records = find_records(args.paths)
+    text = markdown_table(records)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text + "\n")
+        write_csv(records, out / "report.csv")
 
 
 if __name__ == "__main__":
