@@ -40,7 +40,9 @@ def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
     return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
 
 
-def evaluate(model, tokenizer, windows: dict, cfg: RunConfig, device: torch.device) -> tuple[dict, float]:
+def evaluate(
+    model, tokenizer, windows: dict, tasks: list[tuple[str, str]], cfg: RunConfig, device: torch.device
+) -> tuple[dict, float]:
     start = time.perf_counter()
     e = cfg.eval
     ppl = {}
@@ -49,14 +51,12 @@ def evaluate(model, tokenizer, windows: dict, cfg: RunConfig, device: torch.devi
         ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch)
         log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
     metrics = {"ppl": ppl}
-    if e.tasks:
-        data_dir = task_data_dir(cfg.assets_root(), e.task_data)
+    if tasks:
         metrics["tasks"] = evaluate_tasks(
             model,
             tokenizer,
-            e.tasks,
-            e.task_source,
-            data_dir,
+            tasks,
+            task_data_dir(cfg.assets_root(), e.task_data),
             e.batch_size,
             e.limit,
             e.num_fewshot,
@@ -94,11 +94,11 @@ def run(cfg: RunConfig) -> dict:
     uses_calibration = any(step.needs_calibration for step in steps)
     context = models.max_context_of(config)
     check_context(cfg, context, uses_calibration)
-    if cfg.eval.tasks:  # task names and local files, before any heavy work
-        resolved = resolve_tasks(
+    tasks = []  # (name as recorded, "hub" | "local"): task names and local files checked before heavy work
+    if cfg.eval.tasks:
+        tasks = resolve_tasks(
             cfg.eval.tasks, cfg.eval.task_source, task_data_dir(cfg.assets_root(), cfg.eval.task_data)
         )
-        cfg.eval.task_source = "local" if all(where == "local" for _, where in resolved) else "hub"
     tokenizer = models.load_tokenizer(source)
 
     t = time.perf_counter()
@@ -129,7 +129,7 @@ def run(cfg: RunConfig) -> dict:
 
     baseline = None
     if not cfg.full_precision and cfg.eval.baseline:
-        metrics, timings["baseline_eval_s"] = evaluate(model, tokenizer, windows, cfg, device)
+        metrics, timings["baseline_eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
         baseline = {"metrics": metrics}
 
     t = time.perf_counter()
@@ -149,7 +149,7 @@ def run(cfg: RunConfig) -> dict:
     )
     timings["quantize_s"] = time.perf_counter() - t
 
-    metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, cfg, device)
+    metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
     timings["total_s"] = time.perf_counter() - started
 
     record = {

@@ -264,8 +264,7 @@ def _metrics(result: dict) -> dict:
 def evaluate_tasks(
     model,
     tokenizer,
-    names: list[str],
-    source: str,
+    resolved: list[tuple[str, str]],
     data_dir: Path,
     batch_size: int | str,
     limit: int | float | None,
@@ -274,11 +273,11 @@ def evaluate_tasks(
     seed: int = 0,
     max_length: int | None = None,
 ) -> dict:
-    """Score ``model`` (in memory, as it is) on each task; returns {task: metrics + provenance}."""
+    """Score ``model`` (in memory, as it is) on each task of ``resolved`` (from ``resolve_tasks``);
+    returns {task: metrics + provenance}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    resolved = resolve_tasks(names, source, data_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
     scores = {}
     for name, where in resolved:
