@@ -10,6 +10,7 @@ from ptq.methods.activations import QuantizeActivations
 from ptq.pipeline import run_blocks
 from ptq.quant import QuantSpec
 from ptq.quant.activations import ActSpec, check_weight_format
+from ptq.quant.pack import StorageCount
 
 SMOOTHQUANT_NEEDS_ACT_BITS = (
     "smoothquant moves outliers from activations into weights, which only helps when activations are "
@@ -73,8 +74,13 @@ def quantize(
     ``act_bits``: also quantize every quantized linear's input (``act_granularity``: per_token
     dynamic, or per_tensor static calibrated on ``calib``); needs group_size=-1 and sym=True.
     With ``offload`` the model stays where it is and only the current block visits ``device``.
+    The report's ``storage`` gives the bytes and effective bits per weight of the GPTQ checkpoint
+    layout (``ptq.quant.pack``).
     """
     steps = plan_steps(method, bits, group_size, sym, options, act_bits, act_granularity)
+    storage = StorageCount()
     if not steps:
-        return {"blocks": [], "capture_s": 0.0}
-    return run_blocks(model, steps, calib, resolve_device(device), offload, batch_size)
+        return {"blocks": [], "capture_s": 0.0, "storage": storage.summary(model)}
+    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, storage.add)
+    report["storage"] = storage.summary(model)
+    return report

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, head_modules
+from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
+from ptq.quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,14 @@ class BlockContext:
     device: torch.device
     stats: dict = field(default_factory=dict)  # what the steps report, per layer
     timings: dict = field(default_factory=dict)  # seconds per phase (e.g. hessian_s, solve_s), summed
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # integer weights, by linear name
+
+    def set_quantized(self, name: str, qweight: QuantizedWeight) -> None:
+        """Give linear ``name`` its quantized weight: the dequantized values (in the weight's dtype)
+        for computing, the codes and group parameters for storage (packing, effective bits)."""
+        linear = self.linears[name]
+        set_weight(linear, qweight.dequantize().to(get_weight(linear).dtype))
+        self.quantized[name] = qweight
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -206,11 +215,14 @@ def run_blocks(
     device: torch.device,
     offload: bool,
     batch_size: int = 8,
+    on_quantized=None,
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order.
 
     Returns timings and what each step reported per block. With ``offload`` only the current block
     (and, during input capture, the embeddings) is on ``device``; otherwise the whole model is moved.
+    ``on_quantized(qualified_name, QuantizedWeight)`` is called for every linear a step quantized,
+    once its block is done (storage accounting, packing for saving).
     """
     arch = get_arch(model)
     blocks = get_blocks(model)
@@ -231,6 +243,7 @@ def run_blocks(
         _sync(device)
         report["capture_s"] = time.perf_counter() - start
 
+    module_names = {id(m): name for name, m in model.named_modules()}
     for index, block in enumerate(blocks):
         start = time.perf_counter()
         home = next(block.parameters()).device
@@ -240,6 +253,10 @@ def run_blocks(
             step.quantize_block(ctx)
         if inputs is not None and index + 1 < len(blocks):
             inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+        if on_quantized is not None:
+            prefix = module_names[id(block)]
+            for name, qweight in ctx.quantized.items():
+                on_quantized(f"{prefix}.{name}", qweight)
         if offload:
             block.to(home)
         _sync(device)

@@ -254,7 +254,7 @@ class AWQ(Method):
             self._clip(ctx)
             ctx.add_time("clip_search_s", time.perf_counter() - start)
         if self.round_weights:
-            round_linears(ctx.linears, self.spec)
+            round_linears(ctx, self.spec)
         alphas = ", ".join(
             f"{name.split('.')[-1]} {stats['awq_alpha']:.2f}"
             for name, stats in ctx.stats.items()

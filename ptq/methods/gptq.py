@@ -23,7 +23,7 @@ import time
 import torch
 
 from ptq.methods.base import Method
-from ptq.models import get_weight, set_weight
+from ptq.models import get_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize, group_qparams, quantize
 
@@ -184,16 +184,15 @@ class GPTQ(Method):
         qweight, losses, info = gptq_quantize(
             stacked, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups
         )
-        result = qweight.dequantize()
-        if not torch.isfinite(result).all():
-            raise FloatingPointError(f"GPTQ produced non-finite weights in block {ctx.index} {group}")
-        if result.is_cuda:
-            torch.cuda.synchronize(result.device)
+        if not torch.isfinite(qweight.scale).all():
+            raise FloatingPointError(f"GPTQ produced non-finite scales in block {ctx.index} {group}")
+        if qweight.scale.is_cuda:
+            torch.cuda.synchronize(qweight.scale.device)
         ctx.add_time("solve_s", time.perf_counter() - start)
         row = 0
         for name, w in zip(group, weights, strict=True):
             rows = w.shape[0]
-            set_weight(ctx.linears[name], result[row : row + rows].to(w.dtype))
+            ctx.set_quantized(name, qweight.rows(row, row + rows))
             loss = losses[row : row + rows].sum().item()
             ctx.stats.setdefault(name, {}).update(loss=loss, **info)
             log.debug("block %d %s: loss %.4f", ctx.index, name, loss)

@@ -86,4 +86,4 @@ class SmoothQuant(Method):
                 )
         ctx.add_time("smooth_s", time.perf_counter() - start)
         if self.round_weights:
-            round_linears(ctx.linears, self.spec)
+            round_linears(ctx, self.spec)

@@ -110,6 +110,12 @@ class QuantizedWeight:
     g_idx: torch.Tensor  # [in], int32
     spec: QuantSpec
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output channels ``start:stop`` (one linear of a row-stacked group)."""
+        return QuantizedWeight(
+            self.qweight[start:stop], self.scale[start:stop], self.zero[start:stop], self.g_idx, self.spec
+        )
+
     def dequantize(self) -> torch.Tensor:
         cols = self.g_idx.long()
         return dequantize(self.qweight.float(), self.scale[:, cols], self.zero[:, cols])

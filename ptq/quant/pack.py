@@ -1,0 +1,156 @@
+"""The GPTQ checkpoint layout: integer codes packed into int32 words, as AutoGPTQ, GPTQModel,
+transformers and vLLM load them (``quant_method: gptq``, checkpoint format ``gptq``).
+
+For a linear with weight [out, in], ``bits`` b and G groups:
+
+    qweight  int32 [in * b / 32, out]   codes along the input dimension, 32 codes in b words
+    qzeros   int32 [G, out * b / 32]    zero points minus one (the format's convention), along out
+    scales   fp16  [G, out]
+    g_idx    int32 [in]                 the group of each input column (act-order permutes it)
+
+Codes form a little-endian bit stream: code i of a run of 32 occupies bits i*b .. i*b+b-1 of the
+run's b words. For 2, 4 and 8 bits no code crosses a word; for 3 bits this is the reference's
+layout, where codes 10 and 21 straddle two words. The stored zero is ``(zero - 1) mod 2^b``: it
+decodes exactly as ``(stored + 1) mod 2^b``, including zero = 0 (readers that omit the modulo,
+the "v1 zero-point" problem of older kernels, misread only that case).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptq.quant.format import QuantizedWeight, QuantSpec
+
+PACKED_BITS = (2, 3, 4, 8)
+WORD = 32
+
+
+class PackError(ValueError):
+    """The weight has no representation in the packed format; the message names what does."""
+
+
+def check_packable(bits: int, in_features: int, out_features: int) -> None:
+    if bits not in PACKED_BITS:
+        raise PackError(
+            f"bits={bits} has no packed GPTQ layout; the formats that do are bits={', '.join(map(str, PACKED_BITS))}"
+        )
+    for name, n in (("input", in_features), ("output", out_features)):
+        if n % WORD:
+            raise PackError(f"{n} {name} features are not a multiple of {WORD}, which the GPTQ layout needs")
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words holding 32-bit patterns -> int32 with the same bits."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer ``values`` [n, m] (0 <= v < 2^bits, n a multiple of 32) along dim 0 into int32
+    words [n * bits / 32, m]."""
+    n, m = values.shape
+    runs = values.to(torch.int64).reshape(n // WORD, WORD, m)
+    words = torch.zeros(n // WORD, bits + 1, m, dtype=torch.int64, device=values.device)  # +1: overflow slot
+    for i in range(WORD):
+        word, shift = divmod(i * bits, WORD)
+        words[:, word] |= runs[:, i] << shift
+        if shift + bits > WORD:  # the code straddles two words: its high bits start the next one
+            words[:, word + 1] |= runs[:, i] >> (WORD - shift)
+    return _to_int32(words[:, :bits].reshape(n // WORD * bits, m))
+
+
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_rows``: int32 [n * bits / 32, m] -> int64 values [n, m]."""
+    rows, m = words.shape
+    runs = (words.to(torch.int64) & 0xFFFFFFFF).reshape(rows // bits, bits, m)
+    mask = 2**bits - 1
+    values = torch.empty(rows // bits, WORD, m, dtype=torch.int64, device=words.device)
+    for i in range(WORD):
+        word, shift = divmod(i * bits, WORD)
+        v = runs[:, word] >> shift
+        if shift + bits > WORD:
+            v = v | (runs[:, word + 1] << (WORD - shift))
+        values[:, i] = v & mask
+    return values.reshape(rows // bits * WORD, m)
+
+
+def pack_gptq(qw: QuantizedWeight, pad: bool = False) -> dict[str, torch.Tensor]:
+    """The four tensors a GPTQ checkpoint stores for one linear.
+
+    ``pad``: zero-pad input and output features to multiples of 32 instead of refusing them (for
+    counting the bytes of models whose shapes the layout cannot hold, such as stories260K's 172)."""
+    qweight, zero, scale, g_idx = qw.qweight, qw.zero, qw.scale, qw.g_idx
+    bits = qw.spec.bits
+    if pad:
+        out_pad, in_pad = (-qweight.shape[0]) % WORD, (-qweight.shape[1]) % WORD
+        qweight = torch.nn.functional.pad(qweight, (0, in_pad, 0, out_pad))
+        zero = torch.nn.functional.pad(zero, (0, 0, 0, out_pad))
+        scale = torch.nn.functional.pad(scale, (0, 0, 0, out_pad))
+        g_idx = torch.nn.functional.pad(g_idx, (0, in_pad))
+    out_features, in_features = qweight.shape
+    check_packable(bits, in_features, out_features)
+    zeros = (zero.round().to(torch.int64) - 1) % (2**bits)  # [out, G]
+    return {
+        "qweight": pack_rows(qweight.t(), bits),
+        "qzeros": pack_rows(zeros, bits).t().contiguous(),
+        "scales": scale.t().to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def unpack_gptq(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    """Codes, scales, zero points and g_idx back from the packed tensors (scales as stored, fp16 -> fp32)."""
+    bits = spec.bits
+    codes = unpack_rows(tensors["qweight"], bits).t()
+    zeros = (unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1) % (2**bits)  # [out, G]
+    return QuantizedWeight(
+        codes.to(torch.uint8).contiguous(),
+        tensors["scales"].float().t().contiguous(),
+        zeros.float().contiguous(),
+        tensors["g_idx"].to(torch.int32),
+        spec,
+    )
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class StorageCount:
+    """Bytes of a quantized model as a GPTQ checkpoint would store it: each quantized linear's packed
+    tensors (``pack_gptq``), every other parameter in 16 bits (the checkpoint's fp16/bf16)."""
+
+    def __init__(self) -> None:
+        self.linear_weights = 0
+        self.linear_bytes = 0
+        self.padded = 0  # linears whose shapes the layout can only hold zero-padded
+        self.names: set[str] = set()
+
+    def add(self, name: str, qw: QuantizedWeight) -> None:
+        out_features, in_features = qw.qweight.shape
+        padded = bool(out_features % WORD or in_features % WORD)
+        self.linear_weights += out_features * in_features
+        self.linear_bytes += nbytes(pack_gptq(qw, pad=padded))
+        self.padded += padded
+        self.names.add(name)
+
+    def summary(self, model: torch.nn.Module) -> dict:
+        """Effective bits per quantized weight (scales, zero points and g_idx included), and per
+        parameter of the whole model."""
+        other = sum(
+            p.numel()
+            for name, p in model.named_parameters()
+            if not (name.endswith(".weight") and name[: -len(".weight")] in self.names)
+        )
+        total_bytes = self.linear_bytes + 2 * other
+        return {
+            "format": "gptq",
+            "quantized_linears": len(self.names),
+            "padded_linears": self.padded,
+            "linear_weights": self.linear_weights,
+            "linear_bytes": self.linear_bytes,
+            "bits_per_weight": 8 * self.linear_bytes / self.linear_weights if self.linear_weights else None,
+            "other_params": other,
+            "model_bytes": total_bytes,
+            "bits_per_param": 8 * total_bytes / (self.linear_weights + other),
+        }
