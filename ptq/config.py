@@ -63,6 +63,12 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True  # reuse tokenized text, calibration windows and full-precision scores
+    dir: str | None = None  # default: $PTQ_CACHE, else ~/.cache/ptq
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "rtn"
@@ -74,6 +80,7 @@ class RunConfig:
     act_granularity: str = "per_token"  # per_token (dynamic) | per_tensor (static, calibrated)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     device: str = "auto"
     offload: bool = False
     seed: int = 0
@@ -115,6 +122,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"group_size={cfg.group_size} is invalid: use a positive number of columns per group, "
             "or -1 for one scale per output channel"
         )
+    if not isinstance(cfg.cache.enabled, bool):
+        raise ConfigError(f"cache.enabled={cfg.cache.enabled!r} must be true or false")
     if not isinstance(cfg.sym, bool):
         raise ConfigError(f"sym={cfg.sym!r} must be true or false")
     if cfg.act_bits is not None:
@@ -203,6 +212,7 @@ def from_dict(d: dict) -> RunConfig:
             "model": _build(ModelConfig, d.get("model", {}), "model"),
             "calib": _build(CalibConfig, d.get("calib", {}), "calib"),
             "eval": _build(EvalConfig, d.get("eval", {}), "eval"),
+            "cache": _build(CacheConfig, d.get("cache", {}) or {}, "cache"),
             "method": name,
             "method_options": {k: dict(v or {}) for k, v in method.items()},
             "assets": paths.get("assets"),

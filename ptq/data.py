@@ -209,12 +209,27 @@ def sample_document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: i
     return torch.stack(windows), offsets
 
 
+def calibration_text(name: str | None, path: str | None, assets_root: Path) -> Text:
+    return load_text_file(path) if path else load_text(name, CALIB_SETS, assets_root)
+
+
+def sample_calibration(
+    tokenizer, text: Text, documents: bool, nsamples: int, seqlen: int, seed: int
+) -> tuple[torch.Tensor, list]:
+    """Calibration windows [nsamples, seqlen] and where each starts. ``documents``: sample inside
+    single documents (C4), else from the joined text."""
+    if documents:
+        return sample_document_windows(tokenizer, text.rows, nsamples, seqlen, seed)
+    return sample_windows(tokenize(tokenizer, text.joined), nsamples, seqlen, seed)
+
+
+def samples_documents(name: str | None, path: str | None) -> bool:
+    return bool(name and not path and CALIB_SETS[name].documents)
+
+
 def load_calibration(
     tokenizer, name: str | None, path: str | None, nsamples: int, seqlen: int, seed: int, assets_root: Path
 ) -> Calibration:
-    text = load_text_file(path) if path else load_text(name, CALIB_SETS, assets_root)
-    if name and not path and CALIB_SETS[name].documents:
-        ids, offsets = sample_document_windows(tokenizer, text.rows, nsamples, seqlen, seed)
-    else:
-        ids, offsets = sample_windows(tokenize(tokenizer, text.joined), nsamples, seqlen, seed)
+    text = calibration_text(name, path, assets_root)
+    ids, offsets = sample_calibration(tokenizer, text, samples_documents(name, path), nsamples, seqlen, seed)
     return Calibration(ids, text.source, offsets)

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptq import data, models
 from ptq.api import plan_steps, quantize, resolve_device
+from ptq.cache import Cache, digest, files_digest, tokenizer_digest
 from ptq.config import ConfigError, RunConfig, check_context, from_dict
 from ptq.data import EVAL_SETS, DataError
 from ptq.eval.perplexity import perplexity
@@ -102,18 +104,35 @@ def run(cfg: RunConfig) -> dict:
     tokenizer = models.load_tokenizer(source)
 
     t = time.perf_counter()
+    cache = Cache(cfg.cache.dir, cfg.cache.enabled)
+    tokenizer_id = tokenizer_digest(tokenizer)
     eval_seqlen = cfg.eval.seqlen or min(context or 2048, 2048)
     windows, eval_info = {}, {}
     for name in cfg.eval.ppl:
         text = data.load_text(name, EVAL_SETS, cfg.assets_root())
-        ids = data.tokenize(tokenizer, text.joined)
+        tokens = cache.tensors(
+            "eval_tokens",
+            {"text": digest(text.joined), "tokenizer": tokenizer_id},
+            lambda text=text: {"ids": data.tokenize(tokenizer, text.joined)},
+        )
+        ids = tokens["ids"]
         caps = [n for n in (cfg.eval.max_windows, EVAL_SETS[name].max_windows) if n is not None]
         windows[name] = data.eval_windows(ids, eval_seqlen, min(caps) if caps else None)
         eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
     calibration = None
     if uses_calibration:
         c = cfg.calib
-        calibration = data.load_calibration(tokenizer, c.name, c.path, c.nsamples, c.seqlen, c.seed, cfg.assets_root())
+        text = data.calibration_text(c.name, c.path, cfg.assets_root())
+        documents = data.samples_documents(c.name, c.path)
+
+        def sample() -> dict:
+            ids, offsets = data.sample_calibration(tokenizer, text, documents, c.nsamples, c.seqlen, c.seed)
+            return {"input_ids": ids, "offsets": offsets}
+
+        deps = {"text": digest(text.joined), "tokenizer": tokenizer_id, "documents": documents}
+        deps |= {"nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+        sampled = cache.tensors("calibration", deps, sample)
+        calibration = data.Calibration(sampled["input_ids"], text.source, sampled["offsets"])
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -127,10 +146,31 @@ def run(cfg: RunConfig) -> dict:
         timings["load_s"],
     )
 
+    # The full-precision scores depend on the model, its dtype and device and what is evaluated, not on
+    # the method: one cache entry serves every job of a sweep (method=none included).
+    fp_deps = {
+        "model": files_digest(source.path),
+        "gguf_file": source.gguf_file,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device.type,
+        "windows": {name: digest(w) for name, w in windows.items()},
+        "tasks": tasks,
+        "eval": {k: v for k, v in asdict(cfg.eval).items() if k not in ("ppl", "max_windows", "seqlen", "baseline")},
+        "offload": cfg.offload,
+        "seed": cfg.seed,
+        "versions": {k: environment(device)[k] for k in ("torch", "transformers", "lm_eval", "ptq")},
+    }
+
+    def evaluate_full_precision() -> dict:
+        metrics, seconds = evaluate(model, tokenizer, windows, tasks, cfg, device)
+        return {"metrics": metrics, "eval_s": seconds}
+
     baseline = None
     if not cfg.full_precision and cfg.eval.baseline:
-        metrics, timings["baseline_eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
-        baseline = {"metrics": metrics}
+        t = time.perf_counter()
+        fp = cache.json("fp_metrics", fp_deps, evaluate_full_precision)
+        timings["baseline_eval_s"] = time.perf_counter() - t
+        baseline = {"metrics": fp["metrics"], "eval_s": fp["eval_s"]}
 
     t = time.perf_counter()
     report = quantize(
@@ -149,7 +189,12 @@ def run(cfg: RunConfig) -> dict:
     )
     timings["quantize_s"] = time.perf_counter() - t
 
-    metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
+    if cfg.full_precision:
+        t = time.perf_counter()
+        metrics = cache.json("fp_metrics", fp_deps, evaluate_full_precision)["metrics"]
+        timings["eval_s"] = time.perf_counter() - t
+    else:
+        metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
     timings["total_s"] = time.perf_counter() - started
 
     record = {
@@ -177,6 +222,7 @@ def run(cfg: RunConfig) -> dict:
         },
         "eval": {"seqlen": eval_seqlen, "max_windows": cfg.eval.max_windows, "ppl": eval_info},
         "quantization": report,
+        "cache": {"dir": str(cache.root) if cache.enabled else None, "hits": cache.hits},
         "env": environment(device),
         "config": cfg.to_dict(),
     }

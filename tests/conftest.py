@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from transformers import (
 )
 
 from ptq.config import REPO_ROOT
+
+# Runs started by the tests (in-process or as subprocesses) cache in a fresh folder, never in the user's.
+os.environ["PTQ_CACHE"] = tempfile.mkdtemp(prefix="ptq-test-cache-")
 
 ASSETS = Path(os.environ.get("PTQ_ASSETS") or REPO_ROOT.parent / "shared" / "assets")
 
