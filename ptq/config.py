@@ -81,6 +81,7 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    experiment: dict | None = None  # experiment=<preset>: name, source, metric, published numbers
     device: str = "auto"
     offload: bool = False
     seed: int = 0
@@ -122,6 +123,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"group_size={cfg.group_size} is invalid: use a positive number of columns per group, "
             "or -1 for one scale per output channel"
         )
+    if cfg.experiment is not None:
+        check_experiment(cfg.experiment)
     if not isinstance(cfg.cache.enabled, bool):
         raise ConfigError(f"cache.enabled={cfg.cache.enabled!r} must be true or false")
     if not isinstance(cfg.sym, bool):
@@ -173,6 +176,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     if e.tasks and cfg.offload:
         raise ConfigError("eval.tasks needs the model on one device; with offload=true use eval.tasks=[] for now")
     return cfg
+
+
+def check_experiment(experiment: dict) -> None:
+    """An experiment preset: ``metric`` is a path into a record's metrics (``ppl.wikitext2``,
+    ``tasks.piqa.acc``); ``published`` maps model -> "<method>-w<bits>" (or "fp16") -> number."""
+    missing = {"name", "metric", "published"} - set(experiment)
+    if missing:
+        raise ConfigError(f"experiment is missing {sorted(missing)}; see ptq/conf/experiment/ for the layout")
+    for model, values in (experiment["published"] or {}).items():
+        for key, value in (values or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"experiment.published.{model}.{key}={value!r} must be a number")
 
 
 def check_context(cfg: RunConfig, context: int | None, uses_calibration: bool) -> None:

@@ -94,6 +94,68 @@ def _full_precision_ppl(r: dict, ok: list[dict]) -> dict:
     return {}
 
 
+def storage(r: dict) -> dict:
+    return ((r.get("quantization") or {}).get("storage")) or {}
+
+
+def bits_per_weight(r: dict) -> float | None:
+    """Effective bits per weight of the quantized linears as stored (scales, zero points, g_idx
+    included); 16 for full precision. None for records from before ptq recorded storage."""
+    if r["method"] == "none":
+        return 16.0
+    return storage(r).get("bits_per_weight")
+
+
+def model_mib(r: dict) -> float | None:
+    b = storage(r).get("model_bytes")
+    return b / 2**20 if b else None
+
+
+def _full_precision_rows(ok: list[dict]) -> list[dict]:
+    """A full-precision row for each (model, windows) that only appears as other runs' baselines."""
+    have = {(r["model"], json.dumps(_windows(r))) for r in ok if r["method"] == "none"}
+    rows = []
+    for r in ok:
+        key = (r["model"], json.dumps(_windows(r)))
+        base = (r.get("baseline") or {}).get("metrics")
+        if r["method"] == "none" or not base or key in have:
+            continue
+        have.add(key)
+        st = storage(r)
+        params = (st.get("linear_weights") or 0) + (st.get("other_params") or 0)
+        fp_storage = {"model_bytes": 2 * params} if params else {}
+        rows.append(
+            {
+                "status": "ok", "model": r["model"], "method": "none", "bits": 16, "group_size": None,
+                "sym": None, "metrics": base, "eval": r.get("eval"), "env": r.get("env"),
+                "timings": {}, "memory": {}, "config": {"experiment": (r.get("config") or {}).get("experiment")},
+                "quantization": {"storage": fp_storage}, "_path": f"baseline of {r.get('_path')}",
+            }
+        )  # fmt: skip
+    return rows
+
+
+def successful_with_full_precision(records: list[dict]) -> list[dict]:
+    """The successful records, sorted, plus a full-precision row taken from the baselines where no
+    method=none run exists for that model and those evaluation windows."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    return sorted(ok + _full_precision_rows(ok), key=_sort_key)
+
+
+def published_key(r: dict) -> str:
+    """How experiment presets name a configuration: fp16, or <method>-w<bits>[a<act_bits>]."""
+    if r["method"] == "none":
+        return "fp16"
+    return f"{r['method']}-w{r['bits']}" + (f"a{r['act_bits']}" if r.get("act_bits") else "")
+
+
+def published_value(r: dict) -> tuple[str, float] | None:
+    """(metric path, published number) for a record run under an experiment preset that has one."""
+    exp = (r.get("config") or {}).get("experiment") or {}
+    value = ((exp.get("published") or {}).get(r["model"]) or {}).get(published_key(r))
+    return (exp["metric"], value) if value is not None else None
+
+
 def _windows(r: dict) -> tuple:
     """What a perplexity was measured on: window length and the number of windows per data set."""
     ev = r.get("eval") or {}
@@ -102,15 +164,17 @@ def _windows(r: dict) -> tuple:
 
 def table(records: list[dict]) -> tuple[list[str], list[list], list[dict]]:
     """Header, one row of raw values per successful record (sorted), and the failed records."""
-    ok = sorted((r for r in records if r.get("status") == "ok"), key=_sort_key)
+    ok = successful_with_full_precision(records)
     failed = [r for r in records if r.get("status") != "ok"]
     columns = metric_columns([r["metrics"] for r in ok])
     ppl_sets = [path[1] for _, path in columns if path[0] == "ppl"]
+    published = any(published_value(r) for r in ok)
     header = [
-        "model", "method", "bits", "group", "sym",
+        "model", "method", "bits", "group", "sym", "bits/weight", "size MiB",
         *(h for h, _ in columns),
         *(f"Δ {name} ppl vs fp %" for name in ppl_sets),
-        "quantize s", "device", "peak RSS GiB",
+        *(["published", "Δ vs published %"] if published else []),
+        "quantize s", "device", "peak RSS GiB", "peak GPU GiB",
     ]  # fmt: skip
     rows = []
     for r in ok:
@@ -120,9 +184,18 @@ def table(records: list[dict]) -> tuple[list[str], list[list], list[dict]]:
         for name in ppl_sets:
             ppl = r["metrics"].get("ppl", {}).get(name)
             deltas.append(None if ppl is None or not fp.get(name) else 100 * (ppl / fp[name] - 1))
+        theirs = []
+        if published:
+            metric, value = published_value(r) or (None, None)
+            ours = metric_value(r["metrics"], tuple(metric.split("."))) if metric else None
+            theirs = [value, None if ours is None or value is None else 100 * (ours / value - 1)]
         quant = (r.get("timings") or {}).get("quantize_s")
-        rss = (r.get("memory") or {}).get("peak_rss_bytes")
-        rows.append([*_label(r), *values, *deltas, quant, _device(r), rss / 2**30 if rss else None])
+        mem = r.get("memory") or {}
+        rss, gpu = mem.get("peak_rss_bytes"), mem.get("peak_gpu_bytes")
+        rows.append(
+            [*_label(r), bits_per_weight(r), model_mib(r), *values, *deltas, *theirs, quant, _device(r),
+             rss / 2**30 if rss else None, gpu / 2**30 if gpu else None]
+        )  # fmt: skip
     return header, rows, failed
 
 
@@ -132,9 +205,13 @@ def _cell(header: str, value) -> str:
     if isinstance(value, str) or isinstance(value, bool):
         return str(value)
     if header.startswith("Δ"):
-        return f"{value:+.1f}%"
-    if header == "quantize s":
+        return f"{value:+.1f}%" if abs(value) < 1e4 else f"{value:+.2g}%"
+    if header in ("quantize s", "size MiB"):
         return f"{value:.1f}"
+    if header == "bits/weight":
+        return f"{value:.2f}"
+    if header == "published":
+        return f"{value:.4g}"
     if isinstance(value, float):
         return f"{value:.2f}" if header.endswith("ppl") or "ppl (" in header or value > 1 else f"{value:.3f}"
     return str(value)
@@ -165,16 +242,23 @@ def write_csv(records: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+")
-    parser.add_argument("--out", help="also write <out>/report.md and <out>/report.csv")
+    parser.add_argument("--out", help="also write <out>/report.md, <out>/report.csv and the plots (PNG)")
+    parser.add_argument("--no-plots", action="store_true", help="with --out: tables only")
     args = parser.parse_args(argv)
     records = find_records(args.paths)
+    if not records:
+        parser.error(f"no result.json or error.json found in {' '.join(args.paths)}")
     text = markdown_table(records)
     print(text)
     if args.out:
+        from ptq.plots import write_plots
+
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(text + "\n")
         write_csv(records, out / "report.csv")
+        for path in [] if args.no_plots else write_plots(records, out):
+            print(f"plot: {path}")
 
 
 if __name__ == "__main__":
