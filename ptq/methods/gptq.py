@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ptq.methods import gptq_kernel
 from ptq.methods.base import Method
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
@@ -52,6 +53,35 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 
         )
         damp_fraction *= 10
     raise FloatingPointError(f"Hessian stayed non-positive-definite up to percdamp={damp_fraction / 10:g}")
+
+
+def _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups) -> torch.Tensor:
+    """Columns i1..i2 one at a time (Algorithm 1's inner loop); returns the block's scaled errors."""
+    columns = W.shape[1]
+    W1 = W[:, i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = i1 + i
+        if not static_groups and col % group == 0:
+            # This group's current weights: in-block columns from W1 (already updated), later
+            # columns from W plus the updates this block has not yet propagated to them.
+            end = min(col + group, columns)
+            current = W1[:, i : min(end, i2) - i1]
+            if end > i2:
+                pending = W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]
+                current = torch.cat([current, pending], dim=1)
+            s, z = compute_qparams(current, spec)
+            scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+        g = group_list[col]
+        s, z = scale[:, g], zero[:, g]
+        w = W1[:, i]
+        c = quantize(w, s, z, spec.maxq)
+        codes[:, col] = c
+        err = (w - dequantize(c, s, z)) / Hinv1[i, i]
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err
+    return Err1
 
 
 def gptq_quantize(
@@ -99,32 +129,30 @@ def gptq_quantize(
         group_of = original // group
         scale, zero = static_scale.to(work), static_zero.to(work)
 
+    # On CUDA the column loop of each lazy block runs as one Triton kernel when the groups' parameters
+    # are known before the block (static groups, per channel) or start on block boundaries.
+    per_channel = group == columns
+    kernel = gptq_kernel.available(W) and (static_groups or per_channel or block_size % group == 0)
+    if kernel and per_channel and not static_groups:  # what the loop computes at column 0: W's own range
+        s, z = compute_qparams(W, spec)
+        scale[:, 0], zero[:, 0] = s[:, 0], z[:, 0]
     group_list = group_of.tolist()  # python ints: indexing by them launches no kernel
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static_groups and col % group == 0:
-                # This group's current weights: in-block columns from W1 (already updated), later
-                # columns from W plus the updates this block has not yet propagated to them.
-                end = min(col + group, columns)
-                current = W1[:, i : min(end, i2) - i1]
-                if end > i2:
-                    pending = W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]
-                    current = torch.cat([current, pending], dim=1)
-                s, z = compute_qparams(current, spec)
-                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
-            g = group_list[col]
-            s, z = scale[:, g], zero[:, g]
-            w = W1[:, i]
-            c = quantize(w, s, z, maxq)
-            codes[:, col] = c
-            err = (w - dequantize(c, s, z)) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+        if kernel:
+            Err1 = torch.empty(rows, i2 - i1, dtype=work, device=W.device)
+            if static_groups or per_channel:
+                cols = group_of[i1:i2]
+                s, z = scale[:, cols].contiguous(), zero[:, cols].contiguous()
+                gptq_kernel.lazy_block(W[:, i1:i2], Hinv1, codes[:, i1:i2], Err1, s, z, maxq, 0, spec.sym)
+            else:
+                g = slice(i1 // group, (i2 - 1) // group + 1)
+                gptq_kernel.lazy_block(
+                    W[:, i1:i2], Hinv1, codes[:, i1:i2], Err1, scale[:, g], zero[:, g], maxq, group, spec.sym
+                )
+        else:
+            Err1 = _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups)
         # Loss of each column: (w - q)^2 / [H^-1]_jj^2 / 2 (the reference's Losses), i.e. err^2 / 2.
         losses += (Err1**2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

@@ -129,8 +129,11 @@ class StorageCount:
     def add(self, name: str, qw: QuantizedWeight) -> None:
         out_features, in_features = qw.qweight.shape
         padded = bool(out_features % WORD or in_features % WORD)
+        # Packed on the meta device: the same tensors' shapes and dtypes, without computing or
+        # holding their contents (an 8B model's packing would cost GPU memory and time).
+        meta = QuantizedWeight(*(t.to("meta") for t in (qw.qweight, qw.scale, qw.zero, qw.g_idx)), qw.spec)
         self.linear_weights += out_features * in_features
-        self.linear_bytes += nbytes(pack_gptq(qw, pad=padded))
+        self.linear_bytes += nbytes(pack_gptq(meta, pad=padded))
         self.padded += padded
         self.names.add(name)
 
