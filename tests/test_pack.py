@@ -111,3 +111,15 @@ def test_quantize_reports_effective_bits_of_what_it_would_store():
 
     fp = quantize(tiny_model("llama"), method="none", device="cpu")["storage"]
     assert fp["bits_per_weight"] is None and fp["bits_per_param"] == 16
+
+
+@pytest.mark.parametrize("shape,group", [((16, 100), 32), ((8, 64), -1), ((8, 64), 64), ((4, 130), 128)])
+def test_integer_weights_dequantize_to_exactly_the_fake_quantized_values(shape, group):
+    from ptq.quant import dequantize, fake_quantize_weight
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    spec = QuantSpec(3, group, False)
+    qw = quantize_weight(weight, spec)
+    assert torch.equal(qw.dequantize(), fake_quantize_weight(weight, spec))
+    cols = qw.g_idx.long()  # the per-column gather that act-order layouts need
+    assert torch.equal(qw.dequantize(), dequantize(qw.qweight.float(), qw.scale[:, cols], qw.zero[:, cols]))

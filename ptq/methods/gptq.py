@@ -32,19 +32,21 @@ log = logging.getLogger(__name__)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
-    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H).
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H). Damps ``H`` in place.
 
     If H + damp*I is not positive definite (numerically), the damping is multiplied by 10 and the
     factorization retried; the damping actually used is returned so that it can be recorded.
+    At most two [n, n] matrices besides H are alive at once (Llama-3-8B's down_proj: 822 MB each).
     """
     mean_diag = torch.mean(torch.diagonal(H))
-    damp_fraction = percdamp
+    damp_fraction, added = percdamp, 0.0
     for attempt in range(max_tries):
-        damped = H.clone()
-        damped.diagonal().add_(damp_fraction * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+        H.diagonal().add_(damp_fraction * mean_diag - added)
+        added = damp_fraction * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and torch.isfinite(U).all():
                 return U, {"percdamp": damp_fraction, "retries": attempt}
@@ -92,15 +94,17 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    consume: bool = False,
 ) -> tuple[QuantizedWeight, torch.Tensor, dict]:
     """Quantize a [rows, columns] weight with the GPTQ solver given its input Hessian [columns, columns].
 
     Works in fp32 (float64 if given float64). Returns the quantized weight (codes, group scales and
     zeros, ``g_idx`` in original column order), the per-row reconstruction loss, and solver info.
+    ``consume``: W and H (already fp32/fp64) may be overwritten, saving a copy of each.
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.to(work).clone()
-    H = H.to(work).clone()
+    W = W.to(work) if consume else W.to(work).clone()
+    H = H.to(work) if consume else H.to(work).clone()
     rows, columns = W.shape
     maxq = spec.maxq
     group = spec.group_size_for(columns)
@@ -133,6 +137,8 @@ def gptq_quantize(
     # are known before the block (static groups, per channel) or start on block boundaries.
     per_channel = group == columns
     kernel = gptq_kernel.available(W) and (static_groups or per_channel or block_size % group == 0)
+    if kernel:
+        Hinv = Hinv.contiguous()  # cuSOLVER may return the factor column-major; the kernel reads rows
     if kernel and per_channel and not static_groups:  # what the loop computes at column 0: W's own range
         s, z = compute_qparams(W, spec)
         scale[:, 0], zero[:, 0] = s[:, 0], z[:, 0]
@@ -165,6 +171,24 @@ def gptq_quantize(
     return qweight, losses, info
 
 
+HESSIAN_PRODUCTS = ("auto", "fp32")
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor, products: str = "auto") -> None:
+    """total += x^T x, accumulated in fp32.
+
+    ``auto``: when x is bf16/fp16 on CUDA, multiply in its own dtype on the tensor cores with fp32
+    output. That loses nothing: a product of two bf16 (or fp16) numbers is exact in fp32, and the
+    sums accumulate in fp32 as before; only the order of the additions changes. (~8x faster than
+    fp32 CUDA-core products for Llama-3-8B's 14336-wide down_proj input.) fp32 inputs, the CPU and
+    ``fp32`` use fp32 products."""
+    if products == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        total += torch.mm(x.t(), x, out_dtype=torch.float32)
+    else:
+        x = x.float()
+        total.addmm_(x.t(), x)
+
+
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
@@ -177,8 +201,12 @@ class GPTQ(Method):
         act_order: bool = False,
         static_groups: bool = False,
         true_sequential: bool = True,
+        hessian: str = "auto",
     ) -> None:
         super().__init__(spec)
+        if hessian not in HESSIAN_PRODUCTS:
+            raise ValueError(f"gptq.hessian={hessian!r} is unknown; choose one of {', '.join(HESSIAN_PRODUCTS)}")
+        self.hessian = hessian
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"gptq.block_size={block_size!r} must be a whole number of at least 1 (default 128)")
         if not isinstance(percdamp, (int, float)) or not percdamp > 0:
@@ -196,10 +224,10 @@ class GPTQ(Method):
         tokens = dict.fromkeys(readers, 0)
 
         def accumulate(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1])
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            sums[name].addmm_(x.t(), x)
+            add_gram(sums[name], x, self.hessian)
             tokens[name] += x.shape[0]
 
         ctx.forward_with_input_hooks(readers, accumulate)
@@ -210,8 +238,9 @@ class GPTQ(Method):
         weights = [get_weight(ctx.linears[name]) for name in group]
         stacked = torch.cat([w.float() for w in weights], dim=0)
         qweight, losses, info = gptq_quantize(
-            stacked, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups
+            stacked, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups, consume=True
         )
+        del stacked, H
         if not torch.isfinite(qweight.scale).all():
             raise FloatingPointError(f"GPTQ produced non-finite scales in block {ctx.index} {group}")
         if qweight.scale.is_cuda:
@@ -240,6 +269,6 @@ class GPTQ(Method):
                 torch.cuda.synchronize(ctx.device)
             ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
             for group in batch:
-                self._solve(ctx, group, hessians[group[0]])
+                self._solve(ctx, group, hessians.pop(group[0]))  # the solve consumes (overwrites) H
         losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
         log.info("block %d GPTQ losses: %s", ctx.index, losses)

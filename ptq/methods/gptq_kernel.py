@@ -105,8 +105,8 @@ def lazy_block(
     parameters of each ``group``-column group into ``scale``/``zero`` [rows, ncols // group];
     ``group`` == 0: read them per column from ``scale``/``zero`` [rows, ncols]."""
     rows, ncols = W1.shape
-    for t in (W1, Hinv1, codes, err, scale, zero):
-        assert t.stride(1) == 1 and t.dtype == torch.float32
+    for name, t in (("W1", W1), ("Hinv1", Hinv1), ("codes", codes), ("err", err), ("scale", scale), ("zero", zero)):
+        assert t.stride(1) == 1 and t.dtype == torch.float32, (name, t.stride(), t.dtype)
     assert scale.stride(0) == zero.stride(0)
     grid = (triton.cdiv(rows, BLOCK_R),)
     _gptq_lazy_block[grid](

@@ -117,6 +117,13 @@ class QuantizedWeight:
         )
 
     def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.qweight.shape
+        if torch.equal(self.g_idx, default_g_idx(in_features, self.spec, self.g_idx.device)):
+            # Contiguous groups: broadcast each group's parameters over a reshape (no [out, in] gathers).
+            g, n = self.spec.group_size_for(in_features), self.scale.shape[1]
+            q = torch.nn.functional.pad(self.qweight.float(), (0, n * g - in_features)).reshape(out_features, n, g)
+            w = dequantize(q, self.scale[:, :, None], self.zero[:, :, None])
+            return w.reshape(out_features, n * g)[:, :in_features]
         cols = self.g_idx.long()
         return dequantize(self.qweight.float(), self.scale[:, cols], self.zero[:, cols])
 
@@ -127,11 +134,16 @@ def default_g_idx(in_features: int, spec: QuantSpec, device=None) -> torch.Tenso
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest of a [out, in] weight: the RTN baseline and the reference grid for all methods."""
-    scale, zero = group_qparams(weight, spec)
-    g_idx = default_g_idx(weight.shape[1], spec, weight.device)
-    cols = g_idx.long()
-    q = quantize(weight, scale[:, cols], zero[:, cols], spec.maxq)
-    return QuantizedWeight(q.to(torch.uint8), scale, zero, g_idx, spec)
+    out_features, in_features = weight.shape
+    g = spec.group_size_for(in_features)
+    n = spec.num_groups(in_features)
+    padded = torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features)).reshape(out_features * n, g)
+    scale, zero = compute_qparams(padded, spec)
+    q = quantize(padded, scale, zero, spec.maxq).reshape(out_features, n * g)[:, :in_features]
+    return QuantizedWeight(
+        q.to(torch.uint8), scale.reshape(out_features, n), zero.reshape(out_features, n),
+        default_g_idx(in_features, spec, weight.device), spec,
+    )  # fmt: skip
 
 
 def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
