@@ -117,12 +117,17 @@ def main(argv: list[str] | None = None) -> None:
         phases: dict = {}
         for block in report["blocks"]:
             for phase, value in block["timings"].items():
-                phases[phase] = phases.get(phase, 0.0) + value
+                if phase.endswith("_peak_gpu_bytes"):  # highest so far: keep the first block's and the last
+                    phases.setdefault(f"{phase}_block0", value)
+                    phases[phase] = value
+                else:
+                    phases[phase] = phases.get(phase, 0.0) + value
         run = {
             "rep": rep,
             "seconds": seconds,
             "peak_gpu_bytes": peak,
             "capture_s": report["capture_s"],
+            "capture_peak_gpu_bytes": report.get("capture_peak_gpu_bytes"),
             "block_s_median": statistics.median(block_s) if block_s else None,
             **phases,
         }

@@ -133,6 +133,8 @@ class BlockContext:
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+        if self.device.type == "cuda":  # where the GPU memory peak is reached (bytes, highest so far)
+            self.timings[f"{phase}_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
 
     @torch.no_grad()
     def _each_chunk(self, stop_early: bool = False, max_tokens: int | None = None):
@@ -242,6 +244,8 @@ def run_blocks(
         inputs = capture_block_inputs(model, calib_ids, device, batch_size, store)
         _sync(device)
         report["capture_s"] = time.perf_counter() - start
+        if device.type == "cuda":
+            report["capture_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
 
     module_names = {id(m): name for name, m in model.named_modules()}
     for index, block in enumerate(blocks):

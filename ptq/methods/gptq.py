@@ -178,10 +178,12 @@ def add_gram(total: torch.Tensor, x: torch.Tensor, products: str = "auto") -> No
     """total += x^T x, accumulated in fp32.
 
     ``auto``: when x is bf16/fp16 on CUDA, multiply in its own dtype on the tensor cores with fp32
-    output. That loses nothing: a product of two bf16 (or fp16) numbers is exact in fp32, and the
-    sums accumulate in fp32 as before; only the order of the additions changes. (~8x faster than
-    fp32 CUDA-core products for Llama-3-8B's 14336-wide down_proj input.) fp32 inputs, the CPU and
-    ``fp32`` use fp32 products."""
+    output. The inputs lose nothing (they are already bf16/fp16 and their products are exact in
+    fp32); the sums are fp32, in cuBLAS's order. Measured on an H100 against float64 (16384 tokens x 512 channels,
+    tests/test_gpu.py): relative error 2.8e-5, against 1.8e-6 with fp32 products; cuBLAS's reduction
+    order for bf16 GEMMs is coarser. Both are far below the 1% damping GPTQ adds to H. (~8x faster
+    than fp32 CUDA-core products for Llama-3-8B's 14336-wide down_proj input.) fp32 inputs, the CPU
+    and ``fp32`` use fp32 products."""
     if products == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         total += torch.mm(x.t(), x, out_dtype=torch.float32)
     else:
