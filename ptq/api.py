@@ -66,6 +66,7 @@ def quantize(
     options: dict | None = None,
     act_bits: int | None = None,
     act_granularity: str = "per_token",
+    on_quantized=None,
 ) -> dict:
     """Quantize a Hugging Face causal LM in place, block by block; returns the pipeline's report.
 
@@ -75,12 +76,19 @@ def quantize(
     dynamic, or per_tensor static calibrated on ``calib``); needs group_size=-1 and sym=True.
     With ``offload`` the model stays where it is and only the current block visits ``device``.
     The report's ``storage`` gives the bytes and effective bits per weight of the GPTQ checkpoint
-    layout (``ptq.quant.pack``).
+    layout (``ptq.quant.pack``). ``on_quantized(name, QuantizedWeight)`` also receives every quantized
+    linear (e.g. ``ptq.checkpoint.PackedStore().add``, to save the model).
     """
     steps = plan_steps(method, bits, group_size, sym, options, act_bits, act_granularity)
     storage = StorageCount()
     if not steps:
         return {"blocks": [], "capture_s": 0.0, "storage": storage.summary(model)}
-    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, storage.add)
+
+    def record(name, qweight) -> None:
+        storage.add(name, qweight)
+        if on_quantized is not None:
+            on_quantized(name, qweight)
+
+    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record)
     report["storage"] = storage.summary(model)
     return report

@@ -12,6 +12,7 @@ from pathlib import Path
 from ptq.data import CALIB_SETS, EVAL_SETS
 from ptq.methods import METHODS, parse_method
 from ptq.quant.activations import GRANULARITIES
+from ptq.quant.pack import PACKED_BITS
 
 TASK_SOURCES = ("auto", "hub", "local")
 
@@ -84,6 +85,7 @@ class RunConfig:
     experiment: dict | None = None  # experiment=<preset>: name, source, metric, published numbers
     device: str = "auto"
     offload: bool = False
+    save: bool = False  # also write the quantized model to <output_dir>/model (GPTQ checkpoint layout)
     seed: int = 0
     output_dir: str = "runs/latest"
     assets: str | None = None  # paths.assets
@@ -125,6 +127,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.experiment is not None:
         check_experiment(cfg.experiment)
+    if not isinstance(cfg.save, bool):
+        raise ConfigError(f"save={cfg.save!r} must be true or false")
+    if cfg.save and cfg.full_precision:
+        raise ConfigError("save=true needs a quantized model: choose a method and bits 2..8 (method=none has none)")
+    if cfg.save and cfg.bits not in PACKED_BITS:
+        raise ConfigError(
+            f"save=true: bits={cfg.bits} has no packed GPTQ layout; the formats that do are "
+            f"bits={', '.join(map(str, PACKED_BITS))} (or save=false)"
+        )
+    if cfg.save and cfg.act_bits is not None:
+        raise ConfigError(
+            "save=true writes weight-only GPTQ checkpoints, which cannot hold activation quantization: "
+            "drop act_bits (scheme), or save=false"
+        )
     if not isinstance(cfg.cache.enabled, bool):
         raise ConfigError(f"cache.enabled={cfg.cache.enabled!r} must be true or false")
     if not isinstance(cfg.sym, bool):

@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptq import data, models
+from ptq import checkpoint, data, models
 from ptq.api import plan_steps, quantize, resolve_device
 from ptq.cache import Cache, digest, files_digest, tokenizer_digest
 from ptq.config import ConfigError, RunConfig, check_context, from_dict
@@ -40,6 +40,10 @@ def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
         return torch.float32
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
+
+
+def _block_linears(model) -> list:
+    return [linear for block in models.get_blocks(model) for linear in models.block_linears(model, block).values()]
 
 
 def evaluate(
@@ -91,6 +95,12 @@ def run(cfg: RunConfig) -> dict:
     m = cfg.model
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
+    loaded_checkpoint = checkpoint.is_gptq_checkpoint(config)
+    if loaded_checkpoint and not cfg.full_precision:
+        raise ConfigError(
+            f"model.path={source.path} is already a quantized (GPTQ) checkpoint: evaluate it with method=none, "
+            "or quantize the full-precision model it came from"
+        )
     for step in steps:
         step.prepare(config)  # e.g. AWQ: does the architecture table know this model's scaling groups?
     uses_calibration = any(step.needs_calibration for step in steps)
@@ -136,8 +146,19 @@ def run(cfg: RunConfig) -> dict:
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = models.load_model(source, pick_dtype(m.dtype, device, config))
+    if loaded_checkpoint:
+        model = checkpoint.load_quantized(source.path, pick_dtype(m.dtype, device, config))
+    else:
+        model = models.load_model(source, pick_dtype(m.dtype, device, config))
     timings["load_s"] = time.perf_counter() - t
+    store = None
+    if cfg.save:  # before any heavy work: can every linear be packed?
+        names = [n for n, mod in model.named_modules() if mod in set(_block_linears(model))]
+        try:
+            checkpoint.check_savable(cfg.bits, cfg.act_bits, model, names)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        store = checkpoint.PackedStore()
     log.info(
         "loaded %s from %s (%s) in %.1f s",
         m.name or source.path,
@@ -166,7 +187,7 @@ def run(cfg: RunConfig) -> dict:
         return {"metrics": metrics, "eval_s": seconds}
 
     baseline = None
-    if not cfg.full_precision and cfg.eval.baseline:
+    if not cfg.full_precision and cfg.eval.baseline and not loaded_checkpoint:
         t = time.perf_counter()
         fp = cache.json("fp_metrics", fp_deps, evaluate_full_precision)
         timings["baseline_eval_s"] = time.perf_counter() - t
@@ -186,24 +207,38 @@ def run(cfg: RunConfig) -> dict:
         options=cfg.method_options,
         act_bits=cfg.act_bits,
         act_granularity=cfg.act_granularity,
+        on_quantized=store.add if store else None,
     )
     timings["quantize_s"] = time.perf_counter() - t
+    if loaded_checkpoint:
+        report["storage"] = checkpoint.loaded_storage(model)
 
-    if cfg.full_precision:
+    if cfg.full_precision and not loaded_checkpoint:
         t = time.perf_counter()
         metrics = cache.json("fp_metrics", fp_deps, evaluate_full_precision)["metrics"]
         timings["eval_s"] = time.perf_counter() - t
     else:
         metrics, timings["eval_s"] = evaluate(model, tokenizer, windows, tasks, cfg, device)
+    saved = None
+    if store is not None:
+        t = time.perf_counter()
+        files = checkpoint.save_quantized(model, store, tokenizer, out / "model")
+        timings["save_s"] = time.perf_counter() - t
+        saved = {"dir": str(out / "model"), "files": files, "bytes": sum(files.values())}
+        log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
     timings["total_s"] = time.perf_counter() - started
 
+    qc = model.config.quantization_config if loaded_checkpoint else None
     record = {
         "status": "ok",
         "model": m.name or m.path,
-        "method": "none" if cfg.full_precision else cfg.method,
-        "bits": 16 if cfg.full_precision else cfg.bits,
-        "group_size": None if cfg.full_precision else cfg.group_size,
-        "sym": None if cfg.full_precision else cfg.sym,
+        "method": "loaded" if qc else "none" if cfg.full_precision else cfg.method,
+        "bits": qc["bits"] if qc else 16 if cfg.full_precision else cfg.bits,
+        "group_size": qc["group_size"] if qc else None if cfg.full_precision else cfg.group_size,
+        "sym": qc.get("sym") if qc else None if cfg.full_precision else cfg.sym,
+        "loaded_quantization": qc,
+        "saved": saved,
+        "model_bytes_in_memory": checkpoint.module_bytes(model),
         "act_bits": cfg.act_bits,
         "act_granularity": cfg.act_granularity if cfg.act_bits else None,
         "metrics": metrics,

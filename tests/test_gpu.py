@@ -157,3 +157,31 @@ def test_half_precision_gram_products_stay_far_below_the_damping():
     # fp32 sums of exact products; cuBLAS's bf16 reduction order is coarser (2.8e-5 measured on an
     # H100, 1.8e-6 for fp32 products): both far below the 1e-2 damping GPTQ adds to H.
     assert err_slow < 1e-5 and err_fast < 1e-4
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_kernel_matches_dequantize_then_matmul(group):
+    from ptq.quant import quantize_weight
+    from ptq.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    weight = torch.randn(512, 1024, device="cuda")
+    qw = quantize_weight(weight, QuantSpec(4, group, False))
+    layer = QuantLinear.from_quantized(qw, None, torch.bfloat16).cuda()
+    x = torch.randn(3, 17, 1024, device="cuda", dtype=torch.bfloat16)
+    want = layer(x)  # dequantize (fp16 scales), then a bf16 matmul
+    layer.use_int4_kernel()
+    got = layer(x)
+    assert layer.qweight is None and layer.int4_weight is not None
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_int8_kernel_on_gpu_matches_cpu():
+    from ptq.quant.linear import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    x = torch.randn(1, 5, 256)  # a decode-sized batch: padded to the 17 rows torch._int_mm needs
+    cpu = Int8Linear(linear.weight, linear.bias)
+    gpu = Int8Linear(linear.weight.cuda(), linear.bias.cuda())
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)

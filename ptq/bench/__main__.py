@@ -1,0 +1,3 @@
+from ptq.bench.quant import main
+
+main()

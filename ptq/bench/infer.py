@@ -1,0 +1,160 @@
+"""``python -m ptq.bench.infer``: what real low-bit weights buy at inference, measured with real kernels.
+
+On a random-weight model of a real shape (default Llama-3-8B, built on the GPU), for each format:
+
+- bf16:  the unquantized model (cuBLAS bf16 matmuls)
+- w8a8:  every block linear an ``Int8Linear`` (int8 weights per channel, int8 activations per token,
+         ``torch._int_mm``)
+- w4a16: every block linear a ``QuantLinear`` (4-bit, group 128, from RTN) on PyTorch's int4
+         weight-only kernel (``aten._weight_int4pack_mm``)
+
+it measures weight memory (all parameters and buffers), peak memory, prefill tokens/s (batch 1 x
+2048) and decode tokens/s (batch 1 and 16, after a 128-token prompt, KV cache in bf16), as medians of
+``--repeat`` timed runs after a warm-up. Embeddings and the LM head stay bf16 in every format. Eager
+PyTorch: each decode step launches every kernel from Python, so small-batch decode includes that
+overhead in every format alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ptq.bench.quant import SHAPES, build_model
+from ptq.checkpoint import module_bytes
+from ptq.models import block_linears, get_blocks, get_submodule, get_weight
+from ptq.quant import QuantSpec, quantize_weight
+from ptq.quant.linear import Int8Linear, QuantLinear
+from ptq.results import environment
+
+FORMATS = ("bf16", "w8a8", "w4a16")
+
+
+@torch.no_grad()
+def convert(model, fmt: str, group_size: int = 128) -> None:
+    """Replace every block linear, one at a time (the bf16 weight is freed as each is replaced)."""
+    if fmt == "bf16":
+        return
+    for block in get_blocks(model):
+        for name, linear in block_linears(model, block).items():
+            parent_name, _, child = name.rpartition(".")
+            if fmt == "w8a8":
+                new = Int8Linear(get_weight(linear), linear.bias)
+            else:
+                qw = quantize_weight(get_weight(linear), QuantSpec(4, group_size, False))
+                new = QuantLinear.from_quantized(qw, linear.bias, torch.bfloat16)
+                new.use_int4_kernel()
+            setattr(get_submodule(block, parent_name), child, new)
+            del linear
+    torch.cuda.empty_cache()
+
+
+def block_linear_bytes(model) -> int:
+    kinds = (torch.nn.Linear, Int8Linear, QuantLinear)
+    return sum(module_bytes(m) for block in get_blocks(model) for m in block.modules() if isinstance(m, kinds))
+
+
+def _timed(fn, repeat: int) -> list[float]:
+    fn()  # warm-up: kernels compiled and autotuned, memory pools grown
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.no_grad()
+def measure(model, vocab: int, prefill_len: int, decode_batches: list[int], prompt: int, steps: int, repeat: int):
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    result = {}
+    ids = torch.randint(0, vocab, (1, prefill_len), generator=g).to(device)
+    torch.cuda.reset_peak_memory_stats()
+    times = _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat)
+    result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
+    result["prefill_s"] = times
+    for batch in decode_batches:
+        ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
+
+        def decode(ids=ids):
+            cache = DynamicCache()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            decode.seconds = time.perf_counter() - start
+
+        step_times = []
+        for _ in range(repeat + 1):
+            decode()
+            step_times.append(decode.seconds)
+        step_times = step_times[1:]  # the first is the warm-up
+        result[f"decode_b{batch}_tokens_per_s"] = batch * steps / statistics.median(step_times)
+        result[f"decode_b{batch}_s"] = step_times
+    result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--decode-batches", default="1,16")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ptq.bench.infer measures CUDA kernels: run it on a machine with a GPU")
+    device = torch.device("cuda")
+    records = []
+    for fmt in args.formats.split(","):
+        torch.manual_seed(0)
+        model = build_model(args.shape, args.layers, torch.bfloat16, device)
+        model.config.use_cache = True
+        linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
+        total_bf16 = module_bytes(model)
+        linears_bf16 = block_linear_bytes(model)
+        convert(model, fmt)
+        torch.cuda.synchronize()
+        weights, linears = module_bytes(model), block_linear_bytes(model)
+        record = {
+            "format": fmt,
+            "weight_bytes": weights,  # everything the model holds: block linears + bf16 embeddings, head, norms
+            "weight_bytes_vs_bf16": weights / total_bf16,
+            "block_linear_bytes": linears,
+            "block_linear_bytes_vs_bf16": linears / linears_bf16,
+            "block_linear_bits_per_weight": 8 * linears / linear_params,
+            "block_linear_params": linear_params,
+            **measure(model, model.config.vocab_size, args.prefill,
+                      [int(b) for b in args.decode_batches.split(",")], args.prompt, args.steps, args.repeat),
+        }  # fmt: skip
+        print(json.dumps({k: v for k, v in record.items() if not k.endswith("_s")}), flush=True)
+        records.append(record)
+        del model
+        torch.cuda.empty_cache()
+    summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
+               "steps": args.steps, "repeat": args.repeat, "formats": records, "env": environment(device)}  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Saving and loading quantized models in the GPTQ checkpoint layout (``quant_method: gptq``).
+
+``<dir>/`` holds ``config.json`` (with a ``quantization_config`` as AutoGPTQ / GPTQModel /
+transformers write it), the tokenizer files, and ``model.safetensors``: for every quantized linear
+``<name>.qweight/.qzeros/.scales/.g_idx`` (and ``.bias``), every other tensor in fp16.
+
+ptq loads such a folder itself (``model.path=<dir>``) into ``QuantLinear`` modules, without the
+optional GPTQ kernels packages transformers would need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptq.models import get_submodule, is_linear
+from ptq.quant.format import QuantizedWeight, QuantSpec
+from ptq.quant.linear import QuantLinear
+from ptq.quant.pack import PACKED_BITS, WORD, PackError, check_packable, pack_gptq
+
+WEIGHTS = "model.safetensors"
+SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
+
+
+class PackedStore:
+    """Collects each quantized linear's packed tensors on the CPU as the pipeline finishes a block."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.spec: QuantSpec | None = None
+        self.act_order = False
+
+    def add(self, name: str, qw: QuantizedWeight) -> None:
+        self.tensors[name] = {k: v.to("cpu", copy=True) for k, v in pack_gptq(qw).items()}  # own storage each
+        self.spec = qw.spec
+        default = torch.arange(qw.g_idx.numel(), device=qw.g_idx.device) // qw.spec.group_size_for(qw.g_idx.numel())
+        self.act_order |= not torch.equal(qw.g_idx.long(), default)
+
+
+def check_savable(bits: int, act_bits: int | None, model: nn.Module, linear_names: list[str]) -> None:
+    """Fail before quantizing if the result could not be saved in the GPTQ layout."""
+    if bits not in PACKED_BITS:
+        raise PackError(
+            f"save=true: bits={bits} has no packed GPTQ layout; the formats that do are "
+            f"bits={', '.join(map(str, PACKED_BITS))}"
+        )
+    if act_bits is not None:
+        raise PackError(
+            "save=true writes weight-only GPTQ checkpoints; activation quantization (act_bits) has no "
+            "representation there: drop act_bits, or save=false"
+        )
+    for name in linear_names:
+        module = get_submodule(model, name)
+        out_features, in_features = _shape(module)
+        try:
+            check_packable(bits, in_features, out_features)
+        except PackError as err:
+            raise PackError(f"save=true: {name}: {err}") from None
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+
+
+def quantization_config(spec: QuantSpec, act_order: bool) -> dict:
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "desc_act": act_order,
+        "static_groups": False,
+        "true_sequential": True,
+        "damp_percent": 0.01,
+    }
+
+
+def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -> dict:
+    """Write the checkpoint; returns the bytes of each file on disk."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = set(store.tensors)
+    for name, packed in store.tensors.items():
+        for key, value in packed.items():
+            tensors[f"{name}.{key}"] = value.contiguous()
+        bias = getattr(get_submodule(model, name), "bias", None)
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().to(SAVED_DTYPE).cpu().contiguous()
+    seen: set[int] = set()
+    for name, param in model.state_dict(keep_vars=False).items():
+        module_name = name.rsplit(".", 1)[0]
+        if module_name in quantized or param.data_ptr() in seen and param.numel() > 0:
+            continue  # quantized weights are stored packed; tied weights once (transformers re-ties them)
+        seen.add(param.data_ptr())
+        tensors[name] = param.detach().to(SAVED_DTYPE if param.is_floating_point() else param.dtype).cpu().contiguous()
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(store.spec, store.act_order)
+    config["dtype"] = config["torch_dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def is_gptq_checkpoint(config) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: None)()
+    return bool(qc) and qc.get("quant_method") == "gptq"
+
+
+def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
+    """A model whose linears are ``QuantLinear`` modules holding the checkpoint's packed tensors."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("checkpoint_format", "gptq") != "gptq" or qc["bits"] not in PACKED_BITS:
+        raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
+    spec = QuantSpec(qc["bits"], qc["group_size"], qc.get("sym", False))
+    del config.quantization_config
+    state = load_file(str(Path(path) / WEIGHTS))
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}):
+        parent_name, _, child = name.rpartition(".")
+        old = get_submodule(model, name)
+        if old is None or not is_linear(old):
+            raise PackError(f"{path}: {name} holds packed weights but the model has no linear layer there")
+        out_features, in_features = _shape(old)
+        if in_features % WORD or out_features % WORD:
+            raise PackError(f"{path}: {name} is {out_features}x{in_features}, not packable")
+        has_bias = f"{name}.bias" in state
+        setattr(get_submodule(model, parent_name), child, QuantLinear(in_features, out_features, spec, has_bias, dtype))
+    result = model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()},
+        strict=False,
+        assign=True,
+    )
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    if missing or result.unexpected_keys:
+        raise PackError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected "
+                        f"{result.unexpected_keys}")  # fmt: skip
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise PackError(f"{path}: no values for {still_meta}")
+    model.eval()
+    model.config.use_cache = False
+    model.config.quantization_config = qc  # kept for the record (not used by transformers from here on)
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (tied tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def loaded_storage(model: nn.Module) -> dict:
+    """The storage summary (as ``ptq.quant.pack.StorageCount``) of a loaded checkpoint, from its buffers."""
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    weights = sum(m.in_features * m.out_features for m in linears)
+    linear_bytes = sum(getattr(m, k).numel() * getattr(m, k).element_size()
+                       for m in linears for k in ("qweight", "qzeros", "scales", "g_idx"))  # fmt: skip
+    other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = linear_bytes + 2 * other
+    return {
+        "format": "gptq",
+        "quantized_linears": len(linears),
+        "padded_linears": 0,
+        "linear_weights": weights,
+        "linear_bytes": linear_bytes,
+        "bits_per_weight": 8 * linear_bytes / weights if weights else None,
+        "other_params": other,
+        "model_bytes": total,
+        "bits_per_param": 8 * total / (weights + other),
+    }

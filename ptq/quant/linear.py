@@ -1,0 +1,108 @@
+"""Linear layers that hold real low-bit weights, and the kernels that compute with them.
+
+- ``QuantLinear``: GPTQ-packed weights (``ptq.quant.pack``), what a saved checkpoint holds. It
+  computes by dequantizing to the activations' dtype and calling ``F.linear`` (any device), or, after
+  ``use_int4_kernel()`` on CUDA, with PyTorch's int4 weight-only matmul
+  (``aten._weight_int4pack_mm``, "tinygemm": bf16 activations, 4-bit weights, group 32..256).
+- ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
+  token on the fly, ``torch._int_mm`` (int8 x int8 -> int32) on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptq.quant.format import QuantizedWeight, QuantSpec
+from ptq.quant.pack import pack_gptq, unpack_gptq
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float16):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        groups = spec.num_groups(in_features)
+        words = spec.bits * in_features // 32
+        self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, spec.bits * out_features // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.int4_group = 0  # > 0 once use_int4_kernel() ran: int4_weight, int4_scales_zeros hold the weight
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype=torch.float16) -> QuantLinear:
+        out_features, in_features = qw.qweight.shape
+        layer = cls(in_features, out_features, qw.spec, bias is not None, dtype)
+        for name, tensor in pack_gptq(qw).items():
+            setattr(layer, name, tensor)
+        if bias is not None:
+            layer.bias = bias.detach().to(dtype).clone()
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        tensors = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+        return unpack_gptq(tensors, self.spec)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """[out, in]: scale * (code - zero), with the fp16 scales the checkpoint stores."""
+        return self.quantized_weight().dequantize().to(dtype)
+
+    def use_int4_kernel(self) -> None:
+        """Repack for ``aten._weight_int4pack_mm`` (CUDA, 4-bit, contiguous groups of 32..256) and
+        drop the GPTQ-packed copy. tinygemm computes w = (q - 8) * scale + offset per group, so an
+        integer zero point z becomes the float offset scale * (8 - z)."""
+        if not self.qweight.is_cuda:
+            raise ValueError("the int4 kernel runs on CUDA: move the layer to the GPU first")
+        qw = self.quantized_weight()
+        g = qw.spec.group_size_for(self.in_features)
+        if qw.spec.bits != 4 or g not in (32, 64, 128, 256) or self.in_features % g:
+            raise ValueError(f"the int4 kernel needs 4 bits and groups of 32..256 dividing the input, not {qw.spec}")
+        codes = qw.qweight.to(torch.int32)  # [out, in]
+        packed_bytes = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [out, in / 2]
+        weight = torch.ops.aten._convert_weight_to_int4pack(packed_bytes.contiguous(), 8)
+        scale = qw.scale.t()  # [groups, out]
+        offset = scale * (8 - qw.zero.t())
+        scales_and_zeros = torch.stack([scale, offset], dim=2).to(torch.bfloat16).contiguous()
+        self.register_buffer("int4_weight", weight)
+        self.register_buffer("int4_scales_zeros", scales_and_zeros)
+        self.int4_group = g
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(self, name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4_group:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.int4_weight, self.int4_group, self.int4_scales_zeros)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        kernel = "int4" if self.int4_group else "dequantize"
+        return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}"
+
+
+class Int8Linear(nn.Module):
+    """y = (q_x q_w^T) * s_x * s_w: int8 weights with a symmetric scale per output channel,
+    activations quantized per token (max|x| / 127) at each call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t().contiguous())  # [in, out]
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
+        qx = torch.round(flat.float() / x_scale).to(torch.int8)
+        rows = qx.shape[0]
+        if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small (decode) batches
+            qx = F.pad(qx, (0, 0, 0, 17 - rows))
+        y = torch._int_mm(qx, self.weight_t)[:rows].float() * x_scale * self.weight_scale
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y

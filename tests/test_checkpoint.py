@@ -1,0 +1,105 @@
+"""Saving quantized models in the GPTQ checkpoint layout, loading them back into QuantLinear modules,
+and the integer kernels' modules (CPU parts; the CUDA kernels are in test_gpu.py)."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ptq
+from ptq.checkpoint import PackedStore, load_quantized, module_bytes, save_quantized
+from ptq.quant.linear import Int8Linear, QuantLinear
+from tests.conftest import require_assets
+from tests.test_cli import ptq_run
+
+
+def packable_llama(seed=0):
+    """A tiny Llama whose linears have multiples of 32 features, with fp16-representable weights (so
+    that the checkpoint's fp16 copy of the unquantized tensors is exact)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("method,options", [("rtn", None), ("gptq", {"gptq": {"act_order": True}})])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_saved_checkpoint_loads_to_the_same_integers_and_logits(tmp_path, method, options, bits):
+    model = packable_llama()
+    calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+    store = PackedStore()
+    ptq.quantize(model, method=method, bits=bits, group_size=32, calib=calib, device="cpu", options=options,
+                 on_quantized=store.add)  # fmt: skip
+    files = save_quantized(model, store, None, tmp_path)
+    assert set(files) == {"config.json", "model.safetensors"}
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["desc_act"] == (options is not None)
+
+    loaded = load_quantized(str(tmp_path), torch.float32)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 2 * 7 == len(store.tensors)
+    for name, layer in layers.items():
+        packed = store.tensors[name]
+        assert torch.equal(layer.qweight, packed["qweight"]) and torch.equal(layer.g_idx, packed["g_idx"])
+        reference = ptq.models.get_weight(ptq.models.get_submodule(model, name))
+        # fp16 scales: the dequantized weights differ from the fake-quant run by the scale's rounding only
+        torch.testing.assert_close(layer.dequantized_weight(torch.float32), reference, rtol=2e-3, atol=1e-6)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(x).logits, loaded(x).logits
+    assert (got - want).norm() < 5e-3 * want.norm()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # re-tied
+    assert module_bytes(loaded) < module_bytes(model)
+
+
+def test_int8_linear_is_per_token_times_per_channel_quantization():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64)
+    layer = Int8Linear(linear.weight, linear.bias)
+    w_scale = linear.weight.abs().amax(dim=1, keepdim=True) / 127
+    w = torch.round(linear.weight / w_scale) * w_scale
+    x_scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    xq = torch.round(x / x_scale) * x_scale
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(xq, w, linear.bias), rtol=1e-4, atol=1e-4)
+    assert layer.weight_t.dtype == torch.int8
+
+
+def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
+    require_assets("models/stories260K")
+    proc = ptq_run("model=stories260k", "method=rtn", "save=true", f"output_dir={tmp_path}/a", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a multiple of 32" in proc.stderr  # stories260K's MLP is 172 wide
+    proc = ptq_run("model=stories260k", "method=rtn", "bits=5", "save=true", f"output_dir={tmp_path}/b", cwd=tmp_path)
+    assert proc.returncode == 2 and "bits=2, 3, 4, 8" in proc.stderr
+    proc = ptq_run("model=stories260k", "scheme=w8a8", "save=true", f"output_dir={tmp_path}/c", cwd=tmp_path)
+    assert proc.returncode == 2 and "act_bits" in proc.stderr
+
+
+def test_smollm2_saved_and_reloaded_scores_the_fake_quant_perplexity(tmp_path):
+    require_assets("models/smollm2-135m-instruct", "data/wikitext-2-raw-v1/test.jsonl")
+    common = ["eval.max_windows=2", "eval.baseline=false", "bits=4", "group_size=64"]
+    proc = ptq_run(*common, "method=rtn", "save=true", f"output_dir={tmp_path}/q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    quantized = json.loads((tmp_path / "q" / "result.json").read_text())
+    saved = quantized["saved"]
+    assert saved["bytes"] == sum(p.stat().st_size for p in (tmp_path / "q" / "model").iterdir())
+    proc = ptq_run("model=custom", f"model.path={tmp_path}/q/model", "method=none", "eval.max_windows=2",
+                   f"output_dir={tmp_path}/l", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads((tmp_path / "l" / "result.json").read_text())
+    assert loaded["method"] == "loaded" and loaded["bits"] == 4 and loaded["group_size"] == 64
+    want, got = quantized["metrics"]["ppl"]["wikitext2"], loaded["metrics"]["ppl"]["wikitext2"]
+    assert abs(got / want - 1) < 2e-3, (got, want)  # fp16 scales and fp16 embeddings/norms on disk
+    storage = loaded["quantization"]["storage"]
+    assert storage["bits_per_weight"] == pytest.approx(quantized["quantization"]["storage"]["bits_per_weight"])
+    assert loaded["model_bytes_in_memory"] < 0.5 * quantized["model_bytes_in_memory"]  # fp32 fake-quant vs packed
+    proc = ptq_run("model=custom", f"model.path={tmp_path}/q/model", "method=rtn", f"output_dir={tmp_path}/x",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "already a quantized" in proc.stderr
