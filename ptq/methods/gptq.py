@@ -243,14 +243,17 @@ class GPTQ(Method):
         ctx.forward_with_input_hooks(readers, accumulate)
         return {name: sums[name].mul_(2 / tokens[name]) for name in readers}
 
-    def _solve(self, ctx: BlockContext, group: tuple[str, ...], H: torch.Tensor) -> None:
+    def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessians: dict[str, torch.Tensor]) -> None:
+        """Solve ``group``, consuming its Hessian: popped here, so that the solver can free its memory
+        as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB)."""
         start = time.perf_counter()
         weights = [get_weight(ctx.linears[name]) for name in group]
         stacked = torch.cat([w.float() for w in weights], dim=0)
         qweight, losses, info = gptq_quantize(
-            stacked, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups, consume=True
-        )
-        del stacked, H
+            stacked, hessians.pop(group[0]), self.spec, self.block_size, self.percdamp, self.act_order,
+            self.static_groups, consume=True,
+        )  # fmt: skip
+        del stacked
         if not torch.isfinite(qweight.scale).all():
             raise FloatingPointError(f"GPTQ produced non-finite scales in block {ctx.index} {group}")
         if qweight.scale.is_cuda:
@@ -279,6 +282,6 @@ class GPTQ(Method):
                 torch.cuda.synchronize(ctx.device)
             ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
             for group in batch:
-                self._solve(ctx, group, hessians.pop(group[0]))  # the solve consumes (overwrites) H
+                self._solve(ctx, group, hessians)
         losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
         log.info("block %d GPTQ losses: %s", ctx.index, losses)
