@@ -196,3 +196,16 @@ def test_true_sequential_changes_what_later_layers_see():
 def test_bad_gptq_options_are_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         _gptq_model(**options)
+
+
+def test_consumed_hessian_is_released_and_results_are_unchanged():
+    X = correlated_inputs(512, 64, seed=4)
+    H = 2 / X.shape[0] * X.T @ X
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    spec = QuantSpec(4, 32, False)
+    kept = gptq_quantize(W, H, spec)[0]
+    H_given, W_given = H.clone(), W.clone()
+    consumed = gptq_quantize(W_given, H_given, spec, consume=True)[0]
+    assert H_given.untyped_storage().size() == 0  # the caller's Hessian no longer holds memory
+    assert torch.equal(consumed.qweight, kept.qweight) and torch.equal(consumed.scale, kept.scale)
+    assert H.untyped_storage().size() > 0  # without consume nothing of the caller's is touched

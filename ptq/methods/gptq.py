@@ -105,9 +105,11 @@ def gptq_quantize(
 
     Works in fp32 (float64 if given float64). Returns the quantized weight (codes, group scales and
     zeros, ``g_idx`` in original column order), the per-row reconstruction loss, and solver info.
-    ``consume``: W and H (already fp32/fp64) may be overwritten, saving a copy of each.
+    ``consume``: W and H (already fp32/fp64) may be overwritten, saving a copy of each; H's memory is
+    released (its storage emptied) as soon as the inverse factor exists.
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    given = H
     W = W.to(work) if consume else W.to(work).clone()
     H = H.to(work) if consume else H.to(work).clone()
     rows, columns = W.shape
@@ -126,6 +128,8 @@ def gptq_quantize(
         H = H[perm][:, perm]
     Hinv, info = inverse_hessian_cholesky(H, percdamp)
     del H
+    if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
+        given.untyped_storage().resize_(0)
 
     num_groups = spec.num_groups(columns)
     scale = torch.zeros(rows, num_groups, dtype=work, device=W.device)
