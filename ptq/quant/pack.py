@@ -125,15 +125,19 @@ class StorageCount:
         self.linear_bytes = 0
         self.padded = 0  # linears whose shapes the layout can only hold zero-padded
         self.names: set[str] = set()
+        self._bytes: dict[tuple, int] = {}  # packed bytes by (shapes, spec): layers repeat in every block
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
         out_features, in_features = qw.qweight.shape
         padded = bool(out_features % WORD or in_features % WORD)
-        # Packed on the meta device: the same tensors' shapes and dtypes, without computing or
-        # holding their contents (an 8B model's packing would cost GPU memory and time).
-        meta = QuantizedWeight(*(t.to("meta") for t in (qw.qweight, qw.scale, qw.zero, qw.g_idx)), qw.spec)
+        key = (tuple(qw.qweight.shape), tuple(qw.scale.shape), qw.spec)
+        if key not in self._bytes:
+            # Packed on the meta device: the same tensors' shapes and dtypes, without computing or
+            # holding their contents (an 8B model's packing would cost GPU memory and time).
+            meta = QuantizedWeight(*(t.to("meta") for t in (qw.qweight, qw.scale, qw.zero, qw.g_idx)), qw.spec)
+            self._bytes[key] = nbytes(pack_gptq(meta, pad=padded))
         self.linear_weights += out_features * in_features
-        self.linear_bytes += nbytes(pack_gptq(meta, pad=padded))
+        self.linear_bytes += self._bytes[key]
         self.padded += padded
         self.names.add(name)
 
