@@ -67,6 +67,7 @@ def quantize(
     act_bits: int | None = None,
     act_granularity: str = "per_token",
     on_quantized=None,
+    lazy=None,
 ) -> dict:
     """Quantize a Hugging Face causal LM in place, block by block; returns the pipeline's report.
 
@@ -77,7 +78,8 @@ def quantize(
     With ``offload`` the model stays where it is and only the current block visits ``device``.
     The report's ``storage`` gives the bytes and effective bits per weight of the GPTQ checkpoint
     layout (``ptq.quant.pack``). ``on_quantized(name, QuantizedWeight)`` also receives every quantized
-    linear (e.g. ``ptq.checkpoint.PackedStore().add``, to save the model).
+    linear (e.g. ``ptq.checkpoint.PackedStore().add``, to save the model). ``lazy``: a
+    ``ptq.lazy.LazyModel`` whose blocks are read from the checkpoint one at a time (needs ``offload``).
     """
     steps = plan_steps(method, bits, group_size, sym, options, act_bits, act_granularity)
     storage = StorageCount()
@@ -89,6 +91,6 @@ def quantize(
         if on_quantized is not None:
             on_quantized(name, qweight)
 
-    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record)
+    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record, lazy)
     report["storage"] = storage.summary(model)
     return report

@@ -169,7 +169,7 @@ def module_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer the model holds (tied tensors once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.data_ptr() in seen:
+        if t is None or t.is_meta or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()

@@ -218,14 +218,19 @@ def run_blocks(
     offload: bool,
     batch_size: int = 8,
     on_quantized=None,
+    lazy=None,
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order.
 
     Returns timings and what each step reported per block. With ``offload`` only the current block
     (and, during input capture, the embeddings) is on ``device``; otherwise the whole model is moved.
     ``on_quantized(qualified_name, QuantizedWeight)`` is called for every linear a step quantized,
-    once its block is done (storage accounting, packing for saving).
+    once its block is done (storage accounting, packing for saving). ``lazy`` (``ptq.lazy.LazyModel``,
+    with ``offload``): blocks start on the meta device, are read from the checkpoint just before they
+    are quantized and keep only packed integer weights afterwards.
     """
+    if lazy is not None and not offload:
+        raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
     arch = get_arch(model)
     blocks = get_blocks(model)
     for step in steps:
@@ -250,6 +255,8 @@ def run_blocks(
     module_names = {id(m): name for name, m in model.named_modules()}
     for index, block in enumerate(blocks):
         start = time.perf_counter()
+        if lazy is not None:
+            lazy.load(block)
         home = next(block.parameters()).device
         block.to(device)
         ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
@@ -261,6 +268,8 @@ def run_blocks(
             prefix = module_names[id(block)]
             for name, qweight in ctx.quantized.items():
                 on_quantized(f"{prefix}.{name}", qweight)
+        if lazy is not None:
+            lazy.pack_block(block, ctx.quantized)
         if offload:
             block.to(home)
         _sync(device)
@@ -271,18 +280,24 @@ def run_blocks(
 
 
 @torch.no_grad()
-def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int = 1):
+def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int = 1, lazy=None):
     """Logits of an offloaded model, moving one block at a time to ``device`` (yields per chunk).
 
     Used to evaluate models that do not fit on the device: the same computation as model(input_ids).
+    With ``lazy``, blocks still on the meta device are read from the checkpoint and released after use.
     """
     inputs = capture_block_inputs(model, input_ids, device, batch_size, torch.device("cpu"))
     for block in get_blocks(model):
+        borrowed = lazy is not None and any(p.is_meta for p in block.parameters())
+        if borrowed:
+            lazy.load(block)
         home = next(block.parameters()).device
         block.to(device)
         ctx = BlockContext(-1, block, {}, (), inputs, device)
         inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
         block.to(home)
+        if borrowed:
+            lazy.release(block)
     head = head_modules(model)
     with on_device(head, device):
         for chunk in inputs.chunks:

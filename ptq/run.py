@@ -23,6 +23,7 @@ from ptq.config import ConfigError, RunConfig, check_context, from_dict
 from ptq.data import EVAL_SETS, DataError
 from ptq.eval.perplexity import perplexity
 from ptq.eval.tasks import TaskError, evaluate_tasks, resolve_tasks, task_data_dir
+from ptq.lazy import has_safetensors, load_skeleton
 from ptq.models import ModelLoadError
 from ptq.report import metric_columns, metric_value
 from ptq.results import environment, peak_memory, write_json
@@ -47,14 +48,14 @@ def _block_linears(model) -> list:
 
 
 def evaluate(
-    model, tokenizer, windows: dict, tasks: list[tuple[str, str]], cfg: RunConfig, device: torch.device
+    model, tokenizer, windows: dict, tasks: list[tuple[str, str]], cfg: RunConfig, device: torch.device, lazy=None
 ) -> tuple[dict, float]:
     start = time.perf_counter()
     e = cfg.eval
     ppl = {}
     ppl_batch = 1 if e.batch_size == "auto" else e.batch_size
     for name, w in windows.items():
-        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch)
+        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch, lazy=lazy)
         log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
     metrics = {"ppl": ppl}
     if tasks:
@@ -146,10 +147,17 @@ def run(cfg: RunConfig) -> dict:
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    lazy = None
+    dtype = pick_dtype(m.dtype, device, config)
     if loaded_checkpoint:
-        model = checkpoint.load_quantized(source.path, pick_dtype(m.dtype, device, config))
+        model = checkpoint.load_quantized(source.path, dtype)
+    elif cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path):
+        # One block in host memory at a time: the rest of the model stays on the meta device until
+        # the pipeline reaches it (ptq/lazy.py).
+        lazy = load_skeleton(source.path, dtype)
+        model = lazy.model
     else:
-        model = models.load_model(source, pick_dtype(m.dtype, device, config))
+        model = models.load_model(source, dtype)
     timings["load_s"] = time.perf_counter() - t
     store = None
     if cfg.save:  # before any heavy work: can every linear be packed?
@@ -183,7 +191,7 @@ def run(cfg: RunConfig) -> dict:
     }
 
     def evaluate_full_precision() -> dict:
-        metrics, seconds = evaluate(model, tokenizer, windows, tasks, cfg, device)
+        metrics, seconds = evaluate(model, tokenizer, windows, tasks, cfg, device, lazy)
         return {"metrics": metrics, "eval_s": seconds}
 
     baseline = None
@@ -208,6 +216,7 @@ def run(cfg: RunConfig) -> dict:
         act_bits=cfg.act_bits,
         act_granularity=cfg.act_granularity,
         on_quantized=store.add if store else None,
+        lazy=lazy,
     )
     timings["quantize_s"] = time.perf_counter() - t
     if loaded_checkpoint:
@@ -239,6 +248,12 @@ def run(cfg: RunConfig) -> dict:
         "loaded_quantization": qc,
         "saved": saved,
         "model_bytes_in_memory": checkpoint.module_bytes(model),
+        "lazy_load": None
+        if lazy is None
+        else {
+            "bytes_read": lazy.checkpoint.bytes_read,
+            "peak_blocks_in_memory": lazy.peak_materialized_blocks,
+        },
         "act_bits": cfg.act_bits,
         "act_granularity": cfg.act_granularity if cfg.act_bits else None,
         "metrics": metrics,

@@ -15,7 +15,8 @@ import time
 import torch
 
 import ptq
-from ptq.results import environment
+from ptq.lazy import load_skeleton
+from ptq.results import environment, peak_memory
 
 SHAPES = {
     "llama-3-8b": dict(
@@ -76,7 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--option", action="append", default=[], help="method option, e.g. gptq.act_order=true")
     p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--write-checkpoint", default=None, help="only write the random model as safetensors shards here")
+    p.add_argument(
+        "--from-checkpoint", default=None, help="quantize a checkpoint, one block at a time from its shards (--offload)"
+    )
     args = p.parse_args(argv)
+    if args.write_checkpoint:
+        model = build_model(args.shape, args.layers, getattr(torch, args.dtype), torch.device("cpu"))
+        model.save_pretrained(args.write_checkpoint, max_shard_size="2GB")
+        print(json.dumps({"written": args.write_checkpoint, "bytes": sum(
+            p.numel() * p.element_size() for p in model.parameters())}))  # fmt: skip
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -88,8 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for rep in range(args.repeat):
         torch.manual_seed(rep)
-        model = build_model(args.shape, args.layers, dtype, device)
-        if args.offload:
+        lazy = None
+        if args.from_checkpoint:  # the skeleton on the meta device; blocks read as the pipeline reaches them
+            lazy = load_skeleton(args.from_checkpoint, dtype)
+            model = lazy.model
+        else:
+            model = build_model(args.shape, args.layers, dtype, device)
+        if args.offload and lazy is None:
             model.to("cpu")
         calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
         if device.type == "cuda":
@@ -106,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             calib=calib,
             device=device,
             offload=args.offload,
+            lazy=lazy,
             batch_size=args.batch_size,
             options=options,
         )
@@ -113,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        rss = peak_memory(device)["peak_rss_bytes"]  # of this process so far: with --from-checkpoint, the host's peak
         block_s = [b["seconds"] for b in report["blocks"]]
         phases: dict = {}
         for block in report["blocks"]:
@@ -126,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             "rep": rep,
             "seconds": seconds,
             "peak_gpu_bytes": peak,
+            "peak_rss_bytes": rss,
+            "checkpoint_bytes_read": lazy.checkpoint.bytes_read if lazy else None,
             "capture_s": report["capture_s"],
             "capture_peak_gpu_bytes": report.get("capture_peak_gpu_bytes"),
             "block_s_median": statistics.median(block_s) if block_s else None,
@@ -143,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "offload": args.offload,
+        "from_checkpoint": bool(args.from_checkpoint),
         "dtype": args.dtype,
         "options": options,
         "median_seconds": statistics.median(r["seconds"] for r in runs),

@@ -29,14 +29,19 @@ def _window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, device: torch.device, offload: bool = False, batch_size: int = 1
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    offload: bool = False,
+    batch_size: int = 1,
+    lazy=None,
 ) -> float:
     """Perplexity of ``model`` over ``windows`` [n, seqlen]. With ``offload`` the model is run one
     block at a time on ``device`` (it stays in host memory); otherwise it is moved to ``device``."""
     losses = []
     if offload:
         chunks = windows.split(batch_size)
-        for batch, logits in zip(chunks, blockwise_logits(model, windows, device, batch_size), strict=True):
+        for batch, logits in zip(chunks, blockwise_logits(model, windows, device, batch_size, lazy), strict=True):
             losses.append(_window_nll(logits, batch).cpu())
     else:
         model.to(device)

@@ -1,0 +1,128 @@
+"""Quantizing models larger than host memory: build the model on the meta device and materialize one
+decoder block at a time from its safetensors shards.
+
+With ``offload=true`` and a local safetensors checkpoint, ``run`` loads only the skeleton (parameters
+on the meta device), the embeddings, the final norm and the LM head. The pipeline then reads each
+block's tensors from the shards right before it quantizes the block, and afterwards keeps the block's
+linears only as packed integers (``QuantLinear``, ``ptq.quant.pack``): host memory holds one bf16
+block plus the packed model so far, not the bf16 model (a 70B model is ~140 GB in bf16, ~37 GB packed
+at 4 bits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptq.models import get_blocks, get_submodule
+from ptq.quant.format import QuantizedWeight
+from ptq.quant.linear import QuantLinear
+from ptq.quant.pack import PackError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def has_safetensors(path: str) -> bool:
+    folder = Path(path)
+    return (folder / INDEX).is_file() or (folder / SINGLE).is_file()
+
+
+class ShardedCheckpoint:
+    """Where each tensor of a safetensors checkpoint lives; tensors are read one at a time on demand."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(path)
+        if (self.folder / INDEX).is_file():
+            self.weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+        else:
+            with safe_open(str(self.folder / SINGLE), framework="pt") as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+        self.bytes_read = 0
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+class LazyModel:
+    """Materializes and releases modules of a meta-device model from a ``ShardedCheckpoint``."""
+
+    def __init__(self, model: nn.Module, checkpoint: ShardedCheckpoint, dtype: torch.dtype) -> None:
+        self.model, self.checkpoint, self.dtype = model, checkpoint, dtype
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.materialized_blocks = 0
+        self.peak_materialized_blocks = 0
+
+    def load(self, module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self.names[id(module)]
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        for name, param in list(module.named_parameters()):
+            key = f"{prefix}.{name}" if prefix else name
+            if not param.is_meta or (tied and key.endswith("lm_head.weight")):
+                continue  # a tied head gets the embedding matrix from tie_weights(), not a second read
+            if key not in self.checkpoint.weight_map:
+                raise PackError(f"{self.checkpoint.folder}: no tensor {key!r} in the checkpoint")
+            value = self.checkpoint.read(key)
+            set_module_tensor_to_device(module, name, "cpu", value=value.to(self.dtype))
+        if module in set(get_blocks(self.model)):
+            self.materialized_blocks += 1
+            self.peak_materialized_blocks = max(self.peak_materialized_blocks, self.materialized_blocks)
+
+    def release(self, block: nn.Module) -> None:
+        """Back to the meta device (a block read only to be evaluated, before quantization)."""
+        block.to("meta")
+        self.materialized_blocks -= 1
+
+    def load_all_but_blocks(self) -> None:
+        blocks = set(get_blocks(self.model))
+        for name, module in self.model.named_modules():
+            inside_block = any(get_submodule(self.model, p) in blocks for p in _parents(name))
+            if module not in blocks and not inside_block and not list(module.children()):
+                self.load(module)
+        self.model.tie_weights()
+
+    def pack_block(self, block: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+        """Keep only the packed integers of the block's quantized linears (layouts the GPTQ format
+        cannot hold stay dense), and count the block as released."""
+        for name, qw in quantized.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = get_submodule(block, parent_name) if parent_name else block
+            old = getattr(parent, child)
+            try:
+                setattr(parent, child, QuantLinear.from_quantized(qw, old.bias, self.dtype))
+            except PackError:
+                continue  # the linear already holds the dequantized values
+        self.materialized_blocks -= 1
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def load_skeleton(path: str, dtype: torch.dtype) -> LazyModel:
+    """The model on the meta device (buffers such as rotary tables real), with everything outside the
+    decoder blocks read from the checkpoint."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.config.use_cache = False
+    lazy = LazyModel(model, ShardedCheckpoint(path), dtype)
+    lazy.load_all_but_blocks()
+    return lazy
