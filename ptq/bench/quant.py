@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     if args.write_checkpoint:
-        model = build_model(args.shape, args.layers, getattr(torch, args.dtype), torch.device("cpu"))
+        where = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # random init is fast there
+        model = build_model(args.shape, args.layers, getattr(torch, args.dtype), where)
         model.save_pretrained(args.write_checkpoint, max_shard_size="2GB")
         print(json.dumps({"written": args.write_checkpoint, "bytes": sum(
             p.numel() * p.element_size() for p in model.parameters())}))  # fmt: skip
