@@ -82,37 +82,29 @@ class Cache:
         os.replace(tmp, path)  # atomic: a concurrent job sees the old state or the whole entry
         path.with_suffix(".deps.json").write_text(json.dumps(deps, indent=1, sort_keys=True, default=str))
 
-    def tensors(self, kind: str, deps: dict, compute) -> dict[str, torch.Tensor]:
-        """``compute()`` -> dict of tensors (and JSON-able values), or the stored result for ``deps``."""
+    def _get(self, kind: str, deps: dict, compute, suffix: str, read, write):
         if not self.enabled:
             return compute()
         key = self.key(kind, deps)
-        path = self.root / f"{key}.pt"
+        path = self.root / f"{key}{suffix}"
         if path.is_file():
             try:
-                value = torch.load(path, weights_only=True)
+                value = read(path)
                 self.hits.append(key)
                 log.info("cache: %s from %s", kind, path)
                 return value
             except Exception as err:  # a damaged entry is recomputed, never trusted
                 log.warning("cache: ignoring unreadable %s (%s)", path, err)
         value = compute()
-        self._write(path, lambda p: torch.save(value, p), deps)
+        self._write(path, lambda p: write(value, p), deps)
         return value
 
+    def tensors(self, kind: str, deps: dict, compute) -> dict[str, torch.Tensor]:
+        """``compute()`` -> dict of tensors (and JSON-able values), or the stored result for ``deps``."""
+        return self._get(kind, deps, compute, ".pt", lambda p: torch.load(p, weights_only=True), torch.save)
+
     def json(self, kind: str, deps: dict, compute) -> dict:
-        if not self.enabled:
-            return compute()
-        key = self.key(kind, deps)
-        path = self.root / f"{key}.json"
-        if path.is_file():
-            try:
-                value = json.loads(path.read_text())
-                self.hits.append(key)
-                log.info("cache: %s from %s", kind, path)
-                return value
-            except ValueError as err:
-                log.warning("cache: ignoring unreadable %s (%s)", path, err)
-        value = compute()
-        self._write(path, lambda p: p.write_text(json.dumps(value)), deps)
-        return value
+        """``compute()`` -> a JSON-able dict, or the stored result for ``deps``."""
+        return self._get(
+            kind, deps, compute, ".json", lambda p: json.loads(p.read_text()), lambda v, p: p.write_text(json.dumps(v))
+        )
