@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptq.models import get_submodule, is_linear
+from ptq.models import get_submodule, get_weight, is_linear
 from ptq.quant.format import QuantizedWeight, QuantSpec
 from ptq.quant.linear import QuantLinear
-from ptq.quant.pack import PACKED_BITS, WORD, PackError, check_packable, pack_gptq
+from ptq.quant.pack import PACKED_BITS, WORD, PackError, StorageCount, check_packable, nbytes, pack_gptq
 
 WEIGHTS = "model.safetensors"
 SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
@@ -36,34 +36,18 @@ class PackedStore:
     def add(self, name: str, qw: QuantizedWeight) -> None:
         self.tensors[name] = {k: v.to("cpu", copy=True) for k, v in pack_gptq(qw).items()}  # own storage each
         self.spec = qw.spec
-        default = torch.arange(qw.g_idx.numel(), device=qw.g_idx.device) // qw.spec.group_size_for(qw.g_idx.numel())
-        self.act_order |= not torch.equal(qw.g_idx.long(), default)
+        self.act_order |= not qw.has_contiguous_groups()
 
 
-def check_savable(bits: int, act_bits: int | None, model: nn.Module, linear_names: list[str]) -> None:
-    """Fail before quantizing if the result could not be saved in the GPTQ layout."""
-    if bits not in PACKED_BITS:
-        raise PackError(
-            f"save=true: bits={bits} has no packed GPTQ layout; the formats that do are "
-            f"bits={', '.join(map(str, PACKED_BITS))}"
-        )
-    if act_bits is not None:
-        raise PackError(
-            "save=true writes weight-only GPTQ checkpoints; activation quantization (act_bits) has no "
-            "representation there: drop act_bits, or save=false"
-        )
-    for name in linear_names:
-        module = get_submodule(model, name)
-        out_features, in_features = _shape(module)
+def check_savable(bits: int, linears: dict[str, nn.Module]) -> None:
+    """Fail before quantizing if these linears could not be saved in the GPTQ layout (bit widths and
+    activation quantization are checked with the other settings, in ``ptq.config``)."""
+    for name, module in linears.items():
+        out_features, in_features = get_weight(module).shape
         try:
             check_packable(bits, in_features, out_features)
         except PackError as err:
             raise PackError(f"save=true: {name}: {err}") from None
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
 
 
 def quantization_config(spec: QuantSpec, act_order: bool) -> dict:
@@ -133,15 +117,14 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}):
-        parent_name, _, child = name.rpartition(".")
         old = get_submodule(model, name)
         if old is None or not is_linear(old):
             raise PackError(f"{path}: {name} holds packed weights but the model has no linear layer there")
-        out_features, in_features = _shape(old)
+        out_features, in_features = get_weight(old).shape
         if in_features % WORD or out_features % WORD:
             raise PackError(f"{path}: {name} is {out_features}x{in_features}, not packable")
         has_bias = f"{name}.bias" in state
-        setattr(get_submodule(model, parent_name), child, QuantLinear(in_features, out_features, spec, has_bias, dtype))
+        model.set_submodule(name, QuantLinear(in_features, out_features, spec, has_bias, dtype))
     result = model.load_state_dict(
         {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()},
         strict=False,
@@ -177,21 +160,10 @@ def module_bytes(model: nn.Module) -> int:
 
 
 def loaded_storage(model: nn.Module) -> dict:
-    """The storage summary (as ``ptq.quant.pack.StorageCount``) of a loaded checkpoint, from its buffers."""
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    weights = sum(m.in_features * m.out_features for m in linears)
-    linear_bytes = sum(getattr(m, k).numel() * getattr(m, k).element_size()
-                       for m in linears for k in ("qweight", "qzeros", "scales", "g_idx"))  # fmt: skip
-    other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    total = linear_bytes + 2 * other
-    return {
-        "format": "gptq",
-        "quantized_linears": len(linears),
-        "padded_linears": 0,
-        "linear_weights": weights,
-        "linear_bytes": linear_bytes,
-        "bits_per_weight": 8 * linear_bytes / weights if weights else None,
-        "other_params": other,
-        "model_bytes": total,
-        "bits_per_param": 8 * total / (weights + other),
-    }
+    """The storage summary (``ptq.quant.pack.StorageCount``) of a loaded checkpoint, from its buffers."""
+    count = StorageCount()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            packed = {k: getattr(m, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            count.add_packed(name, m.in_features * m.out_features, nbytes(packed))
+    return count.summary(model)

@@ -60,6 +60,7 @@ class LazyModel:
     def __init__(self, model: nn.Module, checkpoint: ShardedCheckpoint, dtype: torch.dtype) -> None:
         self.model, self.checkpoint, self.dtype = model, checkpoint, dtype
         self.names = {id(m): name for name, m in model.named_modules()}
+        self.block_ids = {id(b) for b in get_blocks(model)}
         self.materialized_blocks = 0
         self.peak_materialized_blocks = 0
 
@@ -76,7 +77,7 @@ class LazyModel:
                 raise PackError(f"{self.checkpoint.folder}: no tensor {key!r} in the checkpoint")
             value = self.checkpoint.read(key)
             set_module_tensor_to_device(module, name, "cpu", value=value.to(self.dtype))
-        if module in set(get_blocks(self.model)):
+        if id(module) in self.block_ids:
             self.materialized_blocks += 1
             self.peak_materialized_blocks = max(self.peak_materialized_blocks, self.materialized_blocks)
 
@@ -86,10 +87,9 @@ class LazyModel:
         self.materialized_blocks -= 1
 
     def load_all_but_blocks(self) -> None:
-        blocks = set(get_blocks(self.model))
-        for name, module in self.model.named_modules():
-            inside_block = any(get_submodule(self.model, p) in blocks for p in _parents(name))
-            if module not in blocks and not inside_block and not list(module.children()):
+        in_blocks = {id(m) for b in get_blocks(self.model) for m in b.modules()}
+        for module in self.model.modules():
+            if id(module) not in in_blocks and not list(module.children()):
                 self.load(module)
         self.model.tie_weights()
 
@@ -97,19 +97,11 @@ class LazyModel:
         """Keep only the packed integers of the block's quantized linears (layouts the GPTQ format
         cannot hold stay dense), and count the block as released."""
         for name, qw in quantized.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = get_submodule(block, parent_name) if parent_name else block
-            old = getattr(parent, child)
             try:
-                setattr(parent, child, QuantLinear.from_quantized(qw, old.bias, self.dtype))
+                block.set_submodule(name, QuantLinear.from_quantized(qw, get_submodule(block, name).bias, self.dtype))
             except PackError:
                 continue  # the linear already holds the dequantized values
         self.materialized_blocks -= 1
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def load_skeleton(path: str, dtype: torch.dtype) -> LazyModel:

@@ -123,6 +123,7 @@ class BlockContext:
     stats: dict = field(default_factory=dict)  # what the steps report, per layer
     timings: dict = field(default_factory=dict)  # seconds per phase (e.g. hessian_s, solve_s), summed
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # integer weights, by linear name
+    peak_gpu_bytes: dict = field(default_factory=dict)  # CUDA: highest allocation so far, at each phase's end
 
     def set_quantized(self, name: str, qweight: QuantizedWeight) -> None:
         """Give linear ``name`` its quantized weight: the dequantized values (in the weight's dtype)
@@ -133,8 +134,8 @@ class BlockContext:
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
-        if self.device.type == "cuda":  # where the GPU memory peak is reached (bytes, highest so far)
-            self.timings[f"{phase}_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.device.type == "cuda":  # shows in which phase the GPU memory peak is reached
+            self.peak_gpu_bytes[phase] = torch.cuda.max_memory_allocated(self.device)
 
     @torch.no_grad()
     def _each_chunk(self, stop_early: bool = False, max_tokens: int | None = None):
@@ -274,7 +275,10 @@ def run_blocks(
             block.to(home)
         _sync(device)
         seconds = time.perf_counter() - start
-        report["blocks"].append({"index": index, "seconds": seconds, "timings": ctx.timings, "layers": ctx.stats})
+        report["blocks"].append(
+            {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
+             "layers": ctx.stats}
+        )  # fmt: skip
         log.info("block %d/%d quantized in %.2f s", index + 1, len(blocks), seconds)
     return report
 

@@ -43,10 +43,6 @@ def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
     return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
 
 
-def _block_linears(model) -> list:
-    return [linear for block in models.get_blocks(model) for linear in models.block_linears(model, block).values()]
-
-
 def evaluate(
     model, tokenizer, windows: dict, tasks: list[tuple[str, str]], cfg: RunConfig, device: torch.device, lazy=None
 ) -> tuple[dict, float]:
@@ -161,9 +157,11 @@ def run(cfg: RunConfig) -> dict:
     timings["load_s"] = time.perf_counter() - t
     store = None
     if cfg.save:  # before any heavy work: can every linear be packed?
-        names = [n for n, mod in model.named_modules() if mod in set(_block_linears(model))]
+        names = {id(mod): name for name, mod in model.named_modules()}
+        linears = {names[id(mod)]: mod for block in models.get_blocks(model)
+                   for mod in models.block_linears(model, block).values()}  # fmt: skip
         try:
-            checkpoint.check_savable(cfg.bits, cfg.act_bits, model, names)
+            checkpoint.check_savable(cfg.bits, linears)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         store = checkpoint.PackedStore()
@@ -187,7 +185,7 @@ def run(cfg: RunConfig) -> dict:
         "eval": {k: v for k, v in asdict(cfg.eval).items() if k not in ("ppl", "max_windows", "seqlen", "baseline")},
         "offload": cfg.offload,
         "seed": cfg.seed,
-        "versions": {k: environment(device)[k] for k in ("torch", "transformers", "lm_eval", "ptq")},
+        "versions": {k: v for k, v in environment(device).items() if k in ("torch", "transformers", "lm_eval", "ptq")},
     }
 
     def evaluate_full_precision() -> dict:

@@ -27,7 +27,7 @@ import torch
 
 from ptq.bench.quant import SHAPES, build_model
 from ptq.checkpoint import module_bytes
-from ptq.models import block_linears, get_blocks, get_submodule, get_weight
+from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import QuantSpec, quantize_weight
 from ptq.quant.linear import Int8Linear, QuantLinear
 from ptq.results import environment
@@ -42,14 +42,13 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
         return
     for block in get_blocks(model):
         for name, linear in block_linears(model, block).items():
-            parent_name, _, child = name.rpartition(".")
             if fmt == "w8a8":
                 new = Int8Linear(get_weight(linear), linear.bias)
             else:
                 qw = quantize_weight(get_weight(linear), QuantSpec(4, group_size, False))
                 new = QuantLinear.from_quantized(qw, linear.bias, torch.bfloat16)
                 new.use_int4_kernel()
-            setattr(get_submodule(block, parent_name), child, new)
+            block.set_submodule(name, new)
             del linear
     torch.cuda.empty_cache()
 

@@ -136,11 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         phases: dict = {}
         for block in report["blocks"]:
             for phase, value in block["timings"].items():
-                if phase.endswith("_peak_gpu_bytes"):  # highest so far: keep the first block's and the last
-                    phases.setdefault(f"{phase}_block0", value)
-                    phases[phase] = value
-                else:
-                    phases[phase] = phases.get(phase, 0.0) + value
+                phases[phase] = phases.get(phase, 0.0) + value
+            for phase, value in block["peak_gpu_bytes"].items():  # highest so far: the first block's and the last
+                phases.setdefault(f"{phase}_peak_gpu_bytes_block0", value)
+                phases[f"{phase}_peak_gpu_bytes"] = value
         run = {
             "rep": rep,
             "seconds": seconds,

@@ -37,7 +37,7 @@ from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
 from ptq.models import arch_for, get_weight, scale_groups, set_weight
 from ptq.pipeline import BlockContext
-from ptq.quant import QuantSpec, compute_qparams, fake_quantize, fake_quantize_weight
+from ptq.quant import QuantSpec, compute_qparams, fake_quantize, fake_quantize_weight, group_rows
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,9 @@ def weight_channel_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.T
     """Mean over rows of |W| normalized by each quantization group's max (AutoAWQ's duo scaling)."""
     w = torch.cat([x.float() for x in weights]).abs()
     rows, columns = w.shape
-    g, n = spec.group_size_for(columns), spec.num_groups(columns)
-    grouped = torch.nn.functional.pad(w, (0, n * g - columns)).reshape(rows, n, g)
+    grouped = group_rows(w, spec).reshape(rows, spec.num_groups(columns), -1)
     normalized = grouped / (grouped.amax(dim=2, keepdim=True) + 1e-6)
-    return normalized.reshape(rows, n * g)[:, :columns].mean(dim=0)
+    return normalized.reshape(rows, -1)[:, :columns].mean(dim=0)
 
 
 def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,9 +78,8 @@ def search_clip(
     Returns the thresholds and the chosen ratios (1 - i/n_grid)."""
     rows, columns = weight.shape
     g, n = spec.group_size_for(columns), spec.num_groups(columns)
-    pad = n * g - columns
-    w_all = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(rows, n, g)
-    x = torch.nn.functional.pad(x.float(), (0, pad)).reshape(-1, n, g)
+    w_all = group_rows(weight.float(), spec).reshape(rows, n, g)
+    x = group_rows(x.float(), spec).reshape(-1, n, g)
     ratios = []
     for w in w_all.split(rows_per_batch):
         reference = torch.einsum("rgk,tgk->rtg", w, x)

@@ -8,6 +8,7 @@ from ptq.quant.format import (
     fake_quantize,
     fake_quantize_weight,
     group_qparams,
+    group_rows,
     quantize,
     quantize_weight,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_weight",
     "group_qparams",
+    "group_rows",
     "quantize",
     "quantize_weight",
 ]

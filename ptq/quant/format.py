@@ -86,18 +86,22 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return dequantize(quantize(x, scale, zero, maxq), scale, zero).to(x.dtype)
 
 
-def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points for every group of a [out, in] weight: each [out, num_groups], fp32.
+def group_rows(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A [out, in] weight as one row per group, [out * num_groups, group_size] (fp32), zero-padded.
 
     A partial last group (``in`` not a multiple of the group size) gets its own parameters from
-    its real columns only: the zero padding added here never changes min(x, 0) or max(x, 0).
+    its real columns only: the zero padding never changes min(x, 0) or max(x, 0).
     """
     out_features, in_features = weight.shape
     g = spec.group_size_for(in_features)
     n = spec.num_groups(in_features)
-    padded = torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features))
-    scale, zero = compute_qparams(padded.reshape(out_features * n, g), spec)
-    return scale.reshape(out_features, n), zero.reshape(out_features, n)
+    return torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features)).reshape(out_features * n, g)
+
+
+def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points for every group of a [out, in] weight: each [out, num_groups], fp32."""
+    scale, zero = compute_qparams(group_rows(weight, spec), spec)
+    return scale.reshape(weight.shape[0], -1), zero.reshape(weight.shape[0], -1)
 
 
 @dataclass
@@ -116,14 +120,17 @@ class QuantizedWeight:
             self.qweight[start:stop], self.scale[start:stop], self.zero[start:stop], self.g_idx, self.spec
         )
 
+    def has_contiguous_groups(self) -> bool:
+        """Whether column j belongs to group j // group_size (False after act-order reordering)."""
+        return torch.equal(self.g_idx, default_g_idx(self.g_idx.numel(), self.spec, self.g_idx.device))
+
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.qweight.shape
-        if torch.equal(self.g_idx, default_g_idx(in_features, self.spec, self.g_idx.device)):
+        if self.has_contiguous_groups():
             # Contiguous groups: broadcast each group's parameters over a reshape (no [out, in] gathers).
-            g, n = self.spec.group_size_for(in_features), self.scale.shape[1]
-            q = torch.nn.functional.pad(self.qweight.float(), (0, n * g - in_features)).reshape(out_features, n, g)
+            q = group_rows(self.qweight.float(), self.spec).reshape(out_features, self.scale.shape[1], -1)
             w = dequantize(q, self.scale[:, :, None], self.zero[:, :, None])
-            return w.reshape(out_features, n * g)[:, :in_features]
+            return w.reshape(out_features, -1)[:, :in_features]
         cols = self.g_idx.long()
         return dequantize(self.qweight.float(), self.scale[:, cols], self.zero[:, cols])
 
@@ -135,11 +142,10 @@ def default_g_idx(in_features: int, spec: QuantSpec, device=None) -> torch.Tenso
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest of a [out, in] weight: the RTN baseline and the reference grid for all methods."""
     out_features, in_features = weight.shape
-    g = spec.group_size_for(in_features)
+    rows = group_rows(weight, spec)
+    scale, zero = compute_qparams(rows, spec)
     n = spec.num_groups(in_features)
-    padded = torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features)).reshape(out_features * n, g)
-    scale, zero = compute_qparams(padded, spec)
-    q = quantize(padded, scale, zero, spec.maxq).reshape(out_features, n * g)[:, :in_features]
+    q = quantize(rows, scale, zero, spec.maxq).reshape(out_features, -1)[:, :in_features]
     return QuantizedWeight(
         q.to(torch.uint8), scale.reshape(out_features, n), zero.reshape(out_features, n),
         default_g_idx(in_features, spec, weight.device), spec,
@@ -153,9 +159,7 @@ def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     one reshape (no codes or column gathers): the inner loop of AWQ's searches.
     """
     out_features, in_features = weight.shape
-    g = spec.group_size_for(in_features)
-    n = spec.num_groups(in_features)
-    padded = torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features)).reshape(out_features * n, g)
-    scale, zero = compute_qparams(padded, spec)
-    rounded = fake_quantize(padded, scale, zero, spec.maxq).reshape(out_features, n * g)
+    rows = group_rows(weight, spec)
+    scale, zero = compute_qparams(rows, spec)
+    rounded = fake_quantize(rows, scale, zero, spec.maxq).reshape(out_features, -1)
     return rounded[:, :in_features].to(weight.dtype)

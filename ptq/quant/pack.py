@@ -136,8 +136,12 @@ class StorageCount:
             # holding their contents (an 8B model's packing would cost GPU memory and time).
             meta = QuantizedWeight(*(t.to("meta") for t in (qw.qweight, qw.scale, qw.zero, qw.g_idx)), qw.spec)
             self._bytes[key] = nbytes(pack_gptq(meta, pad=padded))
-        self.linear_weights += out_features * in_features
-        self.linear_bytes += self._bytes[key]
+        self.add_packed(name, out_features * in_features, self._bytes[key], padded)
+
+    def add_packed(self, name: str, weights: int, stored_bytes: int, padded: bool = False) -> None:
+        """Count a linear of ``weights`` weights stored in ``stored_bytes`` (e.g. a loaded checkpoint's)."""
+        self.linear_weights += weights
+        self.linear_bytes += stored_bytes
         self.padded += padded
         self.names.add(name)
 
