@@ -24,6 +24,7 @@ import torch
 
 from ptq.methods import gptq_kernel
 from ptq.methods.base import Method
+from ptq.methods.stats import GRAM_PRODUCTS, add_gram
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize, group_qparams, quantize
@@ -105,12 +106,13 @@ def gptq_quantize(
 
     Works in fp32 (float64 if given float64). Returns the quantized weight (codes, group scales and
     zeros, ``g_idx`` in original column order), the per-row reconstruction loss, and solver info.
-    ``consume``: W and H (already fp32/fp64) may be overwritten, saving a copy of each; H's memory is
-    released (its storage emptied) as soon as the inverse factor exists.
+    ``consume``: H (already fp32/fp64) may be overwritten, saving a copy, and its memory is released
+    (its storage emptied) as soon as the inverse factor exists. W is never modified; its fp32 working
+    copy is made only after the factorization, so the two are not alive together at the solve's
+    memory peak (Llama-3-8B's down_proj: 822 MB for H and as much for each factorization temporary).
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     given = H
-    W = W.to(work) if consume else W.to(work).clone()
     H = H.to(work) if consume else H.to(work).clone()
     rows, columns = W.shape
     maxq = spec.maxq
@@ -118,18 +120,19 @@ def gptq_quantize(
 
     dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
-    W[:, dead] = 0
 
     if static_groups:  # group parameters from the original weights, before any column is updated
-        static_scale, static_zero = group_qparams(W, spec)
+        static_scale, static_zero = group_qparams(W.to(work).masked_fill(dead, 0), spec)
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
-        W = W[:, perm]
         H = H[perm][:, perm]
     Hinv, info = inverse_hessian_cholesky(H, percdamp)
     del H
     if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
         given.untyped_storage().resize_(0)
+    W = W.to(work, copy=True).masked_fill_(dead, 0)
+    if perm is not None:
+        W = W[:, perm]
 
     num_groups = spec.num_groups(columns)
     scale = torch.zeros(rows, num_groups, dtype=work, device=W.device)
@@ -170,7 +173,7 @@ def gptq_quantize(
             Err1 = _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups)
         # Loss of each column: (w - q)^2 / [H^-1]_jj^2 / 2 (the reference's Losses), i.e. err^2 / 2.
         losses += (Err1**2).sum(dim=1) / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no [rows, columns] temporary
 
     g_idx = group_of.to(torch.int32)
     if perm is not None:
@@ -178,29 +181,6 @@ def gptq_quantize(
         codes, g_idx = codes[:, inverse], g_idx[inverse]
     qweight = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, spec)
     return qweight, losses, info
-
-
-HESSIAN_PRODUCTS = ("auto", "fp32")
-GRAM_ROWS = 4096
-
-
-def add_gram(total: torch.Tensor, x: torch.Tensor, products: str = "auto") -> None:
-    """total += x^T x, accumulated in fp32.
-
-    ``auto``: when x is bf16/fp16 on CUDA, multiply in its own dtype on the tensor cores with fp32
-    output. The inputs lose nothing (they are already bf16/fp16 and their products are exact in
-    fp32); the sums are fp32, in cuBLAS's order. Measured on an H100 against float64 (16384 tokens x 512 channels,
-    tests/test_gpu.py): relative error 2.8e-5, against 1.8e-6 with fp32 products; cuBLAS's reduction
-    order for bf16 GEMMs is coarser. Both are far below the 1% damping GPTQ adds to H. (~8x faster
-    than fp32 CUDA-core products for Llama-3-8B's 14336-wide down_proj input.) fp32 inputs, the CPU
-    and ``fp32`` use fp32 products."""
-    if products == "auto" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        for rows in range(0, x.shape[1], GRAM_ROWS):  # row blocks: a 235 MB temporary at most, not 822 MB
-            block = x[:, rows : rows + GRAM_ROWS]
-            total[rows : rows + GRAM_ROWS] += torch.mm(block.t(), x, out_dtype=torch.float32)
-    else:
-        x = x.float()
-        total.addmm_(x.t(), x)
 
 
 class GPTQ(Method):
@@ -218,8 +198,8 @@ class GPTQ(Method):
         hessian: str = "auto",
     ) -> None:
         super().__init__(spec)
-        if hessian not in HESSIAN_PRODUCTS:
-            raise ValueError(f"gptq.hessian={hessian!r} is unknown; choose one of {', '.join(HESSIAN_PRODUCTS)}")
+        if hessian not in GRAM_PRODUCTS:
+            raise ValueError(f"gptq.hessian={hessian!r} is unknown; choose one of {', '.join(GRAM_PRODUCTS)}")
         self.hessian = hessian
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"gptq.block_size={block_size!r} must be a whole number of at least 1 (default 128)")
@@ -252,7 +232,7 @@ class GPTQ(Method):
         as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB)."""
         start = time.perf_counter()
         weights = [get_weight(ctx.linears[name]) for name in group]
-        stacked = torch.cat([w.float() for w in weights], dim=0)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
         qweight, losses, info = gptq_quantize(
             stacked, hessians.pop(group[0]), self.spec, self.block_size, self.percdamp, self.act_order,
             self.static_groups, consume=True,
