@@ -273,3 +273,39 @@ def test_scale_search_reads_at_most_search_tokens(monkeypatch, search_tokens, ch
         options=options,
     )
     assert seen and set(seen) == {chunks}
+
+
+@pytest.mark.parametrize(("search_tokens", "sampled"), [(None, [0, 1]), (64, [0, 1]), (32, [0])])
+def test_clip_samples_the_tokens_the_scale_search_read(monkeypatch, search_tokens, sampled):
+    """The clip sample is spread over the first ``search_tokens`` tokens: only those chunks are run."""
+    seen = []
+    original = search_clip
+
+    def spy(weight, x, *args):
+        seen.append(x.clone())
+        return original(weight, x, *args)
+
+    monkeypatch.setattr("ptq.methods.awq.search_clip", spy)
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))  # 2 chunks of 2 x 16 tokens
+    model = tiny_model("llama")
+    ptq.quantize(
+        model, method="awq", bits=4, group_size=16, calib=calib, device="cpu", batch_size=2,
+        options={"awq": {"search_tokens": search_tokens, "clip_tokens": 8}},
+    )  # fmt: skip
+    # Block 0's first clipped linear is v_proj; it reads the normed embeddings (the norm now holds the
+    # folded scales, as it did during the clip search): every 4th of the tokens read, 8 in all.
+    with torch.no_grad():
+        normed = get_blocks(model)[0].input_layernorm(model.model.embed_tokens(calib[: 2 * len(sampled)]))
+    tokens_read = normed.shape[0] * normed.shape[1]
+    want = normed.reshape(tokens_read, -1)[:: tokens_read // 8][:8]
+    torch.testing.assert_close(seen[0], want)
+
+
+@pytest.mark.parametrize("batch_elements", [1, 500, 2**26])
+def test_clip_search_result_does_not_depend_on_the_row_batches(batch_elements):
+    spec = QuantSpec(3, 16)
+    weight = torch.randn(24, 48, generator=torch.Generator().manual_seed(0))
+    x = outlier_inputs(64, 48, seed=1)
+    want = search_clip(weight, x, spec, 20, 0.5, 2**30)
+    got = search_clip(weight, x, spec, 20, 0.5, batch_elements)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -90,6 +90,29 @@ def test_awq_search_on_gpu_makes_the_cpu_choice(bits):
     torch.testing.assert_close(losses_gpu.cpu(), losses_cpu, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_awq_scores_from_bf16_products_make_the_fp32_choice(bits):
+    """With bf16 activations on CUDA the lone-linear search builds X^T X and scores E G on the tensor
+    cores (ptq/methods/stats.py); the same bf16 values promoted to fp32 take the fp32 path. With G
+    rounded to bf16 in one part the losses moved by 6.5e-4 here; split in two parts, by 2.5e-5 on an
+    H100 (cuBLAS's bf16 reduction order; 2e-7 when emulated in float64), against gaps of 1.4e-2."""
+    from ptq.methods.awq import AWQ
+    from tests.test_awq import lone_linear_group, outlier_inputs
+
+    spec = QuantSpec(bits, 128)
+    x = outlier_inputs(8192, 1024, seed=0).bfloat16().cuda()
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1)).bfloat16()
+    block, group = lone_linear_group(weight)
+    block.cuda()
+    _, alpha_fast, losses_fast = AWQ(spec).search_scale(group, [((x,), {})])
+    _, alpha_fp32, losses_fp32 = AWQ(spec).search_scale(group, [((x.float(),), {})])
+    assert alpha_fast == alpha_fp32 > 0
+    worst = ((losses_fast - losses_fp32).abs() / losses_fp32).max().item()
+    gaps = (losses_fp32[1:] - losses_fp32[:-1]).abs() / losses_fp32[1:]
+    print(f"bf16 scoring: worst relative loss error {worst:.2e}; smallest gap between neighbours {gaps.min():.2e}")
+    assert worst < 1e-4
+
+
 SOLVER_CASES = [  # (bits, group, sym, act_order, static_groups, block_size, columns)
     (4, 128, False, False, False, 128, 512),  # the default: groups start on lazy-block boundaries
     (3, 64, True, False, False, 128, 576),  # two groups per block, a partial last block (SmolLM2's 576)
@@ -144,7 +167,7 @@ def test_stories260k_gpu_quantized_weights_match_cpu():
 
 
 def test_half_precision_gram_products_stay_far_below_the_damping():
-    from ptq.methods.gptq import add_gram
+    from ptq.methods.stats import add_gram
 
     x = (torch.randn(16384, 512, device="cuda") * torch.linspace(0.01, 30, 512, device="cuda")).bfloat16()
     fast = torch.zeros(512, 512, device="cuda")

@@ -13,14 +13,16 @@ compared; see ``ScaleGroup`` in ptq/models.py):
 2. Clipping search (``clip``): per quantization group, shrink the weight range to max|w| * (1 - i/n)
    for i < ``clip_max_shrink`` * n and keep the value with the lowest output error on a sample of
    ``clip_tokens`` input tokens. q/k projections are not clipped (the reference skips them).
-
-The scale search reads the first calibration chunks up to ``search_tokens`` tokens (default 65,536:
-the reference's whole calibration budget, 128 x 512). Calibration windows are drawn at random, so
-these are a random subset; with 128 x 2048 calibration tokens this does a quarter of the work.
 3. Round to nearest, unless a later step (``awq+gptq``) quantizes the weights.
 
 When the compared module is one linear, the output MSE is computed from E = W_q - W and the input's
 Gram matrix, tr(E X^T X E^T) / (tokens * rows): the same number, without running the module.
+
+Both searches read the first calibration chunks up to ``search_tokens`` tokens (default 65,536: the
+reference's whole calibration budget, 128 x 512); the clip sample is every k-th of those tokens.
+Calibration windows are drawn at random, so these are a random subset; with 128 x 2048 calibration
+tokens this does a quarter of the work.
+
 Each group's inputs are re-captured after the earlier groups' scales were folded in, so they are
 already in the scaled domain. Losses stay on the device until the search of a group ends.
 """
@@ -35,6 +37,7 @@ import torch
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
+from ptq.methods.stats import add_gram, half_precision_products, quadratic_form_sum, split_bf16
 from ptq.models import arch_for, get_weight, scale_groups, set_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantSpec, compute_qparams, fake_quantize, fake_quantize_weight, group_rows
@@ -64,25 +67,43 @@ def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | 
     return s / (s.max() * s.min()).sqrt()
 
 
+def scaled_fake_quantize(
+    weight: torch.Tensor, s: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1, the weights AWQ tries for scales s, in W's dtype (computed in fp32).
+    Written into ``out`` when given (a module's weight: no further copy)."""
+    rounded = fake_quantize_weight(torch.mul(weight, s), spec)  # fp32 (type promotion): one pass, no copy
+    return torch.div(rounded, s, out=torch.empty_like(weight) if out is None else out)
+
+
+CLIP_BATCH_ELEMENTS = 2**26  # weights searched at once: 256 MB in fp32 (a few such are alive)
+
+
 def search_clip(
     weight: torch.Tensor,
     x: torch.Tensor,
     spec: QuantSpec,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    rows_per_batch: int = 256,
+    batch_elements: int = CLIP_BATCH_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group clipping threshold [rows, groups] for a [rows, columns] weight, given input tokens
     x [tokens, columns]: the candidate max|w| * (1 - i/n_grid), i < max_shrink * n_grid, whose
     rounded weights give the lowest mean squared output error of the group's partial product.
-    Returns the thresholds and the chosen ratios (1 - i/n_grid)."""
+    Returns the thresholds and the chosen ratios (1 - i/n_grid).
+
+    The error of a group's weights w_q - w over the tokens is mean_t (x_t . e)^2 = e G e^T / tokens,
+    with G = X_g^T X_g the group's [g, g] input Gram matrix: the same number as running the tokens
+    (the reference does), with g instead of ``tokens`` products per weight. Rows are searched in
+    batches of about ``batch_elements`` weights."""
     rows, columns = weight.shape
     g, n = spec.group_size_for(columns), spec.num_groups(columns)
     w_all = group_rows(weight.float(), spec).reshape(rows, n, g)
-    x = group_rows(x.float(), spec).reshape(-1, n, g)
+    x = group_rows(x.float(), spec).reshape(-1, n, g).transpose(0, 1)  # [groups, tokens, g]
+    gram = torch.bmm(x.transpose(1, 2), x).div_(x.shape[1])  # [groups, g, g]
+    rows_per_batch = max(1, batch_elements // (n * g))
     ratios = []
     for w in w_all.split(rows_per_batch):
-        reference = torch.einsum("rgk,tgk->rtg", w, x)
         original_max = w.abs().amax(dim=2, keepdim=True)
         best_err = torch.full(original_max.shape[:2], float("inf"), device=w.device)
         best_ratio = torch.ones_like(best_err)
@@ -90,8 +111,8 @@ def search_clip(
             ratio = 1 - i / n_grid
             clipped = torch.clamp(w, -original_max * ratio, original_max * ratio).reshape(-1, g)
             scale, zero = compute_qparams(clipped, spec)
-            rounded = fake_quantize(clipped, scale, zero, spec.maxq).reshape(w.shape)
-            err = (torch.einsum("rgk,tgk->rtg", rounded, x) - reference).pow(2).mean(dim=1)
+            error = fake_quantize(clipped, scale, zero, spec.maxq).reshape(w.shape).sub_(w).transpose(0, 1)
+            err = (torch.bmm(error, gram) * error).sum(dim=2).t()  # [rows, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_ratio = torch.where(better, ratio, best_ratio)
@@ -170,19 +191,19 @@ class AWQ(Method):
         losses, candidates = [], []
         for i in range(self.n_grid):
             s = candidate_scales(x_mean, i / self.n_grid, w_mean)
-            trial = {
-                name: (fake_quantize_weight(w.float() * s, self.spec) / s).to(w.dtype) for name, w in originals.items()
-            }
             if loss_of is not None:
-                losses.append(loss_of(trial))
+                (weight,) = originals.values()
+                losses.append(loss_of(scaled_fake_quantize(weight, s, self.spec)))
             else:
                 for name, linear in group.linears.items():
-                    set_weight(linear, trial[name])
+                    scaled_fake_quantize(originals[name], s, self.spec, out=get_weight(linear))
                 total = torch.zeros((), device=x_mean.device)
                 count = 0
                 for (args, kwargs), reference in zip(calls, references, strict=True):
                     out = _output(group.inspect(*args, **kwargs))
-                    total += (out.float() - reference.float()).pow(2).sum()
+                    # The difference in the outputs' dtype, squared and summed in fp32: for bf16 each
+                    # term is off by <= 2^-8 relative, independently, so the sum by ~2^-8 / sqrt(terms).
+                    total += torch.linalg.vector_norm(out - reference, dtype=torch.float32).square()
                     count += out.numel()
                 losses.append(total / count)
             candidates.append(s)
@@ -198,18 +219,19 @@ class AWQ(Method):
 
     @staticmethod
     def _gram_loss(group: BlockGroup, inputs: list[torch.Tensor], tokens: int):
-        """Output MSE of a lone linear from its inputs' Gram matrix: mean over tokens and rows of (E x)^2."""
-        ((name, linear),) = group.linears.items()
+        """Output MSE of a lone linear from its inputs' Gram matrix: mean over tokens and rows of (E x)^2.
+        With bf16/fp16 activations on CUDA, G is built and applied on the tensor cores (ptq/methods/stats.py)."""
+        (linear,) = group.linears.values()
         channels = group.channels
         gram = torch.zeros(channels, channels, device=inputs[0].device)
         for x in inputs:
-            x = x.reshape(-1, channels).float()
-            gram.addmm_(x.t(), x)
-        original = get_weight(linear).float()
+            add_gram(gram, x.reshape(-1, channels))
+        gram_parts = split_bf16(gram) if half_precision_products(inputs[0]) else None
+        original = get_weight(linear)
 
-        def loss(trial: dict[str, torch.Tensor]) -> torch.Tensor:
-            error = trial[name].float() - original
-            return ((error @ gram) * error).sum() / (tokens * error.shape[0])
+        def loss(trial: torch.Tensor) -> torch.Tensor:
+            error = trial.to(torch.float32, copy=True).sub_(original)
+            return quadratic_form_sum(error, gram, gram_parts) / (tokens * error.shape[0])
 
         return loss
 
@@ -219,14 +241,16 @@ class AWQ(Method):
         targets = {name: linear for name, linear in ctx.linears.items() if name not in self.no_clip}
         if not targets:
             return
-        total = sum(chunk.shape[0] * chunk.shape[1] for chunk in ctx.inputs.chunks)
+        # Every step-th token of the tokens the scale search read (the reference samples its whole
+        # 128 x 512 calibration set the same way): one forward over those chunks, not all of them.
+        total = sum(chunk.shape[0] * chunk.shape[1] for chunk in ctx.chunks(self.search_tokens))
         step = max(1, total // self.clip_tokens)
         samples: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
 
         def keep(name: str, x: torch.Tensor) -> None:
             samples[name].append(x.reshape(-1, x.shape[-1])[::step])
 
-        ctx.forward_with_input_hooks(targets, keep)
+        ctx.forward_with_input_hooks(targets, keep, self.search_tokens)
         for name, linear in targets.items():
             weight = get_weight(linear)
             x = torch.cat(samples[name])[: self.clip_tokens]
@@ -237,8 +261,8 @@ class AWQ(Method):
     def quantize_block(self, ctx: BlockContext) -> None:
         if self.groups is None:
             raise RuntimeError("AWQ.prepare(config) must run before quantize_block")
-        start = time.perf_counter()
         for group in resolve_groups(ctx.block, self.groups, ctx.index):
+            start = time.perf_counter()
             calls = ctx.capture_calls(group.inspect, self.search_tokens)
             scales, alpha, losses = self.search_scale(group, calls)
             del calls
@@ -246,7 +270,9 @@ class AWQ(Method):
             stats = {"awq_alpha": alpha, "awq_loss": losses.min().item(), "awq_loss_alpha0": losses[0].item()}
             for name in group.linears:
                 ctx.stats.setdefault(name, {}).update(stats)
-        ctx.add_time("scale_search_s", time.perf_counter() - start)
+            seconds = time.perf_counter() - start  # (.item() above waited for the device)
+            ctx.add_time("scale_search_s", seconds)
+            ctx.add_time(f"scale_search[{group.group.inspect}]_s", seconds)
         if self.clip:
             start = time.perf_counter()
             self._clip(ctx)

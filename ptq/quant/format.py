@@ -55,9 +55,8 @@ def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
 
 def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``x`` ([rows, cols]), in fp32. Both are [rows, 1]."""
-    x = _stat_dtype(x)
-    xmin = x.amin(dim=1, keepdim=True).clamp(max=0)
-    xmax = x.amax(dim=1, keepdim=True).clamp(min=0)
+    xmin, xmax = torch.aminmax(_stat_dtype(x), dim=1, keepdim=True)
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -82,20 +81,30 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Round ``x`` to the nearest grid point and return it in ``x``'s dtype."""
-    return dequantize(quantize(x, scale, zero, maxq), scale, zero).to(x.dtype)
+    """Round ``x`` to the nearest grid point and return it in ``x``'s dtype.
+
+    The numbers of dequantize(quantize(x)), in fewer passes over x (AWQ's searches call this for
+    every candidate): clamping round(x / scale) to [-zero, maxq - zero] equals clamping after adding
+    the integer zero point and subtracting it again, since all of these are small integers in fp32."""
+    q = torch.div(_stat_dtype(x), scale)
+    q.round_().clamp_(-zero, maxq - zero).mul_(scale)
+    return q.to(x.dtype)
 
 
 def group_rows(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """A [out, in] weight as one row per group, [out * num_groups, group_size] (fp32), zero-padded.
 
     A partial last group (``in`` not a multiple of the group size) gets its own parameters from
-    its real columns only: the zero padding never changes min(x, 0) or max(x, 0).
+    its real columns only: the zero padding never changes min(x, 0) or max(x, 0). Without padding
+    an fp32 weight is only reshaped: the result shares its memory (do not write into it).
     """
     out_features, in_features = weight.shape
     g = spec.group_size_for(in_features)
     n = spec.num_groups(in_features)
-    return torch.nn.functional.pad(_stat_dtype(weight), (0, n * g - in_features)).reshape(out_features * n, g)
+    weight = _stat_dtype(weight)
+    if n * g != in_features:
+        weight = torch.nn.functional.pad(weight, (0, n * g - in_features))
+    return weight.reshape(out_features * n, g)
 
 
 def group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
