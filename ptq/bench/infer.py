@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -191,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         del model
         torch.cuda.empty_cache()
+    command = " ".join(["python -m ptq.bench.infer", *(argv if argv is not None else sys.argv[1:])])
     summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
-               "steps": args.steps, "repeat": args.repeat, "formats": records, "env": environment(device)}  # fmt: skip
+               "steps": args.steps, "repeat": args.repeat, "formats": records, "env": environment(device),
+               "command": command}  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)

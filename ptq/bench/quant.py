@@ -8,8 +8,10 @@ run). Prints one JSON record per repetition and the median, and writes them to `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -61,6 +63,22 @@ def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torc
     return model.eval()
 
 
+def profile_ops(device: torch.device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def write_profile(profiler, path: str, device: torch.device, rows: int = 40) -> None:
+    """The ops that took the most time (on the GPU when there is one), as torch.profiler's table."""
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
@@ -77,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--option", action="append", default=[], help="method option, e.g. gptq.act_order=true")
     p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument(
+        "--profile", default=None, help="profile the first repetition (torch.profiler); write the table of ops here"
+    )
     p.add_argument("--write-checkpoint", default=None, help="only write the random model as safetensors shards here")
     p.add_argument(
         "--from-checkpoint", default=None, help="quantize a checkpoint, one block at a time from its shards (--offload)"
@@ -113,20 +134,22 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        profiler = profile_ops(device) if args.profile and rep == 0 else contextlib.nullcontext()
         start = time.perf_counter()
-        report = ptq.quantize(
-            model,
-            method=args.method,
-            bits=args.bits,
-            group_size=args.group_size,
-            sym=args.sym,
-            calib=calib,
-            device=device,
-            offload=args.offload,
-            lazy=lazy,
-            batch_size=args.batch_size,
-            options=options,
-        )
+        with profiler:
+            report = ptq.quantize(
+                model,
+                method=args.method,
+                bits=args.bits,
+                group_size=args.group_size,
+                sym=args.sym,
+                calib=calib,
+                device=device,
+                offload=args.offload,
+                lazy=lazy,
+                batch_size=args.batch_size,
+                options=options,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -151,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
             "block_s_median": statistics.median(block_s) if block_s else None,
             **phases,
         }
+        if args.profile and rep == 0:
+            write_profile(profiler, args.profile, device)
         print(json.dumps(run), flush=True)
         runs.append(run)
         del model, report
@@ -170,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gpu_gib": max((r["peak_gpu_bytes"] or 0) for r in runs) / 2**30,
         "runs": runs,
         "env": environment(device),
+        "command": " ".join(["python -m ptq.bench", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "env")}), flush=True)
     if args.out:
