@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptq.models import get_submodule, get_weight, is_linear
+from ptq.models import get_submodule, get_weight, is_linear, is_tied_head
 from ptq.quant.format import QuantizedWeight, QuantSpec
 from ptq.quant.linear import QuantLinear
 from ptq.quant.pack import PACKED_BITS, WORD, PackError, StorageCount, check_packable, nbytes, pack_gptq
@@ -94,9 +94,14 @@ def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -
     return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def is_gptq_checkpoint(config) -> bool:
+def _quantization_config(config) -> dict | None:
+    """The config's ``quantization_config`` as a dict (transformers may hold it as an object)."""
     qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: None)()
+    return qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+
+
+def is_gptq_checkpoint(config) -> bool:
+    qc = _quantization_config(config)
     return bool(qc) and qc.get("quant_method") == "gptq"
 
 
@@ -107,8 +112,7 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    qc = config.quantization_config
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    qc = _quantization_config(config)
     if qc.get("checkpoint_format", "gptq") != "gptq" or qc["bits"] not in PACKED_BITS:
         raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
     spec = QuantSpec(qc["bits"], qc["group_size"], qc.get("sym", False))
@@ -131,7 +135,7 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
         assign=True,
     )
     model.tie_weights()
-    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    missing = [k for k in result.missing_keys if not is_tied_head(model.config, k)]
     if missing or result.unexpected_keys:
         raise PackError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected "
                         f"{result.unexpected_keys}")  # fmt: skip
@@ -142,10 +146,6 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     model.config.use_cache = False
     model.config.quantization_config = qc  # kept for the record (not used by transformers from here on)
     return model
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -164,6 +164,5 @@ def loaded_storage(model: nn.Module) -> dict:
     count = StorageCount()
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            packed = {k: getattr(m, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-            count.add_packed(name, m.in_features * m.out_features, nbytes(packed))
+            count.add_packed(name, m.in_features * m.out_features, nbytes(m.packed()))
     return count.summary(model)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptq.models import get_blocks, get_submodule
+from ptq.models import get_blocks, get_submodule, is_tied_head
 from ptq.quant.format import QuantizedWeight
 from ptq.quant.linear import QuantLinear
 from ptq.quant.pack import PackError
@@ -68,10 +68,9 @@ class LazyModel:
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = self.names[id(module)]
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
         for name, param in list(module.named_parameters()):
             key = f"{prefix}.{name}" if prefix else name
-            if not param.is_meta or (tied and key.endswith("lm_head.weight")):
+            if not param.is_meta or is_tied_head(self.model.config, key):
                 continue  # a tied head gets the embedding matrix from tie_weights(), not a second read
             if key not in self.checkpoint.weight_map:
                 raise PackError(f"{self.checkpoint.folder}: no tensor {key!r} in the checkpoint")

@@ -183,6 +183,12 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in found if m is not None]
 
 
+def is_tied_head(config, key: str) -> bool:
+    """Whether parameter ``key`` is an LM head that transformers ties to the input embeddings (stored
+    once, under the embeddings' name)."""
+    return key.endswith("lm_head.weight") and bool(getattr(config, "tie_word_embeddings", False))
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored transposed)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 
-from ptq.bench.quant import SHAPES, build_model
+from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import QuantSpec, quantize_weight
@@ -192,10 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         del model
         torch.cuda.empty_cache()
-    command = " ".join(["python -m ptq.bench.infer", *(argv if argv is not None else sys.argv[1:])])
     summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
                "steps": args.steps, "repeat": args.repeat, "formats": records, "env": environment(device),
-               "command": command}  # fmt: skip
+               "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -51,6 +51,11 @@ SHAPES = {
 }
 
 
+def command_line(program: str, argv: list[str] | None) -> str:
+    """How this benchmark was invoked, for its record."""
+    return " ".join([program, *(argv if argv is not None else sys.argv[1:])])
+
+
 def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gpu_gib": max((r["peak_gpu_bytes"] or 0) for r in runs) / 2**30,
         "runs": runs,
         "env": environment(device),
-        "command": " ".join(["python -m ptq.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("python -m ptq.bench", argv),
     }
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "env")}), flush=True)
     if args.out:

@@ -19,6 +19,8 @@ from ptq.quant.pack import pack_gptq, unpack_gptq
 
 
 class QuantLinear(nn.Module):
+    PACKED = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ layout's buffers (ptq.quant.pack)
+
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float16):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
@@ -41,9 +43,11 @@ class QuantLinear(nn.Module):
             layer.bias = bias.detach().to(dtype).clone()
         return layer
 
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.PACKED}
+
     def quantized_weight(self) -> QuantizedWeight:
-        tensors = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-        return unpack_gptq(tensors, self.spec)
+        return unpack_gptq(self.packed(), self.spec)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[out, in]: scale * (code - zero), with the fp16 scales the checkpoint stores."""
@@ -68,7 +72,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("int4_weight", weight)
         self.register_buffer("int4_scales_zeros", scales_and_zeros)
         self.int4_group = g
-        for name in ("qweight", "qzeros", "scales", "g_idx"):
+        for name in self.PACKED:
             setattr(self, name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
