@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ptq.models import get_submodule, get_weight, is_linear, is_tied_head
-from ptq.quant.format import QuantizedWeight, QuantSpec
 from ptq.quant.linear import QuantLinear
 from ptq.quant.pack import PACKED_BITS, WORD, PackError, StorageCount, check_packable, nbytes, pack_gptq
+from ptq.quant.spec import WeightSpec
+from ptq.quant.weight import QuantizedWeight
 
 WEIGHTS = "model.safetensors"
 SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
@@ -28,14 +29,13 @@ SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
 class PackedStore:
     """Collects each quantized linear's packed tensors on the CPU as the pipeline finishes a block."""
 
-    def __init__(self) -> None:
+    def __init__(self, recipe) -> None:
+        self.recipe = recipe
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self.spec: QuantSpec | None = None
         self.act_order = False
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
         self.tensors[name] = {k: v.to("cpu", copy=True) for k, v in pack_gptq(qw).items()}  # own storage each
-        self.spec = qw.spec
         self.act_order |= not qw.has_contiguous_groups()
 
 
@@ -50,18 +50,27 @@ def check_savable(bits: int, linears: dict[str, nn.Module]) -> None:
             raise PackError(f"save=true: {name}: {err}") from None
 
 
-def quantization_config(spec: QuantSpec, act_order: bool) -> dict:
-    return {
+def quantization_config(recipe, act_order: bool) -> dict:
+    """The ``quantization_config`` GPTQ loaders read, with this run's settings. ``desc_act`` says whether
+    g_idx is permuted (the reference's act-order without static groups); GPTQ's own settings are
+    written only when GPTQ made the weights."""
+    spec = recipe.weights
+    config = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
         "desc_act": act_order,
-        "static_groups": False,
-        "true_sequential": True,
-        "damp_percent": 0.01,
+        "ptq_method": recipe.method,
     }
+    if "gptq" in recipe.steps:
+        from ptq.methods.gptq import GPTQ
+
+        gptq = GPTQ(spec, **recipe.options.get("gptq", {}))
+        config |= {"static_groups": gptq.static_groups, "true_sequential": gptq.true_sequential,
+                   "damp_percent": gptq.percdamp}  # fmt: skip
+    return config
 
 
 def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -> dict:
@@ -86,7 +95,7 @@ def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -
         tensors[name] = param.detach().to(SAVED_DTYPE if param.is_floating_point() else param.dtype).cpu().contiguous()
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(store.spec, store.act_order)
+    config["quantization_config"] = quantization_config(store.recipe, store.act_order)
     config["dtype"] = config["torch_dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
@@ -115,7 +124,7 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     qc = _quantization_config(config)
     if qc.get("checkpoint_format", "gptq") != "gptq" or qc["bits"] not in PACKED_BITS:
         raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
-    spec = QuantSpec(qc["bits"], qc["group_size"], qc.get("sym", False))
+    spec = WeightSpec("int", qc["bits"], qc["group_size"], qc.get("sym", False))
     del config.quantization_config
     state = load_file(str(Path(path) / WEIGHTS))
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real

@@ -6,22 +6,24 @@ Every check raises ConfigError with one sentence naming the setting and the fix.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ptq.data import CALIB_SETS, EVAL_SETS
-from ptq.methods import METHODS, parse_method
-from ptq.quant.activations import GRANULARITIES
+from ptq.errors import UserError
+from ptq.methods import METHODS
 from ptq.quant.pack import PACKED_BITS
+from ptq.recipe import Recipe
 
 TASK_SOURCES = ("auto", "hub", "local")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEVICES = ("auto", "cpu", "cuda")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting is invalid; the message names it and says how to fix it."""
 
 
@@ -72,18 +74,12 @@ class CacheConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: str = "rtn"
-    method_options: dict = field(default_factory=dict)  # {step: {option: value}}
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    act_bits: int | None = None  # quantize linear inputs too (W8A8, W4A8); None = weights only
-    act_granularity: str = "per_token"  # per_token (dynamic) | per_tensor (static, calibrated)
+    recipe: Recipe = field(default_factory=Recipe)  # method, weight and activation formats, options
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     experiment: dict | None = None  # experiment=<preset>: name, source, metric, published numbers
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     offload: bool = False
     save: bool = False  # also write the quantized model to <output_dir>/model (GPTQ checkpoint layout)
     seed: int = 0
@@ -92,13 +88,19 @@ class RunConfig:
 
     @property
     def full_precision(self) -> bool:
-        return self.method == "none" or self.bits == 16
+        return self.recipe.full_precision
 
     def assets_root(self) -> Path:
         return Path(self.assets or os.environ.get("PTQ_ASSETS") or REPO_ROOT.parent / "shared" / "assets")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a record stores them: the recipe's fields at the top level."""
+        d = asdict(self)
+        del d["recipe"]
+        return {**self.recipe.to_dict(), "method_options": self.recipe.options, **d}
+
+
+RECIPE_SETTINGS = ("method", "format", "bits", "group_size", "sym", "act_format", "act_bits", "act_granularity")
 
 
 def _require_int(name: str, value, minimum: int | None = None) -> None:
@@ -109,50 +111,27 @@ def _require_int(name: str, value, minimum: int | None = None) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    try:
-        steps = parse_method(cfg.method)
-    except ValueError as err:
-        raise ConfigError(f"method: {err}") from None
-    unknown_options = set(cfg.method_options) - set(steps)
-    if unknown_options:
-        raise ConfigError(f"method options for {sorted(unknown_options)} given, but method={cfg.method!r}")
-    _require_int("bits", cfg.bits)
-    if cfg.bits != 16 and not 2 <= cfg.bits <= 8:
-        raise ConfigError(f"bits={cfg.bits} is outside 2..8; use bits=16 or method=none for full precision")
-    _require_int("group_size", cfg.group_size)
-    if cfg.group_size == 0 or cfg.group_size < -1:
-        raise ConfigError(
-            f"group_size={cfg.group_size} is invalid: use a positive number of columns per group, "
-            "or -1 for one scale per output channel"
-        )
     if cfg.experiment is not None:
         check_experiment(cfg.experiment)
     if not isinstance(cfg.save, bool):
         raise ConfigError(f"save={cfg.save!r} must be true or false")
     if cfg.save and cfg.full_precision:
-        raise ConfigError("save=true needs a quantized model: choose a method and bits 2..8 (method=none has none)")
-    if cfg.save and cfg.bits not in PACKED_BITS:
+        raise ConfigError("save=true needs a quantized model: choose a method (method=none has none)")
+    weights = cfg.recipe.weights
+    if cfg.save and not (weights.is_int and weights.bits in PACKED_BITS):
         raise ConfigError(
-            f"save=true: bits={cfg.bits} has no packed GPTQ layout; the formats that do are "
+            f"save=true: {weights.describe()} has no packed GPTQ layout; the formats that do are integer "
             f"bits={', '.join(map(str, PACKED_BITS))} (or save=false)"
         )
-    if cfg.save and cfg.act_bits is not None:
+    if cfg.save and cfg.recipe.activations is not None:
         raise ConfigError(
             "save=true writes weight-only GPTQ checkpoints, which cannot hold activation quantization: "
-            "drop act_bits (scheme), or save=false"
+            "drop the activation format (scheme), or save=false"
         )
     if not isinstance(cfg.cache.enabled, bool):
         raise ConfigError(f"cache.enabled={cfg.cache.enabled!r} must be true or false")
-    if not isinstance(cfg.sym, bool):
-        raise ConfigError(f"sym={cfg.sym!r} must be true or false")
-    if cfg.act_bits is not None:
-        _require_int("act_bits", cfg.act_bits)
-    if cfg.act_granularity not in GRANULARITIES:
-        raise ConfigError(
-            f"act_granularity={cfg.act_granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
-        )
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device={cfg.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    if not isinstance(cfg.device, str) or not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device!r} is unknown; choose auto, cpu, cuda or cuda:N")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     if not (cfg.model.path or cfg.model.hub_id or cfg.model.assets_dir):
@@ -224,6 +203,23 @@ def _build(cls, values: dict, where: str):
     return cls(**values)
 
 
+def build_recipe(d: dict, method: str, options: dict) -> Recipe:
+    """The recipe from the composed settings (popped from ``d``); the one place loose settings become specs."""
+    settings = {key: d.pop(key, None) for key in RECIPE_SETTINGS if key != "method"}
+    if settings["bits"] == 16:
+        raise ConfigError("bits=16 is not a quantized format: use method=none for full precision")
+    for key in ("bits", "group_size", "act_bits"):
+        if settings[key] is not None:
+            _require_int(key, settings[key])
+    for key in ("format", "act_format", "act_granularity"):
+        if settings[key] is not None and not isinstance(settings[key], str):
+            raise ConfigError(f"{key}={settings[key]!r} must be a name")
+    try:
+        return Recipe.build(method, settings.pop("format") or "int", **settings, options=options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def from_dict(d: dict) -> RunConfig:
     """Build a RunConfig from Hydra's resolved config (a plain dict) and validate it."""
     d = dict(d)
@@ -235,6 +231,8 @@ def from_dict(d: dict) -> RunConfig:
     unknown_steps = [k for k in method if k not in METHODS]
     if unknown_steps:
         raise ConfigError(f"unknown method options {unknown_steps}; options go under method.<step>.<option>")
+    options = {k: dict(v or {}) for k, v in method.items()}
+    recipe = build_recipe(d, name, options)
     paths = d.pop("paths", {}) or {}
     cfg = _build(
         RunConfig,
@@ -244,8 +242,7 @@ def from_dict(d: dict) -> RunConfig:
             "calib": _build(CalibConfig, d.get("calib", {}), "calib"),
             "eval": _build(EvalConfig, d.get("eval", {}), "eval"),
             "cache": _build(CacheConfig, d.get("cache", {}) or {}, "cache"),
-            "method": name,
-            "method_options": {k: dict(v or {}) for k, v in method.items()},
+            "recipe": recipe,
             "assets": paths.get("assets"),
         },
         "the top-level config",

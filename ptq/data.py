@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ptq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A data set could not be found or read; the message names the fix."""
 
 

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ptq.models import get_blocks, get_submodule, is_tied_head
-from ptq.quant.format import QuantizedWeight
+from ptq.quant.activations import move_input_quantizer
 from ptq.quant.linear import QuantLinear
 from ptq.quant.pack import PackError
+from ptq.quant.weight import QuantizedWeight
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -94,12 +95,16 @@ class LazyModel:
 
     def pack_block(self, block: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
         """Keep only the packed integers of the block's quantized linears (layouts the GPTQ format
-        cannot hold stay dense), and count the block as released."""
+        cannot hold, float formats among them, stay dense), with their activation quantizers, and
+        count the block as released."""
         for name, qw in quantized.items():
+            dense = get_submodule(block, name)
             try:
-                block.set_submodule(name, QuantLinear.from_quantized(qw, get_submodule(block, name).bias, self.dtype))
+                packed = QuantLinear.from_quantized(qw, dense.bias, self.dtype)
             except PackError:
                 continue  # the linear already holds the dequantized values
+            move_input_quantizer(dense, packed)  # W8A8 stays W8A8 once packed
+            block.set_submodule(name, packed)
         self.materialized_blocks -= 1
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model could not be found or loaded; the message names the fix."""
 
 

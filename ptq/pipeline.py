@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
-from ptq.quant import QuantizedWeight
+from ptq.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ def run_blocks(
     on_quantized=None,
     lazy=None,
 ) -> dict:
-    """Quantize ``model`` in place, block by block, with each step in ``steps`` in order.
+    """Quantize ``model`` in place, block by block, with each step in ``steps`` in order (steps
+    already prepared for this model: ``ptq.api.prepare_steps``).
 
     Returns timings and what each step reported per block. With ``offload`` only the current block
     (and, during input capture, the embeddings) is on ``device``; otherwise the whole model is moved.
@@ -265,8 +266,6 @@ def run_blocks(
         raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
     arch = get_arch(model)
     blocks = get_blocks(model)
-    for step in steps:
-        step.prepare(model.config)
     needs_calibration = any(step.needs_calibration for step in steps)
     if needs_calibration and calib_ids is None:
         raise ValueError(f"{'+'.join(s.name for s in steps)} needs calibration data (calib_ids)")

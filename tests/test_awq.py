@@ -9,7 +9,7 @@ from ptq.methods.awq import AWQ, apply_clip, search_clip
 from ptq.methods.scaling import fold_scales, resolve_groups
 from ptq.models import ModelLoadError, ScaleGroup, get_blocks, get_weight, scale_groups
 from ptq.pipeline import run_blocks
-from ptq.quant import QuantSpec, fake_quantize_weight
+from ptq.quant import WeightSpec, fake_quantize_weight
 from tests.conftest import tiny_model
 
 
@@ -87,8 +87,9 @@ def test_awq_scales_without_rounding_preserve_every_block(kind):
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
     before = block_outputs(model, ids)
-    step = AWQ(QuantSpec(3, 16), clip=False)
+    step = AWQ(WeightSpec("int", 3, 16), clip=False)
     step.round_weights = False
+    step.prepare(model.config)
     report = run_blocks(model, [step], calib, torch.device("cpu"), offload=False, batch_size=2)
     alphas = [s["awq_alpha"] for b in report["blocks"] for s in b["layers"].values()]
     assert any(a > 0 for a in alphas), "the search never moved away from alpha=0: the test would prove nothing"
@@ -118,7 +119,7 @@ def outlier_inputs(tokens, channels, seed):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_awq_beats_rtn_on_planted_outlier_channels(bits):
-    spec = QuantSpec(bits, 32)
+    spec = WeightSpec("int", bits, 32)
     x = outlier_inputs(512, 128, seed=0)
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     reference = x @ weight.t()
@@ -134,7 +135,7 @@ def test_awq_beats_rtn_on_planted_outlier_channels(bits):
 
 
 def test_gram_loss_equals_running_the_module(monkeypatch):
-    spec = QuantSpec(3, 32)
+    spec = WeightSpec("int", 3, 32)
     x = outlier_inputs(256, 64, seed=4)
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
     _, group = lone_linear_group(weight)
@@ -159,7 +160,7 @@ def test_alpha_grid_finds_the_exact_best(alpha, n_grid, expected_index):
     codes[:, 0], codes[:, 1] = 0, 15  # every row spans the whole grid
     weight = codes * 0.01 / mean_abs.pow(alpha)
     _, group = lone_linear_group(weight)
-    _, found, losses = AWQ(QuantSpec(4, -1), n_grid=n_grid).search_scale(group, [((x,), {})])
+    _, found, losses = AWQ(WeightSpec("int", 4, -1), n_grid=n_grid).search_scale(group, [((x,), {})])
     assert losses.shape == (n_grid,)
     assert int(torch.argmin(losses)) == expected_index
     assert found == expected_index / n_grid
@@ -170,7 +171,7 @@ def test_alpha_grid_finds_the_exact_best(alpha, n_grid, expected_index):
 def test_clip_grid_finds_the_exact_best(n_grid, max_shrink, expected_ratio):
     """Two +-10 outliers sit on input channels that are always zero; the other weights lie exactly on
     the grid that clipping to ``expected_ratio`` produces, so that candidate has zero error."""
-    spec = QuantSpec(4, 16)
+    spec = WeightSpec("int", 4, 16)
     scale = 20 * expected_ratio / 15
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-3, 4, (8, 32), generator=g).float() * scale
@@ -187,7 +188,7 @@ def test_clip_grid_finds_the_exact_best(n_grid, max_shrink, expected_ratio):
 
 
 def test_clip_search_never_loses_to_no_clipping():
-    spec = QuantSpec(3, 16)
+    spec = WeightSpec("int", 3, 16)
     weight = torch.randn(16, 48, generator=torch.Generator().manual_seed(0))
     x = outlier_inputs(128, 48, seed=1)
     max_val, _ = search_clip(weight, x, spec)
@@ -237,17 +238,17 @@ def test_post_norm_opt_is_a_clear_error():
 
 
 def test_only_transforms_may_precede_the_last_step():
-    steps = build_steps("awq+gptq", QuantSpec(4, 128))
+    steps = build_steps("awq+gptq", WeightSpec("int", 4, 128))
     assert [s.round_weights for s in steps] == [False, True]
-    assert build_steps("awq", QuantSpec(4, 128))[0].round_weights
+    assert build_steps("awq", WeightSpec("int", 4, 128))[0].round_weights
     with pytest.raises(ValueError, match="'gptq' rounds the weights, so it can only be the last step"):
-        build_steps("gptq+awq", QuantSpec(4, 128))
+        build_steps("gptq+awq", WeightSpec("int", 4, 128))
 
 
 @pytest.mark.parametrize("option", [{"n_grid": 0}, {"clip_max_shrink": 1.0}, {"clip_tokens": -5}])
 def test_bad_awq_options(option):
     with pytest.raises(ValueError, match="awq\\."):
-        build_steps("awq", QuantSpec(4, 128), {"awq": option})
+        build_steps("awq", WeightSpec("int", 4, 128), {"awq": option})
 
 
 @pytest.mark.parametrize(("search_tokens", "chunks"), [(None, 2), (64, 2), (32, 1), (40, 1), (1, 1)])
@@ -303,7 +304,7 @@ def test_clip_samples_the_tokens_the_scale_search_read(monkeypatch, search_token
 
 @pytest.mark.parametrize("batch_elements", [1, 500, 2**26])
 def test_clip_search_result_does_not_depend_on_the_row_batches(batch_elements):
-    spec = QuantSpec(3, 16)
+    spec = WeightSpec("int", 3, 16)
     weight = torch.randn(24, 48, generator=torch.Generator().manual_seed(0))
     x = outlier_inputs(64, 48, seed=1)
     want = search_clip(weight, x, spec, 20, 0.5, 2**30)

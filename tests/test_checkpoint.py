@@ -9,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptq
 from ptq.checkpoint import PackedStore, load_quantized, module_bytes, save_quantized
+from ptq.quant import fake_quantize_weight, quantize_weight
 from ptq.quant.linear import Int8Linear, QuantLinear
+from ptq.recipe import Recipe
 from tests.conftest import require_assets
 from tests.test_cli import ptq_run
 
@@ -29,18 +31,27 @@ def packable_llama(seed=0):
     return model
 
 
-@pytest.mark.parametrize("method,options", [("rtn", None), ("gptq", {"gptq": {"act_order": True}})])
+REFERENCE_ACT_ORDER = {"gptq": {"act_order": True, "static_groups": False, "percdamp": 0.05}}
+
+
+@pytest.mark.parametrize("method,options", [("rtn", None), ("gptq", None), ("gptq", REFERENCE_ACT_ORDER)])
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_saved_checkpoint_loads_to_the_same_integers_and_logits(tmp_path, method, options, bits):
     model = packable_llama()
     calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
-    store = PackedStore()
-    ptq.quantize(model, method=method, bits=bits, group_size=32, calib=calib, device="cpu", options=options,
-                 on_quantized=store.add)  # fmt: skip
+    recipe = Recipe.build(method, bits=bits, group_size=32, options=options)
+    store = PackedStore(recipe)
+    ptq.quantize(model, recipe, calib=calib, device="cpu", on_quantized=store.add)
     files = save_quantized(model, store, None, tmp_path)
     assert set(files) == {"config.json", "model.safetensors"}
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    # desc_act: g_idx is permuted, which act-order with static groups (the default) avoids
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["desc_act"] == (options is not None)
+    if method == "gptq":  # the run's own settings, not fixed values
+        assert qc["static_groups"] == (options is None) and qc["true_sequential"] is True
+        assert qc["damp_percent"] == (0.05 if options else 0.01)
+    else:
+        assert "damp_percent" not in qc and qc["ptq_method"] == "rtn"
 
     loaded = load_quantized(str(tmp_path), torch.float32)
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
@@ -59,17 +70,20 @@ def test_saved_checkpoint_loads_to_the_same_integers_and_logits(tmp_path, method
     assert module_bytes(loaded) < module_bytes(model)
 
 
-def test_int8_linear_is_per_token_times_per_channel_quantization():
+def test_int8_linear_computes_what_w8a8_evaluation_computes():
+    """One INT8 grid: the kernel's weights are the evaluation's fake-quantized weights (scheme=w8a8:
+    int8, group_size=-1, sym), its activations the per-token fake quantizer's."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(5, 7, 64)
-    layer = Int8Linear(linear.weight, linear.bias)
-    w_scale = linear.weight.abs().amax(dim=1, keepdim=True) / 127
-    w = torch.round(linear.weight / w_scale) * w_scale
-    x_scale = x.abs().amax(dim=-1, keepdim=True) / 127
-    xq = torch.round(x / x_scale) * x_scale
+    layer = Int8Linear.from_weight(linear.weight, linear.bias)
+    recipe = Recipe.build("rtn", bits=8, group_size=-1, sym=True, act_bits=8)
+    w = fake_quantize_weight(linear.weight, recipe.weights)
+    xq = recipe.activations.quantize_dynamic(x)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(xq, w, linear.bias), rtol=1e-4, atol=1e-4)
     assert layer.weight_t.dtype == torch.int8
+    with pytest.raises(ValueError, match="Int8Linear holds int8 per-channel sym"):
+        Int8Linear(quantize_weight(linear.weight, recipe.weights.__class__("int", 8, 32, True)), None)
 
 
 def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
@@ -79,7 +93,9 @@ def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
     proc = ptq_run("model=stories260k", "method=rtn", "bits=5", "save=true", f"output_dir={tmp_path}/b", cwd=tmp_path)
     assert proc.returncode == 2 and "bits=2, 3, 4, 8" in proc.stderr
     proc = ptq_run("model=stories260k", "scheme=w8a8", "save=true", f"output_dir={tmp_path}/c", cwd=tmp_path)
-    assert proc.returncode == 2 and "act_bits" in proc.stderr
+    assert proc.returncode == 2 and "activation format" in proc.stderr
+    proc = ptq_run("model=stories260k", "scheme=nvfp4a16", "save=true", f"output_dir={tmp_path}/d", cwd=tmp_path)
+    assert proc.returncode == 2 and "has no packed GPTQ layout" in proc.stderr
 
 
 def test_smollm2_saved_and_reloaded_scores_the_fake_quant_perplexity(tmp_path):
@@ -103,3 +119,18 @@ def test_smollm2_saved_and_reloaded_scores_the_fake_quant_perplexity(tmp_path):
     proc = ptq_run("model=custom", f"model.path={tmp_path}/q/model", "method=rtn", f"output_dir={tmp_path}/x",
                    cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and "already a quantized" in proc.stderr
+
+
+def test_a_checkpoint_ptq_cannot_load_is_one_sentence_not_a_traceback(tmp_path):
+    from transformers import AutoTokenizer
+
+    stories = require_assets("models/stories260K") / "models" / "stories260K"
+    model = packable_llama()
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 5, "group_size": 32}
+    model.save_pretrained(tmp_path / "bad")
+    AutoTokenizer.from_pretrained(stories).save_pretrained(tmp_path / "bad")
+    proc = ptq_run("model=custom", f"model.path={tmp_path}/bad", "method=none", f"output_dir={tmp_path}/o",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "only GPTQ-format checkpoints with bits in" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "o" / "error.json").read_text())["traceback"] is None

@@ -3,6 +3,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from ptq.config import ConfigError, from_dict
+from ptq.quant import ActSpec, WeightSpec
+from ptq.recipe import Recipe
 
 
 def composed(*overrides: str) -> dict:
@@ -13,8 +15,8 @@ def composed(*overrides: str) -> dict:
 
 def test_default_config_is_valid_and_uses_the_quick_profile():
     cfg = from_dict(composed())
-    assert cfg.model.name == "smollm2-135m-instruct" and cfg.method == "rtn"
-    assert (cfg.bits, cfg.group_size, cfg.sym) == (4, 128, False)
+    assert cfg.model.name == "smollm2-135m-instruct" and cfg.recipe.method == "rtn"
+    assert cfg.recipe.weights == WeightSpec("int", 4, 128, False) and cfg.recipe.activations is None
     assert cfg.calib.nsamples == 32 and cfg.eval.max_windows == 8
 
 
@@ -28,8 +30,17 @@ def test_paper_profile_is_one_setting_away():
     [
         ("bits=9", "bits=9 is outside 2..8"),
         ("bits=1", "bits=1 is outside 2..8"),
-        ("group_size=0", "group_size=0 is invalid"),
         ("group_size=-2", "group_size=-2 is invalid"),
+        ("format=fp4", "format='fp4' is unknown; choose one of int, fp8_e4m3"),
+        ("act_format=int4", "act_format='int4' is unknown"),
+        ("scheme=nvfp4a16 group_size=128", "format=nvfp4 uses blocks of 16, not group_size=128"),
+        ("format=fp8_e4m3 sym=false", "format=fp8_e4m3 is symmetric"),
+        ("format=mxfp4 bits=8", "bits=8 does not fit format=mxfp4"),
+        ("scheme=fp8 act_granularity=per_block", "act_granularity=per_block does not fit act_format=fp8_e4m3"),
+        ("format=nvfp4 act_format=fp8_e4m3", "act_format=fp8_e4m3 needs FP8 weights"),
+        ("scheme=w8a8 format=fp8_e4m3", "act_format=int needs integer weights"),
+        ("bits=16", "bits=16 is not a quantized format: use method=none"),
+        ("device=cuda:x", "device='cuda:x' is unknown"),
         ("calib.nsamples=0", "calib.nsamples=0 must be at least 1"),
         ("device=tpu", "device='tpu' is unknown"),
         ("eval.ppl=[wikitext3]", "eval.ppl has unknown data sets"),
@@ -38,11 +49,46 @@ def test_paper_profile_is_one_setting_away():
 )
 def test_bad_values_are_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict(composed(override))
+        from_dict(composed(*override.split()))
 
 
-def test_bits_16_means_full_precision():
-    assert from_dict(composed("bits=16")).full_precision
+@pytest.mark.parametrize(
+    "scheme,weights,activations",
+    [
+        ("w4a16", WeightSpec("int", 4, 128, False), None),
+        ("w8a8", WeightSpec("int", 8, -1, True), ActSpec("int", 8, "per_token")),
+        ("fp8", WeightSpec("fp8_e4m3", 8, -1, True), ActSpec("fp8_e4m3", 8, "per_token")),
+        ("fp8_static", WeightSpec("fp8_e4m3", 8, 0, True), ActSpec("fp8_e4m3", 8, "per_tensor")),
+        ("nvfp4", WeightSpec("nvfp4", 4, 16, True), ActSpec("nvfp4", 4, "per_block")),
+        ("nvfp4a16", WeightSpec("nvfp4", 4, 16, True), None),
+        ("mxfp4", WeightSpec("mxfp4", 4, 32, True), ActSpec("mxfp4", 4, "per_block")),
+        ("mxfp4a16", WeightSpec("mxfp4", 4, 32, True), None),
+        ("mxfp8", WeightSpec("mxfp8", 8, 32, True), ActSpec("mxfp8", 8, "per_block")),
+    ],
+)
+def test_schemes_build_the_recipe_once(scheme, weights, activations):
+    recipe = from_dict(composed(f"scheme={scheme}", "method=gptq")).recipe
+    assert recipe.weights == weights and recipe.activations == activations
+    assert recipe == Recipe.build("gptq", weights.format, weights.bits, weights.group_size, weights.sym,
+                                  *((activations.format, activations.bits, activations.granularity) if activations
+                                    else ()), options=recipe.options)  # fmt: skip
+
+
+def test_format_alone_takes_its_defaults_and_full_precision_ignores_weight_settings():
+    assert from_dict(composed("format=fp8_e5m2")).recipe.weights == WeightSpec("fp8_e5m2", 8, -1, True)
+    assert from_dict(composed("act_bits=8", "bits=8", "group_size=-1", "sym=true")).recipe.activations == ActSpec()
+    recipe = from_dict(composed("method=none", "format=nvfp4")).recipe
+    assert recipe.full_precision and recipe.weights is None
+    record_fields = from_dict(composed("scheme=nvfp4")).to_dict()
+    assert (record_fields["format"], record_fields["act_format"], record_fields["bits"]) == ("nvfp4", "nvfp4", 4)
+
+
+def test_gptq_defaults_to_activation_order_with_static_groups_and_keeps_the_reference_order():
+    default = from_dict(composed("method=gptq")).recipe.options["gptq"]
+    assert default["act_order"] is True and default["static_groups"] is True
+    reference = from_dict(composed("method=gptq-reference")).recipe
+    assert reference.method == "gptq" and reference.options["gptq"]["act_order"] is False
+    assert reference.options["gptq"]["static_groups"] is False
 
 
 def test_unknown_method_lists_the_valid_ones():

@@ -4,7 +4,7 @@ import torch
 import ptq
 from ptq.methods.gptq import gptq_quantize
 from ptq.models import block_linears, get_blocks, get_weight
-from ptq.quant import QuantSpec, compute_qparams, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight
 from tests.conftest import tiny_model
 
 
@@ -29,7 +29,7 @@ def reference_gptq(W, H, spec, percdamp, act_order, static_groups):
     H[dead, dead] = 1
     W[:, dead] = 0
     order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(columns)
-    static = [compute_qparams(W[:, s : s + g], spec) for s in range(0, columns, g)]
+    static = [spec.params(W[:, s : s + g]) for s in range(0, columns, g)]
     W, H = W[:, order], H[order][:, order]
     H += percdamp * torch.diagonal(H).mean() * torch.eye(columns, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
@@ -38,7 +38,7 @@ def reference_gptq(W, H, spec, percdamp, act_order, static_groups):
         if static_groups:
             scale, zero = static[int(order[j]) // g]
         elif j % g == 0:
-            scale, zero = compute_qparams(W[:, j : j + g], spec)
+            scale, zero = spec.params(W[:, j : j + g])
         q = torch.clamp(torch.round(W[:, j : j + 1] / scale) + zero, 0, spec.maxq)
         Q[:, j] = (scale * (q - zero))[:, 0]
         err = (W[:, j] - Q[:, j]) / U[j, j]
@@ -64,7 +64,7 @@ def _solve_both(group, act_order, static_groups, sym, block_size):
     H = 2 / X.shape[0] * X.T @ X
     H[5, :] = H[:, 5] = 0  # a dead input
     W = torch.randn(20, columns, dtype=torch.float64)
-    spec = QuantSpec(3, group, sym)
+    spec = WeightSpec("int", 3, group, sym)
     want = reference_gptq(W, H, spec, 0.01, act_order, static_groups)
     qweight, _, _ = gptq_quantize(W, H, spec, block_size, 0.01, act_order, static_groups)
     return qweight, want, W
@@ -101,7 +101,7 @@ def test_every_weight_lies_on_its_group_grid(act_order, static_groups):
     X = correlated_inputs(300, 64, seed=3)
     H = 2 / X.shape[0] * X.T @ X
     W = torch.randn(16, 64)
-    spec = QuantSpec(4, 16, False)
+    spec = WeightSpec("int", 4, 16, False)
     qw, _, _ = gptq_quantize(W, H, spec, 128, 0.01, act_order, static_groups)
     assert qw.g_idx.shape == (64,) and qw.g_idx.dtype == torch.int32
     # each group holds exactly group_size columns, and each column's value is scale*(q - zero) of its group
@@ -121,7 +121,7 @@ def test_gptq_output_error_is_below_rtn_on_correlated_inputs(bits):
     X = correlated_inputs(2048, 128, seed=5)
     W = torch.randn(64, 128)
     H = 2 / X.shape[0] * X.T @ X
-    spec = QuantSpec(bits, 32, False)
+    spec = WeightSpec("int", bits, 32, False)
     gptq_w = gptq_quantize(W, H, spec)[0].dequantize()
     rtn_w = quantize_weight(W, spec).dequantize()
     err_gptq = ((X @ (W - gptq_w).T) ** 2).sum()
@@ -132,7 +132,7 @@ def test_gptq_output_error_is_below_rtn_on_correlated_inputs(bits):
 def test_non_positive_definite_hessian_is_retried_with_more_damping():
     H = -torch.eye(8)  # negative definite: plain damping at 1% cannot fix it
     H[0, 0] = 100.0
-    qw, _, info = gptq_quantize(torch.randn(4, 8), H, QuantSpec(4, -1, False))
+    qw, _, info = gptq_quantize(torch.randn(4, 8), H, WeightSpec("int", 4, -1, False))
     assert info["retries"] > 0 and info["percdamp"] > 0.01
     assert torch.isfinite(qw.dequantize()).all()
 
@@ -202,7 +202,7 @@ def test_consumed_hessian_is_released_and_results_are_unchanged():
     X = correlated_inputs(512, 64, seed=4)
     H = 2 / X.shape[0] * X.T @ X
     W = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
-    spec = QuantSpec(4, 32, False)
+    spec = WeightSpec("int", 4, 32, False)
     kept = gptq_quantize(W, H, spec)[0]
     H_given, W_given = H.clone(), W.clone()
     consumed = gptq_quantize(W_given, H_given, spec, consume=True)[0]

@@ -5,7 +5,7 @@ import torch
 
 import ptq
 from ptq.methods.gptq import gptq_quantize
-from ptq.quant import QuantSpec
+from ptq.quant import WeightSpec
 from tests.conftest import tiny_model
 from tests.test_gptq import correlated_inputs
 
@@ -20,7 +20,7 @@ def test_gptq_solver_on_gpu_matches_cpu(act_order):
     X = correlated_inputs(1024, 256, seed=0)
     H = 2 / X.shape[0] * X.T @ X
     W = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
-    spec = QuantSpec(4, 64, False)
+    spec = WeightSpec("int", 4, 64, False)
     cpu = gptq_quantize(W, H, spec, act_order=act_order)[0].dequantize()
     gpu = gptq_quantize(W.cuda(), H.cuda(), spec, act_order=act_order)[0].dequantize().cpu()
     # Different float summation orders can flip a rounding decision; almost all codes must agree.
@@ -77,7 +77,7 @@ def test_awq_search_on_gpu_makes_the_cpu_choice(bits):
     from ptq.methods.awq import AWQ
     from tests.test_awq import lone_linear_group, outlier_inputs
 
-    spec = QuantSpec(bits, 32)
+    spec = WeightSpec("int", bits, 32)
     x = outlier_inputs(512, 128, seed=0)
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     block, group = lone_linear_group(weight)
@@ -99,7 +99,7 @@ def test_awq_scores_from_bf16_products_make_the_fp32_choice(bits):
     from ptq.methods.awq import AWQ
     from tests.test_awq import lone_linear_group, outlier_inputs
 
-    spec = QuantSpec(bits, 128)
+    spec = WeightSpec("int", bits, 128)
     x = outlier_inputs(8192, 1024, seed=0).bfloat16().cuda()
     weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1)).bfloat16()
     block, group = lone_linear_group(weight)
@@ -132,7 +132,7 @@ def test_triton_column_loop_matches_the_pytorch_loop(
     X = correlated_inputs(2048, columns, seed=2).cuda()
     H = 2 / X.shape[0] * X.T @ X
     W = torch.randn(96, columns, generator=torch.Generator().manual_seed(3)).cuda()
-    spec = QuantSpec(bits, group, sym)
+    spec = WeightSpec("int", bits, group, sym)
     args = (W, H, spec, block_size, 0.01, act_order, static_groups)
     fast, fast_losses, _ = gptq_quantize(*args)
     monkeypatch.setattr(gptq_kernel, "available", lambda _w: False)
@@ -189,7 +189,7 @@ def test_int4_kernel_matches_dequantize_then_matmul(group):
 
     torch.manual_seed(0)
     weight = torch.randn(512, 1024, device="cuda")
-    qw = quantize_weight(weight, QuantSpec(4, group, False))
+    qw = quantize_weight(weight, WeightSpec("int", 4, group, False))
     layer = QuantLinear.from_quantized(qw, None, torch.bfloat16).cuda()
     x = torch.randn(3, 17, 1024, device="cuda", dtype=torch.bfloat16)
     want = layer(x)  # dequantize (fp16 scales), then a bf16 matmul
@@ -205,6 +205,27 @@ def test_int8_kernel_on_gpu_matches_cpu():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128)
     x = torch.randn(1, 5, 256)  # a decode-sized batch: padded to the 17 rows torch._int_mm needs
-    cpu = Int8Linear(linear.weight, linear.bias)
-    gpu = Int8Linear(linear.weight.cuda(), linear.bias.cuda())
+    cpu = Int8Linear.from_weight(linear.weight, linear.bias)
+    gpu = Int8Linear.from_weight(linear.weight.cuda(), linear.bias.cuda())
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8", "fp8_e4m3"])
+def test_gptq_float_formats_in_the_triton_loop_match_the_cpu_loop(fmt):
+    """Float formats with known group scales (GPTQ's default: activation order, static groups) run in
+    the Triton column loop on CUDA; its minifloat rounding must give the CPU loop's codes."""
+    from ptq.methods import gptq_kernel
+
+    X = correlated_inputs(1024, 256, seed=0)
+    H = 2 / X.shape[0] * X.T @ X
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
+    spec = WeightSpec.build(fmt)
+    assert gptq_kernel.available(W.cuda(), spec, groups_known=True)
+    cpu = gptq_quantize(W, H, spec, act_order=True, static_groups=True)[0]
+    gpu = gptq_quantize(W.cuda(), H.cuda(), spec, act_order=True, static_groups=True)[0]
+    assert torch.equal(gpu.scale.cpu(), cpu.scale)  # static groups: from the original weights on both
+    cpu_w, gpu_w = cpu.dequantize(), gpu.dequantize().cpu()
+    assert ((cpu_w - gpu_w).abs() > 1e-6).float().mean() < 0.01
+    err_cpu = ((X @ (W - cpu_w).T) ** 2).sum()
+    err_gpu = ((X @ (W - gpu_w).T) ** 2).sum()
+    assert abs(err_gpu / err_cpu - 1) < 0.01

@@ -72,3 +72,25 @@ def test_offload_run_reads_the_checkpoint_lazily_and_scores_like_the_resident_ru
     # Quantized: the packable linears (attention) now hold fp16 scales, the packed format's.
     q_lazy, q_resident = (r["metrics"]["ppl"]["wikitext2"] for r in (lazy, resident))
     assert abs(q_lazy / q_resident - 1) < 1e-3
+
+
+def test_activation_quantizers_survive_packing(tmp_path):
+    """offload=true with W8A8 from local shards: blocks are packed into QuantLinear modules, which must
+    keep the input quantizers (else the model would be evaluated as W8A16 while the record says W8A8)."""
+    from ptq.quant.activations import input_quantizer_of
+
+    eager = sharded(tmp_path)
+    settings = dict(method="rtn", bits=8, group_size=-1, sym=True, act_bits=8, device="cpu", offload=True)
+    lazy = load_skeleton(str(tmp_path), torch.float32)
+    ptq.quantize(lazy.model, lazy=lazy, **settings)
+    packed = [m for b in get_blocks(lazy.model) for m in b.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 2 * 7 and all(input_quantizer_of(m) is not None for m in packed)
+    ptq.quantize(eager, **settings)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = eager(x).logits, lazy.model(x).logits
+        for m in packed:  # without the quantizers the outputs move: the check above is not vacuous
+            m._ptq_input_quantizer[1].remove()
+        unquantized = lazy.model(x).logits
+    assert (got - want).norm() < 5e-3 * want.norm()
+    assert (unquantized - want).norm() > 2 * (got - want).norm()

@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 from ptq import quantize
 from ptq.methods.gptq import gptq_quantize
-from ptq.quant import QuantSpec, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.pack import PackError, nbytes, pack_gptq, pack_rows, unpack_gptq, unpack_rows
 
 
@@ -47,7 +47,7 @@ def test_gptq_tensors_round_trip_exactly(bits, group_size, sym):
     torch.manual_seed(0)
     weight = torch.randn(64, 128)
     weight[:4] = weight[:4].abs()  # rows with min >= 0: asymmetric zero point 0 in every group
-    qw = quantize_weight(weight, QuantSpec(bits, group_size, sym))
+    qw = quantize_weight(weight, WeightSpec("int", bits, group_size, sym))
     tensors = pack_gptq(qw)
     groups = qw.spec.num_groups(128)
     assert tensors["qweight"].shape == (128 * bits // 32, 64)
@@ -66,7 +66,7 @@ def test_gptq_tensors_round_trip_exactly(bits, group_size, sym):
 def test_act_order_g_idx_round_trips(bits):
     torch.manual_seed(1)
     x = torch.randn(512, 64) * torch.linspace(0.1, 3, 64)
-    qw, _, _ = gptq_quantize(torch.randn(32, 64), x.t() @ x, QuantSpec(bits, 32, False), act_order=True)
+    qw, _, _ = gptq_quantize(torch.randn(32, 64), x.t() @ x, WeightSpec("int", bits, 32, False), act_order=True)
     assert not torch.equal(qw.g_idx, torch.arange(64, dtype=torch.int32) // 32)  # permuted groups
     back = unpack_gptq(pack_gptq(qw), qw.spec)
     assert torch.equal(back.qweight, qw.qweight) and torch.equal(back.g_idx, qw.g_idx)
@@ -75,14 +75,14 @@ def test_act_order_g_idx_round_trips(bits):
 
 def test_unpackable_settings_are_clear_errors():
     with pytest.raises(PackError, match="bits=5 has no packed GPTQ layout.*2, 3, 4, 8"):
-        pack_gptq(quantize_weight(torch.randn(32, 64), QuantSpec(5, 32, False)))
+        pack_gptq(quantize_weight(torch.randn(32, 64), WeightSpec("int", 5, 32, False)))
     with pytest.raises(PackError, match="48 input features are not a multiple of 32"):
-        pack_gptq(quantize_weight(torch.randn(32, 48), QuantSpec(4, 16, False)))
+        pack_gptq(quantize_weight(torch.randn(32, 48), WeightSpec("int", 4, 16, False)))
 
 
 def test_bytes_follow_the_layout_formula():
     out_features, in_features = 4096, 4096
-    qw = quantize_weight(torch.randn(out_features, in_features), QuantSpec(4, 128, False))
+    qw = quantize_weight(torch.randn(out_features, in_features), WeightSpec("int", 4, 128, False))
     groups = in_features // 128
     expected = out_features * in_features * 4 // 8 + groups * out_features * (4 + 16) // 8 + in_features * 4
     assert nbytes(pack_gptq(qw)) == expected
@@ -115,11 +115,11 @@ def test_quantize_reports_effective_bits_of_what_it_would_store():
 
 @pytest.mark.parametrize("shape,group", [((16, 100), 32), ((8, 64), -1), ((8, 64), 64), ((4, 130), 128)])
 def test_integer_weights_dequantize_to_exactly_the_fake_quantized_values(shape, group):
-    from ptq.quant import dequantize, fake_quantize_weight
+    from ptq.quant import fake_quantize_weight
 
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
-    spec = QuantSpec(3, group, False)
+    spec = WeightSpec("int", 3, group, False)
     qw = quantize_weight(weight, spec)
     assert torch.equal(qw.dequantize(), fake_quantize_weight(weight, spec))
     cols = qw.g_idx.long()  # the per-column gather that act-order layouts need
-    assert torch.equal(qw.dequantize(), dequantize(qw.qweight.float(), qw.scale[:, cols], qw.zero[:, cols]))
+    assert torch.equal(qw.dequantize(), spec.dequantize(qw.qweight.float(), qw.scale[:, cols], qw.zero[:, cols]))

@@ -3,9 +3,9 @@ import torch
 
 import ptq
 from ptq.methods.base import Method
-from ptq.models import block_linears, get_blocks, get_weight
+from ptq.models import ModelLoadError, block_linears, get_blocks, get_weight
 from ptq.pipeline import run_blocks
-from ptq.quant import QuantSpec, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight
 from tests.conftest import tiny_model
 
 
@@ -57,7 +57,7 @@ def test_pipeline_with_offload_gives_the_same_result():
 
 @pytest.mark.parametrize("sym", [False, True])
 def test_rtn_through_the_pipeline_equals_direct_rtn(arch_model, sym):
-    spec = QuantSpec(3, 16, sym)
+    spec = WeightSpec("int", 3, 16, sym)
     expected = {
         (i, name): quantize_weight(get_weight(linear).clone(), spec).dequantize()
         for i, block in enumerate(get_blocks(arch_model))
@@ -91,7 +91,7 @@ def test_unknown_method_is_a_clear_error():
 def test_unknown_architecture_is_a_clear_error():
     model = tiny_model("llama")
     model.config.model_type = "mystery"
-    with pytest.raises(RuntimeError, match="'mystery' is not in ptq's architecture table.*llama"):
+    with pytest.raises(ModelLoadError, match="'mystery' is not in ptq's architecture table.*llama"):
         ptq.quantize(model, method="rtn", device="cpu")
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ptq.quant import QuantSpec, compute_qparams, fake_quantize_weight, group_qparams, quantize_weight
+from ptq.quant import WeightSpec, fake_quantize_weight, group_qparams, quantize_weight
 
 
 def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
@@ -31,7 +31,7 @@ def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Te
 def test_rtn_matches_reference_formula(bits, group, sym):
     torch.manual_seed(bits * 100 + group)
     w = torch.randn(24, 96) * torch.rand(24, 1)
-    got = quantize_weight(w, QuantSpec(bits, group, sym)).dequantize()
+    got = quantize_weight(w, WeightSpec("int", bits, group, sym)).dequantize()
     want = reference_rtn(w, bits, group, sym).float()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
@@ -42,7 +42,7 @@ def test_rtn_matches_reference_formula(bits, group, sym):
 def test_fake_quantize_weight_equals_quantize_then_dequantize(group, sym, dtype):
     torch.manual_seed(group + 7)
     w = (torch.randn(24, 96) * torch.rand(24, 1)).to(dtype)
-    spec = QuantSpec(3, group, sym)
+    spec = WeightSpec("int", 3, group, sym)
     got = fake_quantize_weight(w, spec)
     assert got.dtype == dtype
     assert torch.equal(got, quantize_weight(w, spec).dequantize().to(dtype))
@@ -52,11 +52,11 @@ def test_partial_last_group_has_its_own_parameters():
     torch.manual_seed(0)
     w = torch.randn(8, 576)  # SmolLM2's width: 4 groups of 128 and one of 64
     w[:, 512:] *= 100  # the partial group's range must not leak into the others, nor theirs into it
-    spec = QuantSpec(4, 128, False)
+    spec = WeightSpec("int", 4, 128, False)
     qw = quantize_weight(w, spec)
     assert qw.scale.shape == (8, 5)
     assert torch.equal(qw.g_idx[510:514].long(), torch.tensor([3, 3, 4, 4]))
-    scale_last, _ = compute_qparams(w[:, 512:], spec)
+    scale_last, _ = spec.params(w[:, 512:])
     torch.testing.assert_close(qw.scale[:, 4:5], scale_last)
     torch.testing.assert_close(qw.dequantize(), reference_rtn(w, 4, 128, False).float(), rtol=0, atol=1e-4)
 
@@ -65,7 +65,7 @@ def test_partial_last_group_has_its_own_parameters():
 def test_dequantized_values_lie_on_the_grid(sym):
     torch.manual_seed(1)
     w = torch.randn(16, 64)
-    spec = QuantSpec(3, 32, sym)
+    spec = WeightSpec("int", 3, 32, sym)
     qw = quantize_weight(w, spec)
     assert qw.qweight.max() <= spec.maxq and qw.qweight.min() >= 0
     levels = {round(v, 5) for v in qw.dequantize()[0, :32].tolist()}
@@ -80,7 +80,7 @@ def test_dequantized_values_lie_on_the_grid(sym):
 def test_zero_row_and_zero_is_exact():
     w = torch.zeros(2, 8)
     w[1, 3] = 1.0
-    spec = QuantSpec(4, -1, False)
+    spec = WeightSpec("int", 4, -1, False)
     deq = quantize_weight(w, spec).dequantize()
     assert torch.equal(deq[0], torch.zeros(8))
     assert deq[1, 0] == 0 and torch.isclose(deq[1, 3], torch.tensor(1.0))
@@ -88,7 +88,7 @@ def test_zero_row_and_zero_is_exact():
     assert torch.all(scale > 0)
 
 
-@pytest.mark.parametrize("bits,group", [(1, 128), (9, 128), (4, 0), (4, -2)])
+@pytest.mark.parametrize("bits,group", [(1, 128), (9, 128), (4, -2), (4, 1.5)])
 def test_spec_rejects_bad_values(bits, group):
     with pytest.raises(ValueError):
-        QuantSpec(bits, group)
+        WeightSpec("int", bits, group)

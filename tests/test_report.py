@@ -1,9 +1,15 @@
 """Reports from fixture records: missing metrics, failed runs, differences to full precision."""
 
+import ast
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from ptq.report import find_records, main, markdown_table
+from ptq.report import console_table, find_records, main, markdown_table, write_csv
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 EVAL = {"seqlen": 2048, "max_windows": 24, "ppl": {"wikitext2": {"windows": 24, "source": "a"}, "ptb": {"windows": 24}}}
 
@@ -94,9 +100,9 @@ def test_baselines_become_one_full_precision_row_and_published_numbers_are_compa
         quantized("rtn", 4, 37.0, 27.7, 4.16, experiment=GPTQ_TABLE),  # nothing published for it here
         quantized("rtn", 3, 900.0, 27.7, 3.16, experiment=GPTQ_TABLE),
     ]
-    from ptq.report import table
+    from ptq.report.table import table_rows
 
-    header, rows, failed = table(records)
+    header, rows, failed = table_rows(records)
     col = {h: i for i, h in enumerate(header)}
     assert [r[col["method"]] for r in rows] == ["none", "rtn", "gptq", "rtn"]  # one fp row, from the baselines
     fp, rtn4, gptq4 = rows[0], rows[1], rows[2]
@@ -110,7 +116,7 @@ def test_baselines_become_one_full_precision_row_and_published_numbers_are_compa
 
 
 def test_plots_are_written_with_labeled_axes(tmp_path):
-    from ptq.plots import write_plots
+    from ptq.report import write_plots
 
     records = [
         quantized(m, b, ppl, 27.7, bpw)
@@ -136,10 +142,10 @@ def test_plot_labels_and_legend():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ptq.plots import BITS, _panel
+    from ptq.report.plots import BITS, _panel
 
     records = [quantized("rtn", 4, 37.0, 27.7, 4.16), quantized("gptq", 4, 31.5, 27.7, 4.16)]
-    from ptq.report import successful_with_full_precision
+    from ptq.report.records import successful_with_full_precision
 
     fig, ax = plt.subplots()
     assert _panel(
@@ -149,3 +155,143 @@ def test_plot_labels_and_legend():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["gptq g128", "rtn g128", "full precision (27.7)"]
     plt.close(fig)
+
+
+def float_record(fmt, bits, group_size, act_format=None, act_bits=None, act_granularity=None, method="rtn"):
+    r = quantized(method, bits, 30.0, 27.7, bits + 0.5)
+    r |= {"format": fmt, "act_format": act_format, "act_bits": act_bits, "act_granularity": act_granularity}
+    r |= {"group_size": group_size, "sym": True, "eval": {"seqlen": 2048, "ppl": {"wikitext2": {"windows": 24}}}}
+    r["timings"] |= {"eval_s": 2.0, "total_s": 4.0}
+    return r
+
+
+def test_number_formats_are_named_in_every_table(tmp_path):
+    records = [
+        float_record("nvfp4", 4, 16, "nvfp4", 4, "per_block"),
+        float_record("nvfp4", 4, 16),
+        float_record("fp8_e4m3", 8, -1, "fp8_e4m3", 8, "per_token"),
+        float_record("int", 4, 0, "fp8_e4m3", 8, "per_token"),
+    ]
+    lines = markdown_table(records).splitlines()[2:]
+    assert [line.split(" | ")[2:4] for line in lines] == [
+        ["16", "-"],
+        ["fp8_e4m3 w8a8 per-token", "channel"],
+        ["int/fp8_e4m3 w4a8 per-token", "tensor"],
+        ["nvfp4", "16"],
+        ["nvfp4 w4a4 per-block", "16"],
+    ]
+    write_csv(records, tmp_path / "report.csv")
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [r["bits"] for r in rows] == [
+        "16",
+        "fp8_e4m3 w8a8 per-token",
+        "int/fp8_e4m3 w4a8 per-token",
+        "nvfp4",
+        "nvfp4 w4a4 per-block",
+    ]
+    assert [r["group"] for r in rows] == ["-", "channel", "tensor", "16", "16"]
+    assert console_table(records[0]).splitlines()[2].startswith("rtn nvfp4 w4a4 (per_block) g16 sym ")
+    assert console_table(records[1]).splitlines()[2].startswith("rtn nvfp4 g16 sym ")
+    assert console_table(records[2]).splitlines()[2].startswith("rtn fp8_e4m3 w8a8 (per_token) per-channel sym ")
+
+
+def test_float_formats_sort_after_int_at_the_same_bits_and_have_their_own_published_key():
+    from ptq.report.records import published_key, successful_with_full_precision
+
+    records = [
+        float_record("mxfp4", 4, 32),
+        float_record("nvfp4", 4, 16),
+        float_record("int", 4, 128),
+        float_record("int", 3, 128),
+        float_record("fp8_e4m3", 8, -1),
+    ]
+    ordered = successful_with_full_precision(records)
+    assert [(r["bits"], r.get("format")) for r in ordered] == [
+        (16, None), (8, "fp8_e4m3"), (4, "int"), (4, "nvfp4"), (4, "mxfp4"), (3, "int")
+    ]  # fmt: skip
+    assert [published_key(r) for r in ordered] == [
+        "fp16", "rtn-fp8_e4m3", "rtn-w4", "rtn-nvfp4", "rtn-mxfp4", "rtn-w3"
+    ]  # fmt: skip
+    assert published_key(float_record("nvfp4", 4, 16, "nvfp4", 4, "per_block")) == "rtn-nvfp4-w4a4"
+    assert published_key(record("smoothquant", 8, {}, act_bits=8, act_granularity="per_token")) == "smoothquant-w8a8"
+
+
+OLD_RTN_W4 = RESULTS / "offline" / "6_smollm2-135m-instruct_rtn_w4_g128_False" / "result.json"
+OLD_RTN_W8A8 = RESULTS / "smollm2-135m-instruct-w8a8" / "rtn_w8a8_per_token" / "result.json"
+HEADER = (
+    "| model | method | bits | group | sym | bits/weight | size MiB | wikitext2 ppl | Δ wikitext2 ppl vs fp % "
+    "| quantize s | device | peak RSS GiB | peak GPU GiB |"
+)
+CSV_HEADER = (
+    "model,method,bits,group,sym,bits/weight,size MiB,wikitext2 ppl,Δ wikitext2 ppl vs fp %,quantize s,device,"
+    "peak RSS GiB,peak GPU GiB,status,error"
+)
+
+
+def test_records_without_number_formats_render_as_before(tmp_path):
+    """Expected texts: the output of ptq.report and ptq.run.format_table before number formats existed."""
+    old = find_records([str(OLD_RTN_W4)])
+    assert "format" not in old[0] and "act_format" not in old[0]
+    assert markdown_table(old).splitlines() == [
+        HEADER,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| smollm2-135m-instruct | none | 16 | - | - | 16.00 | 256.6 | 20.71 | +0.0% | — | CPU ×2 | — | — |",
+        "| smollm2-135m-instruct | rtn | 4 | 128 | asym | 4.21 | 107.4 | 27.78 | +34.1% | 4.7 | CPU ×2 | 2.37 | — |",
+    ]
+    write_csv(old, tmp_path / "report.csv")
+    assert (tmp_path / "report.csv").read_text().splitlines() == [
+        CSV_HEADER,
+        "smollm2-135m-instruct,none,16,-,-,16.0,256.5670166015625,20.710734393826744,0.0,,CPU ×2,,,ok,",
+        "smollm2-135m-instruct,rtn,4,128,asym,4.214409722222222,107.4056396484375,27.783175635121992,"
+        "34.14867433867208,4.746326242002397,CPU ×2,2.3743438720703125,,ok,",
+    ]
+    assert console_table(old[0]).splitlines() == [
+        "                             wikitext2 ppl",
+        "full precision                      20.711",
+        "rtn w4 g128 asym                    27.783",
+        "ppl: GPTQ-protocol token perplexity (2048-token windows); quantize 4.7 s, eval 104.0 s, total 246.3 s; "
+        "peak RSS 2.37 GiB",
+    ]
+
+    old = find_records([str(OLD_RTN_W8A8)])
+    assert "format" not in old[0] and old[0]["act_bits"] == 8
+    assert markdown_table(old).splitlines()[2] == (
+        "| smollm2-135m-instruct | rtn | w8a8 per-token | channel | sym | — | — | 21.79 | — | 0.2 | CPU ×2 | 2.35 | — |"
+    )
+    assert console_table(old[0]).splitlines()[1] == "rtn w8a8 (per_token) per-channel sym        21.789"
+
+
+def imported_report_modules(module: str) -> set[str]:
+    """The ptq.report modules that ``module``'s source imports anywhere (inside functions too); "ptq.report"
+    itself when it imports from the package, whose __init__ imports every module."""
+    source = Path(__file__).resolve().parents[1] / "ptq" / "report" / f"{module}.py"
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):  # relative: from . import x, from .x import y
+            names |= {f"ptq.report.{node.module or alias.name}" for alias in node.names}
+    return {name for name in names if name == "ptq.report" or name.startswith("ptq.report.")}
+
+
+def test_report_modules_import_no_cycle():
+    assert imported_report_modules("records") == set()
+    for view in ("plots", "table", "console"):
+        assert imported_report_modules(view) == {"ptq.report.records"}, view
+    assert imported_report_modules("cli") == {"ptq.report.plots", "ptq.report.records", "ptq.report.table"}
+    for module in ("ptq.report.plots", "ptq.report.table", "ptq.report"):  # each imports first in a fresh process
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+
+
+def test_plot_legend_has_a_line_per_number_format():
+    from ptq.report.plots import line_name
+
+    assert line_name(quantized("rtn", 4, 37.0, 27.7, 4.16)) == "rtn g128"
+    assert line_name(record("rtn", 8, {}, act_bits=8, act_granularity="per_token") | {"group_size": -1}) == (
+        "rtn per-channel per-token"
+    )
+    assert line_name(float_record("nvfp4", 4, 16)) == "rtn nvfp4 g16"
+    assert line_name(float_record("nvfp4", 4, 16, "nvfp4", 4, "per_block")) == "rtn nvfp4 g16 per-block"
+    assert line_name(float_record("int", 4, 0, "fp8_e4m3", 8, "per_token")) == "rtn int/fp8_e4m3 per-tensor per-token"

@@ -28,7 +28,7 @@ import torch
 from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.models import block_linears, get_blocks, get_weight
-from ptq.quant import QuantSpec, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.linear import Int8Linear, QuantLinear
 from ptq.results import environment
 
@@ -43,9 +43,9 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
     for block in get_blocks(model):
         for name, linear in block_linears(model, block).items():
             if fmt == "w8a8":
-                new = Int8Linear(get_weight(linear), linear.bias)
+                new = Int8Linear.from_weight(get_weight(linear), linear.bias)
             else:
-                qw = quantize_weight(get_weight(linear), QuantSpec(4, group_size, False))
+                qw = quantize_weight(get_weight(linear), WeightSpec("int", 4, group_size, False))
                 new = QuantLinear.from_quantized(qw, linear.bias, torch.bfloat16)
                 new.use_int4_kernel()
             block.set_submodule(name, new)

@@ -18,6 +18,7 @@ import torch
 
 import ptq
 from ptq.lazy import load_skeleton
+from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
 
 SHAPES = {
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--method", default="gptq")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--format", default="int", help="weight format: int, fp8_e4m3, fp8_e5m2, nvfp4, mxfp4, mxfp8")
+    p.add_argument("--bits", type=int, default=None, help="int: 2..8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="default: the format's (int 128)")
     p.add_argument("--sym", action="store_true")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         step, name = key.split(".", 1)
         options.setdefault(step, {})[name] = json.loads(value)
+    recipe = Recipe.build(args.method, args.format, args.bits, args.group_size, True if args.sym else None,
+                          options=options)  # fmt: skip
     runs = []
     for rep in range(args.repeat):
         torch.manual_seed(rep)
@@ -144,16 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         with profiler:
             report = ptq.quantize(
                 model,
-                method=args.method,
-                bits=args.bits,
-                group_size=args.group_size,
-                sym=args.sym,
+                recipe,
                 calib=calib,
                 device=device,
                 offload=args.offload,
                 lazy=lazy,
                 batch_size=args.batch_size,
-                options=options,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -187,15 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "shape": args.shape,
         "layers": args.layers,
-        "method": args.method,
-        "bits": args.bits,
-        "group_size": args.group_size,
+        **recipe.to_dict(),
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "offload": args.offload,
         "from_checkpoint": bool(args.from_checkpoint),
         "dtype": args.dtype,
-        "options": options,
+        "options": recipe.options,
         "median_seconds": statistics.median(r["seconds"] for r in runs),
         "peak_gpu_gib": max((r["peak_gpu_bytes"] or 0) for r in runs) / 2**30,
         "runs": runs,

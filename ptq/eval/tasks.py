@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task cannot run as asked; the message names the fix."""
 
 

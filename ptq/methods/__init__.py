@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ptq.methods.awq import AWQ
 from ptq.methods.base import Method
 from ptq.methods.gptq import GPTQ
 from ptq.methods.rtn import RTN
 from ptq.methods.smoothquant import SmoothQuant
-from ptq.quant import QuantSpec
+from ptq.quant import WeightSpec
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant)}
 FULL_PRECISION = "none"
@@ -30,13 +32,20 @@ def parse_method(method: str) -> list[str]:
     return steps
 
 
-def build_steps(method: str, spec: QuantSpec | None, options: dict | None = None) -> list[Method]:
+def build_steps(method: str, spec: WeightSpec | None, options: dict | None = None) -> list[Method]:
     """Instantiate the steps of ``method``; ``options[step]`` holds keyword options of each step."""
     options = options or {}
     names = parse_method(method)
     extra = set(options) - set(names)
     if extra:
         raise ValueError(f"options given for {sorted(extra)}, which are not steps of method {method!r}")
+    for name in names:
+        accepted = set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "spec"}
+        unknown = set(options.get(name, {})) - accepted
+        if unknown:
+            raise ValueError(
+                f"method.{name} has no option(s) {sorted(unknown)}; its options are {', '.join(sorted(accepted))}"
+            )
     steps = [METHODS[name](spec, **options.get(name, {})) for name in names]
     for step in steps[:-1]:
         if not step.transform:
@@ -49,4 +58,4 @@ def build_steps(method: str, spec: QuantSpec | None, options: dict | None = None
     return steps
 
 
-__all__ = ["METHODS", "Method", "build_steps", "method_names", "parse_method"]
+__all__ = ["FULL_PRECISION", "METHODS", "Method", "build_steps", "method_names", "parse_method"]

@@ -1,4 +1,4 @@
-"""The activation-quantization step that follows a method's steps when ``act_bits`` is set."""
+"""The activation-quantization step that follows a method's steps when the recipe quantizes activations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 
 from ptq.methods.base import Method
 from ptq.pipeline import BlockContext
-from ptq.quant.activations import ActSpec, InputQuantizer, attach_input_quantizer
+from ptq.quant.activations import InputQuantizer, attach_input_quantizer
+from ptq.quant.spec import ActSpec
 
 
 class QuantizeActivations(Method):
@@ -30,7 +31,7 @@ class QuantizeActivations(Method):
                 absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
 
             ctx.forward_with_input_hooks(ctx.linears, track)
-            scales = {name: (m / self.act.qmax).clamp(min=1e-8) for name, m in absmax.items()}
+            scales = {name: self.act.static_scale(m) for name, m in absmax.items()}
         for name, linear in ctx.linears.items():
             attach_input_quantizer(linear, InputQuantizer(self.act, scales.get(name)))
             if name in scales:

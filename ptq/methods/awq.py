@@ -40,7 +40,7 @@ from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
 from ptq.methods.stats import add_gram, half_precision_products, quadratic_form_sum, split_bf16
 from ptq.models import arch_for, get_weight, scale_groups, set_weight
 from ptq.pipeline import BlockContext
-from ptq.quant import QuantSpec, compute_qparams, fake_quantize, fake_quantize_weight, group_rows
+from ptq.quant import WeightSpec, fake_quantize_weight, group_rows, row_params
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def weight_channel_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+def weight_channel_mean(weights: list[torch.Tensor], spec: WeightSpec) -> torch.Tensor:
     """Mean over rows of |W| normalized by each quantization group's max (AutoAWQ's duo scaling)."""
     w = torch.cat([x.float() for x in weights]).abs()
     rows, columns = w.shape
@@ -68,7 +68,7 @@ def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | 
 
 
 def scaled_fake_quantize(
-    weight: torch.Tensor, s: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None = None
+    weight: torch.Tensor, s: torch.Tensor, spec: WeightSpec, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1, the weights AWQ tries for scales s, in W's dtype (computed in fp32).
     Written into ``out`` when given (a module's weight: no further copy)."""
@@ -82,7 +82,7 @@ CLIP_BATCH_ELEMENTS = 2**26  # weights searched at once: 256 MB in fp32 (a few s
 def search_clip(
     weight: torch.Tensor,
     x: torch.Tensor,
-    spec: QuantSpec,
+    spec: WeightSpec,
     n_grid: int = 20,
     max_shrink: float = 0.5,
     batch_elements: int = CLIP_BATCH_ELEMENTS,
@@ -102,6 +102,7 @@ def search_clip(
     x = group_rows(x.float(), spec).reshape(-1, n, g).transpose(0, 1)  # [groups, tokens, g]
     gram = torch.bmm(x.transpose(1, 2), x).div_(x.shape[1])  # [groups, g, g]
     rows_per_batch = max(1, batch_elements // (n * g))
+    tensor_scale = spec.tensor_scale(weight)  # NVFP4: the unclipped weight's global scale
     ratios = []
     for w in w_all.split(rows_per_batch):
         original_max = w.abs().amax(dim=2, keepdim=True)
@@ -110,8 +111,8 @@ def search_clip(
         for i in range(int(max_shrink * n_grid)):
             ratio = 1 - i / n_grid
             clipped = torch.clamp(w, -original_max * ratio, original_max * ratio).reshape(-1, g)
-            scale, zero = compute_qparams(clipped, spec)
-            error = fake_quantize(clipped, scale, zero, spec.maxq).reshape(w.shape).sub_(w).transpose(0, 1)
+            scale, zero = row_params(clipped, spec, tensor_scale)
+            error = spec.fake_quantize(clipped, scale, zero).reshape(w.shape).sub_(w).transpose(0, 1)
             err = (torch.bmm(error, gram) * error).sum(dim=2).t()  # [rows, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -121,7 +122,7 @@ def search_clip(
     return w_all.abs().amax(dim=2) * ratio, ratio
 
 
-def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """Clamp each group of ``weight`` to [-max_val, max_val] (max_val: [rows, groups])."""
     columns = weight.shape[1]
     bound = max_val.repeat_interleave(spec.group_size_for(columns), dim=1)[:, :columns]
@@ -135,7 +136,7 @@ class AWQ(Method):
 
     def __init__(
         self,
-        spec: QuantSpec,
+        spec: WeightSpec,
         n_grid: int = 20,
         duo_scaling: bool = False,
         clip: bool = True,
@@ -151,6 +152,11 @@ class AWQ(Method):
         for key, value in checks:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"awq.{key}={value!r} must be a whole number of at least 1")
+        if clip and spec is not None and spec.per_tensor:
+            raise ValueError(
+                "awq.clip searches a clipping range per group, which one scale per tensor (group_size=0) "
+                "cannot use: set method.awq.clip=false or choose group or channel scales"
+            )
         if not isinstance(clip_max_shrink, (int, float)) or not 0 < clip_max_shrink < 1:
             raise ValueError(f"awq.clip_max_shrink={clip_max_shrink!r} must lie strictly between 0 and 1 (default 0.5)")
         self.n_grid = n_grid

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ptq.pipeline import BlockContext
-from ptq.quant import QuantSpec
+from ptq.quant import WeightSpec
 
 
 class Method:
@@ -19,7 +19,7 @@ class Method:
     needs_calibration = False
     transform = False
 
-    def __init__(self, spec: QuantSpec, **options) -> None:
+    def __init__(self, spec: WeightSpec, **options) -> None:
         if options:
             raise ValueError(f"method {self.name!r} has no options {sorted(options)}")
         self.spec = spec

@@ -27,9 +27,10 @@ from ptq.methods.base import Method
 from ptq.methods.stats import GRAM_PRODUCTS, add_gram
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
-from ptq.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize, group_qparams, quantize
+from ptq.quant import QuantizedWeight, WeightSpec, group_qparams
 
 log = logging.getLogger(__name__)
+LOOPS = ("auto", "torch")  # the column loop: the Triton kernel where it applies, or always PyTorch
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -63,7 +64,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 
     raise FloatingPointError(f"Hessian stayed non-positive-definite up to percdamp={damp_fraction / 10:g}")
 
 
-def _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups) -> torch.Tensor:
+def _lazy_block_loop(
+    W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups, tensor_scale
+) -> torch.Tensor:
     """Columns i1..i2 one at a time (Algorithm 1's inner loop); returns the block's scaled errors."""
     columns = W.shape[1]
     W1 = W[:, i1:i2].clone()
@@ -79,14 +82,14 @@ def _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spe
             if end > i2:
                 pending = W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]
                 current = torch.cat([current, pending], dim=1)
-            s, z = compute_qparams(current, spec)
+            s, z = spec.params(current, tensor_scale)
             scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
         g = group_list[col]
         s, z = scale[:, g], zero[:, g]
         w = W1[:, i]
-        c = quantize(w, s, z, spec.maxq)
+        c = spec.quantize(w, s, z)
         codes[:, col] = c
-        err = (w - dequantize(c, s, z)) / Hinv1[i, i]
+        err = (w - spec.dequantize(c, s, z)) / Hinv1[i, i]
         W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
         Err1[:, i] = err
     return Err1
@@ -95,34 +98,41 @@ def _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spe
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    spec: QuantSpec,
+    spec: WeightSpec,
     block_size: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
     consume: bool = False,
+    loop: str = "auto",
 ) -> tuple[QuantizedWeight, torch.Tensor, dict]:
     """Quantize a [rows, columns] weight with the GPTQ solver given its input Hessian [columns, columns].
 
     Works in fp32 (float64 if given float64). Returns the quantized weight (codes, group scales and
     zeros, ``g_idx`` in original column order), the per-row reconstruction loss, and solver info.
-    ``consume``: H (already fp32/fp64) may be overwritten, saving a copy, and its memory is released
-    (its storage emptied) as soon as the inverse factor exists. W is never modified; its fp32 working
-    copy is made only after the factorization, so the two are not alive together at the solve's
-    memory peak (Llama-3-8B's down_proj: 822 MB for H and as much for each factorization temporary).
+    ``loop``: ``auto`` runs each lazy block's column loop as one Triton kernel where it applies (CUDA),
+    ``torch`` always in PyTorch. ``consume``: H (already fp32/fp64) may be overwritten, saving a copy,
+    and its memory is released (its storage emptied) as soon as the inverse factor exists. W is never
+    modified; its fp32 working copy is made only after the factorization, so the two are not alive
+    together at the solve's memory peak (Llama-3-8B's down_proj: H and each factorization temporary).
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     given = H
     H = H.to(work) if consume else H.to(work).clone()
     rows, columns = W.shape
-    maxq = spec.maxq
     group = spec.group_size_for(columns)
 
     dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
     H[dead, dead] = 1
 
+    # NVFP4's global scale, and a per-tensor scale, come from the original weights: GPTQ's updates
+    # must not move the range every group's scale is expressed in.
+    static_groups = static_groups or spec.per_tensor
+    original = W.to(work).masked_fill(dead, 0)
+    tensor_scale = spec.tensor_scale(original)
     if static_groups:  # group parameters from the original weights, before any column is updated
-        static_scale, static_zero = group_qparams(W.to(work).masked_fill(dead, 0), spec)
+        static_scale, static_zero = group_qparams(original, spec, tensor_scale)
+    del original
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     if perm is not None:
         H = H[perm][:, perm]
@@ -148,11 +158,16 @@ def gptq_quantize(
     # On CUDA the column loop of each lazy block runs as one Triton kernel when the groups' parameters
     # are known before the block (static groups, per channel) or start on block boundaries.
     per_channel = group == columns
-    kernel = gptq_kernel.available(W) and (static_groups or per_channel or block_size % group == 0)
+    groups_known = static_groups or per_channel
+    kernel = (
+        loop == "auto" and gptq_kernel.available(W, spec, groups_known) and (groups_known or block_size % group == 0)
+    )
+    element = None if spec.is_int else spec.fmt.element
+    maxq = spec.maxq if element is None else element.max
     if kernel:
         Hinv = Hinv.contiguous()  # cuSOLVER may return the factor column-major; the kernel reads rows
     if kernel and per_channel and not static_groups:  # what the loop computes at column 0: W's own range
-        s, z = compute_qparams(W, spec)
+        s, z = spec.params(W, tensor_scale)
         scale[:, 0], zero[:, 0] = s[:, 0], z[:, 0]
     group_list = group_of.tolist()  # python ints: indexing by them launches no kernel
     for i1 in range(0, columns, block_size):
@@ -163,14 +178,16 @@ def gptq_quantize(
             if static_groups or per_channel:
                 cols = group_of[i1:i2]
                 s, z = scale[:, cols].contiguous(), zero[:, cols].contiguous()
-                gptq_kernel.lazy_block(W[:, i1:i2], Hinv1, codes[:, i1:i2], Err1, s, z, maxq, 0, spec.sym)
+                gptq_kernel.lazy_block(W[:, i1:i2], Hinv1, codes[:, i1:i2], Err1, s, z, maxq, 0, spec.sym, element)
             else:
                 g = slice(i1 // group, (i2 - 1) // group + 1)
                 gptq_kernel.lazy_block(
                     W[:, i1:i2], Hinv1, codes[:, i1:i2], Err1, scale[:, g], zero[:, g], maxq, group, spec.sym
                 )
         else:
-            Err1 = _lazy_block_loop(W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups)
+            Err1 = _lazy_block_loop(
+                W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups, tensor_scale
+            )
         # Loss of each column: (w - q)^2 / [H^-1]_jj^2 / 2 (the reference's Losses), i.e. err^2 / 2.
         losses += (Err1**2).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # in place: no [rows, columns] temporary
@@ -179,25 +196,34 @@ def gptq_quantize(
     if perm is not None:
         inverse = torch.argsort(perm)
         codes, g_idx = codes[:, inverse], g_idx[inverse]
-    qweight = QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx, spec)
+    qweight = QuantizedWeight(spec.fmt.encode(codes), scale, zero, g_idx, spec, tensor_scale)
     return qweight, losses, info
 
 
 class GPTQ(Method):
+    """GPTQ as a pipeline step. By default columns go in order of decreasing diag(H) (``act_order``)
+    with group scales from the original weights (``static_groups``), as llm-compressor does: better
+    than the reference order, and free at inference since groups stay contiguous. The reference's
+    order is ``act_order=False, static_groups=False`` (``method=gptq-reference`` on the command line)."""
+
     name = "gptq"
     needs_calibration = True
 
     def __init__(
         self,
-        spec: QuantSpec,
+        spec: WeightSpec,
         block_size: int = 128,
         percdamp: float = 0.01,
-        act_order: bool = False,
-        static_groups: bool = False,
+        act_order: bool = True,
+        static_groups: bool = True,
         true_sequential: bool = True,
         hessian: str = "auto",
+        loop: str = "auto",
     ) -> None:
         super().__init__(spec)
+        if loop not in LOOPS:
+            raise ValueError(f"gptq.loop={loop!r} is unknown; choose one of {', '.join(LOOPS)}")
+        self.loop = loop
         if hessian not in GRAM_PRODUCTS:
             raise ValueError(f"gptq.hessian={hessian!r} is unknown; choose one of {', '.join(GRAM_PRODUCTS)}")
         self.hessian = hessian
@@ -235,7 +261,7 @@ class GPTQ(Method):
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
         qweight, losses, info = gptq_quantize(
             stacked, hessians.pop(group[0]), self.spec, self.block_size, self.percdamp, self.act_order,
-            self.static_groups, consume=True,
+            self.static_groups, consume=True, loop=self.loop,
         )  # fmt: skip
         del stacked
         if not torch.isfinite(qweight.scale).all():

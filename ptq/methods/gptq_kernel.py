@@ -8,7 +8,9 @@ itself: quantize column j, spread its error over the columns after it (row j of 
 Hessian's Cholesky factor), next column. One launch per lazy block instead of ~1,300.
 
 The arithmetic is the PyTorch loop's, in fp32, with IEEE division and round-half-to-even, so both
-paths give the same codes up to fp32 rounding order (tests/test_gpu.py compares them).
+paths give the same codes up to fp32 rounding order (tests/test_gpu.py compares them). Float formats
+(FP8, NVFP4, MX) round to their minifloat grid with the same rule as ``MiniFloat.round``; their group
+scales must be known before the block (static groups or per channel), which GPTQ's default gives.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ except ImportError:  # CPU-only installs: the PyTorch loop is used
     triton = None
 
 
-def available(W: torch.Tensor) -> bool:
-    return triton is not None and W.is_cuda and W.dtype == torch.float32
+def available(W: torch.Tensor, spec, groups_known: bool) -> bool:
+    """Whether the kernel can run this solve: CUDA, fp32, and an integer grid, or a float format
+    whose group scales are known before each lazy block (static groups, per channel): the kernel
+    computes integer group parameters itself, float ones only by lookup."""
+    if triton is None or not W.is_cuda or W.dtype != torch.float32:
+        return False
+    return spec.is_int or groups_known
 
 
 if triton is not None:
@@ -41,6 +48,9 @@ if triton is not None:
         maxq,
         GROUP: tl.constexpr,  # > 0: group parameters computed in the kernel every GROUP columns
         SYM: tl.constexpr,
+        FLOAT: tl.constexpr,  # codes on a minifloat grid (MBITS mantissa bits, exponent >= EMIN, |q| <= maxq)
+        MBITS: tl.constexpr,
+        EMIN: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):  # fmt: skip
@@ -78,7 +88,17 @@ if triton is not None:
                 scale = tl.load(S + r * stride_s + j, mask=rmask, other=1.0)
                 zero = tl.load(Z + r * stride_s + j, mask=rmask, other=0.0)
             w = tl.sum(tl.where(c[None, :] == j, tile, 0.0), axis=1)
-            q = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, scale)) + zero, 0.0), maxq)
+            if FLOAT:
+                # ptq.quant.formats.MiniFloat.round: spacing 2^(e - MBITS) in the binade of |v|
+                # (e read from the fp32 exponent bits, at least EMIN), ties to even, saturating.
+                v = tl.math.div_rn(w, scale)
+                a = tl.minimum(tl.abs(v), maxq)
+                e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+                spacing = ((e - MBITS + 127) << 23).to(tl.float32, bitcast=True)
+                q = rint(tl.math.div_rn(a, spacing)) * spacing
+                q = tl.where(v < 0, -q, q)
+            else:
+                q = tl.minimum(tl.maximum(rint(tl.math.div_rn(w, scale)) + zero, 0.0), maxq)
             d = tl.load(Hinv + j * stride_h + j)
             err = tl.math.div_rn(w - scale * (q - zero), tl.zeros_like(w) + d)
             h = tl.load(Hinv + j * stride_h + c, mask=(c > j) & (c < ncols), other=0.0)
@@ -97,13 +117,15 @@ def lazy_block(
     err: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
-    maxq: int,
+    maxq: float,
     group: int,
     sym: bool,
+    element=None,
 ) -> None:
     """Run the columns of one lazy block (views with unit column stride). ``group`` > 0: write the
     parameters of each ``group``-column group into ``scale``/``zero`` [rows, ncols // group];
-    ``group`` == 0: read them per column from ``scale``/``zero`` [rows, ncols]."""
+    ``group`` == 0: read them per column from ``scale``/``zero`` [rows, ncols]. ``element``: the
+    ``MiniFloat`` of a float format (then ``maxq`` is its largest value and ``group`` must be 0)."""
     rows, ncols = W1.shape
     for name, t in (("W1", W1), ("Hinv1", Hinv1), ("codes", codes), ("err", err), ("scale", scale), ("zero", zero)):
         assert t.stride(1) == 1 and t.dtype == torch.float32, (name, t.stride(), t.dtype)
@@ -114,6 +136,7 @@ def lazy_block(
         rows, ncols,
         W1.stride(0), Hinv1.stride(0), codes.stride(0), err.stride(0), scale.stride(0),
         float(maxq),
-        GROUP=group, SYM=sym, BLOCK_R=BLOCK_R, BLOCK_C=triton.next_power_of_2(ncols),
+        GROUP=group, SYM=sym, FLOAT=element is not None, MBITS=element.mbits if element else 0,
+        EMIN=element.emin if element else 0, BLOCK_R=BLOCK_R, BLOCK_C=triton.next_power_of_2(ncols),
         num_warps=4,
     )  # fmt: skip

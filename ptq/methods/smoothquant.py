@@ -27,7 +27,7 @@ from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import fold_scales, resolve_groups
 from ptq.models import get_weight, is_linear, scale_groups
 from ptq.pipeline import BlockContext
-from ptq.quant import QuantSpec
+from ptq.quant import WeightSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SmoothQuant(Method):
     needs_calibration = True
     transform = True
 
-    def __init__(self, spec: QuantSpec, alpha: float = 0.5, scope: str = "norms") -> None:
+    def __init__(self, spec: WeightSpec, alpha: float = 0.5, scope: str = "norms") -> None:
         super().__init__(spec)
         if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(

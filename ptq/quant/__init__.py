@@ -1,27 +1,25 @@
-"""Number formats: what "4-bit, group 128, asymmetric" means, once, for every method."""
+"""Number formats: what "4-bit, group 128, asymmetric" or "NVFP4" means, once, for every method."""
 
-from ptq.quant.format import (
+from ptq.quant.formats import FORMATS
+from ptq.quant.spec import ActSpec, FormatError, WeightSpec
+from ptq.quant.weight import (
     QuantizedWeight,
-    QuantSpec,
-    compute_qparams,
-    dequantize,
-    fake_quantize,
     fake_quantize_weight,
     group_qparams,
     group_rows,
-    quantize,
     quantize_weight,
+    row_params,
 )
 
 __all__ = [
-    "QuantSpec",
+    "FORMATS",
+    "ActSpec",
+    "FormatError",
     "QuantizedWeight",
-    "compute_qparams",
-    "dequantize",
-    "fake_quantize",
+    "WeightSpec",
     "fake_quantize_weight",
     "group_qparams",
     "group_rows",
-    "quantize",
     "quantize_weight",
+    "row_params",
 ]

@@ -1,67 +1,24 @@
-"""Activation quantization (fake-quant of every quantized linear's input), symmetric integers.
+"""Activation quantization: fake-quantize every quantized linear's input (``ActSpec``).
 
 - ``per_token`` (dynamic): each token's vector gets its own scale max|x| / qmax at run time.
 - ``per_tensor`` (static): one scale per linear, max|x| / qmax over the calibration tokens, fixed
-  afterwards; values beyond the calibrated range are clipped.
+  afterwards; values beyond the calibrated range saturate.
+- ``per_block`` (dynamic): NVFP4 / MX blocks along the features, scaled as their weights are.
 
-qmax = 2^(bits-1) - 1 (127 for int8), as in SmoothQuant's ``quantize_activation_per_*_absmax``.
+Integer activations are symmetric and signed, qmax = 2^(bits-1) - 1 (127 for int8), as in
+SmoothQuant's ``quantize_activation_per_*_absmax``; FP8 ones use the format's largest value.
 The rounding is done in fp32 and the result returned in the input's dtype.
+
+The quantizer is a forward pre-hook remembered on the module (``_ptq_input_quantizer``), so that
+code replacing a linear (packing it into a ``QuantLinear``) can carry it over: ``move_input_quantizer``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-GRANULARITIES = ("per_token", "per_tensor")
-
-
-@dataclass(frozen=True)
-class ActSpec:
-    bits: int = 8
-    granularity: str = "per_token"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 4 <= self.bits <= 8:
-            raise ValueError(
-                f"act_bits={self.bits!r} is outside 4..8 (symmetric integer activations); omit it for none"
-            )
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"act_granularity={self.granularity!r} is unknown; choose one of {', '.join(GRANULARITIES)}"
-            )
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    @property
-    def static(self) -> bool:
-        return self.granularity == "per_tensor"
-
-
-def check_weight_format(weights, act: ActSpec) -> None:
-    """An integer matmul can apply one weight scale per output row only, with no zero point to
-    correct for: activation quantization needs per-channel symmetric weights (``QuantSpec``)."""
-    if weights.group_size != -1 or not weights.sym:
-        raise ValueError(
-            f"act_bits={act.bits} needs weights with one symmetric scale per output channel (what integer "
-            f"matmul kernels use), not group_size={weights.group_size} sym={weights.sym}: set group_size=-1 sym=true"
-        )
-
-
-def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax
-    return (torch.round(xf / scale) * scale).to(x.dtype)
-
-
-def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    return (torch.clamp(torch.round(x.float() / scale), -qmax, qmax) * scale).to(x.dtype)
+from ptq.quant.spec import ActSpec
 
 
 class InputQuantizer:
@@ -76,10 +33,10 @@ class InputQuantizer:
     def __call__(self, _module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         if self.spec.static:
-            q = quantize_per_tensor(x, self.scale.to(x.device), self.spec.bits)
+            q = self.spec.quantize_static(x, self.scale.to(x.device))
         else:
-            q = quantize_per_token(x, self.spec.bits)
-        return (q, *args[1:])
+            q = self.spec.quantize_dynamic(x)
+        return (q.to(x.dtype), *args[1:])
 
 
 def attach_input_quantizer(linear: nn.Module, quantizer: InputQuantizer) -> None:
@@ -94,3 +51,10 @@ def attach_input_quantizer(linear: nn.Module, quantizer: InputQuantizer) -> None
 def input_quantizer_of(linear: nn.Module) -> InputQuantizer | None:
     entry = getattr(linear, "_ptq_input_quantizer", None)
     return entry[0] if entry else None
+
+
+def move_input_quantizer(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a module replacing ``old``) the input quantizer ``old`` had, if any."""
+    quantizer = input_quantizer_of(old)
+    if quantizer is not None:
+        attach_input_quantizer(new, quantizer)

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptq.quant.format import QuantizedWeight, QuantSpec
 from ptq.quant.pack import pack_gptq, unpack_gptq
+from ptq.quant.spec import ACT_SCALE_MIN, PER_CHANNEL, WeightSpec
+from ptq.quant.weight import QuantizedWeight, quantize_weight
 
 
 class QuantLinear(nn.Module):
     PACKED = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ layout's buffers (ptq.quant.pack)
 
-    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float16):
+    def __init__(self, in_features: int, out_features: int, spec: WeightSpec, bias: bool, dtype=torch.float16):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         groups = spec.num_groups(in_features)
@@ -89,20 +90,28 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """y = (q_x q_w^T) * s_x * s_w: int8 weights with a symmetric scale per output channel,
-    activations quantized per token (max|x| / 127) at each call."""
+    """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
+    True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
+    output channel), activations quantized per token (max|x| / 127) at each call."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    SPEC = WeightSpec("int", 8, PER_CHANNEL, True)
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t().contiguous())  # [in, out]
-        self.register_buffer("weight_scale", scale)
+        if qw.spec != self.SPEC:
+            raise ValueError(f"Int8Linear holds {self.SPEC.describe()} weights, not {qw.spec.describe()}")
+        signed = (qw.qweight.to(torch.int16) - qw.zero.to(torch.int16)).to(torch.int8)  # [out, in]
+        self.register_buffer("weight_t", signed.t().contiguous())  # [in, out]
+        self.register_buffer("weight_scale", qw.scale[:, 0].float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        return cls(quantize_weight(weight.detach(), cls.SPEC), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
+        x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
         qx = torch.round(flat.float() / x_scale).to(torch.int8)
         rows = qx.shape[0]
         if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small (decode) batches

@@ -17,15 +17,19 @@ the "v1 zero-point" problem of older kernels, misread only that case).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ptq.quant.format import QuantizedWeight, QuantSpec
+from ptq.errors import UserError
+from ptq.quant.spec import WeightSpec
+from ptq.quant.weight import QuantizedWeight
 
 PACKED_BITS = (2, 3, 4, 8)
 WORD = 32
 
 
-class PackError(ValueError):
+class PackError(UserError):
     """The weight has no representation in the packed format; the message names what does."""
 
 
@@ -79,6 +83,8 @@ def pack_gptq(qw: QuantizedWeight, pad: bool = False) -> dict[str, torch.Tensor]
 
     ``pad``: zero-pad input and output features to multiples of 32 instead of refusing them (for
     counting the bytes of models whose shapes the layout cannot hold, such as stories260K's 172)."""
+    if not qw.spec.is_int:
+        raise PackError(f"format={qw.spec.format} has no GPTQ layout (integer codes only)")
     qweight, zero, scale, g_idx = qw.qweight, qw.zero, qw.scale, qw.g_idx
     bits = qw.spec.bits
     if pad:
@@ -98,7 +104,7 @@ def pack_gptq(qw: QuantizedWeight, pad: bool = False) -> dict[str, torch.Tensor]
     }
 
 
-def unpack_gptq(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+def unpack_gptq(tensors: dict[str, torch.Tensor], spec: WeightSpec) -> QuantizedWeight:
     """Codes, scales, zero points and g_idx back from the packed tensors (scales as stored, fp16 -> fp32)."""
     bits = spec.bits
     codes = unpack_rows(tensors["qweight"], bits).t()
@@ -116,19 +122,37 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def float_bytes(qw: QuantizedWeight) -> int:
+    """Bytes of a float-format weight as compressed-tensors stores it: the elements (two E2M1 per
+    byte), one scale per group (fp32 for FP8, E4M3 for NVFP4, E8M0 for MX) and NVFP4's fp32 global
+    scale."""
+    fmt = qw.spec.fmt
+    out_features, in_features = qw.qweight.shape
+    groups = 1 if qw.spec.per_tensor else qw.scale.numel()
+    elements = out_features * math.ceil(in_features * fmt.element_bits / 8)
+    return elements + math.ceil(groups * fmt.scale_bits / 8) + (4 if fmt.has_tensor_scale else 0)
+
+
 class StorageCount:
-    """Bytes of a quantized model as a GPTQ checkpoint would store it: each quantized linear's packed
-    tensors (``pack_gptq``), every other parameter in 16 bits (the checkpoint's fp16/bf16)."""
+    """Bytes of a quantized model as a checkpoint would store it: each quantized linear in its format's
+    layout (integers packed as in a GPTQ checkpoint, ``pack_gptq``; float formats as compressed-tensors
+    stores them, ``float_bytes``), every other parameter in 16 bits (the checkpoint's fp16/bf16)."""
 
     def __init__(self) -> None:
         self.linear_weights = 0
         self.linear_bytes = 0
-        self.padded = 0  # linears whose shapes the layout can only hold zero-padded
+        self.padded = 0  # linears whose shapes the GPTQ layout can only hold zero-padded
         self.names: set[str] = set()
+        self.layouts: set[str] = set()
         self._bytes: dict[tuple, int] = {}  # packed bytes by (shapes, spec): layers repeat in every block
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
         out_features, in_features = qw.qweight.shape
+        if not qw.spec.is_int:
+            self.layouts.add("compressed-tensors")
+            self.add_packed(name, out_features * in_features, float_bytes(qw))
+            return
+        self.layouts.add("gptq")
         padded = bool(out_features % WORD or in_features % WORD)
         key = (tuple(qw.qweight.shape), tuple(qw.scale.shape), qw.spec)
         if key not in self._bytes:
@@ -155,7 +179,7 @@ class StorageCount:
         )
         total_bytes = self.linear_bytes + 2 * other
         return {
-            "format": "gptq",
+            "format": "+".join(sorted(self.layouts)) or "gptq",
             "quantized_linears": len(self.names),
             "padded_linears": self.padded,
             "linear_weights": self.linear_weights,

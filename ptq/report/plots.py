@@ -1,6 +1,7 @@
 """Plots from run records (PNG, matplotlib): what each method's quality costs in bits and memory.
 
-    quality_vs_bits.png     perplexity vs effective bits per weight, one line per method, a panel per model
+    quality_vs_bits.png     perplexity vs effective bits per weight, one line per method and number format,
+                            a panel per model
     tasks_vs_bits.png       each lm-eval task's accuracy vs effective bits (when records have task scores)
     quality_vs_memory.png   perplexity vs model size as a GPTQ checkpoint would store it
 
@@ -12,23 +13,38 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ptq.report import _label, bits_per_weight, metric_value, model_mib, successful_with_full_precision
+from ptq.report.records import (
+    bits_per_weight,
+    format_name,
+    method_label,
+    metric_value,
+    model_mib,
+    successful_with_full_precision,
+)
 
 MARKERS = "osD^v<>p*"
 
 
+def line_name(r: dict) -> str:
+    """One line per method, number formats, group size and activation granularity: the bits vary along it."""
+    group = r.get("group_size")
+    name = method_label(r)
+    if format_name(r):
+        name += f" {format_name(r)}"
+    name += " per-channel" if group in (None, -1) else " per-tensor" if group == 0 else f" g{group}"
+    if r.get("act_bits"):
+        name += f" {r['act_granularity'].replace('_', '-')}"
+    return name
+
+
 def _series(rows: list[dict], metric: tuple[str, ...], x_of) -> dict[str, list[tuple[float, float]]]:
-    """Quantized runs grouped into lines: label (method, group size, activation format) -> [(x, y)]."""
+    """Quantized runs grouped into lines: line name -> [(x, y)]."""
     lines: dict[str, list] = defaultdict(list)
     for r in rows:
         x, y = x_of(r), metric_value(r["metrics"], metric)
         if r["method"] == "none" or x is None or y is None:
             continue
-        _, method, bits, group, sym = _label(r)
-        name = f"{method} g{group}" if group not in ("-", "channel") else f"{method} per-channel"
-        if isinstance(bits, str):  # weight-and-activation formats: wNaM ...
-            name += f" {bits.split(' ', 1)[1]}"
-        lines[name].append((x, y))
+        lines[line_name(r)].append((x, y))
     return {k: sorted(v) for k, v in lines.items()}
 
 

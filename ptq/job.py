@@ -1,0 +1,269 @@
+"""One run, as stages: check, data, load, baseline, quantize, evaluate, save.
+
+``run(cfg)`` calls them in order and hands the results to ``ptq.record``. Everything cheap comes first
+(``check``), so that bad settings and missing files fail before heavy work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ptq import checkpoint, data, models, record
+from ptq.api import prepare_steps, resolve_device, run_steps
+from ptq.cache import Cache, digest, files_digest, tokenizer_digest
+from ptq.config import ConfigError, RunConfig, check_context
+from ptq.data import EVAL_SETS
+from ptq.eval.perplexity import perplexity
+from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
+from ptq.lazy import has_safetensors, load_skeleton
+from ptq.results import environment, write_json
+
+log = logging.getLogger("ptq")
+
+
+@dataclass
+class Plan:
+    """What ``check`` found: the model's source and config, the prepared steps, the task list."""
+
+    source: models.ModelSource
+    config: object
+    steps: list
+    loaded_checkpoint: bool
+    uses_calibration: bool
+    context: int | None
+    tasks: list[tuple[str, str]]  # (name as recorded, "hub" | "local")
+    tokenizer: object
+
+
+@dataclass
+class Data:
+    windows: dict[str, torch.Tensor]  # evaluation windows per data set
+    eval_info: dict
+    eval_seqlen: int
+    calibration: data.Calibration | None
+    cache: Cache
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    lazy: object = None  # ptq.lazy.LazyModel when blocks are read from the shards one at a time
+    store: checkpoint.PackedStore | None = None  # collects packed weights when saving
+    fp_deps: dict = field(default_factory=dict)  # what the full-precision scores depend on (cache key)
+
+
+def check(cfg: RunConfig) -> Plan:
+    """Read the model's config and tokenizer and check every setting against them."""
+    m = cfg.model
+    source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
+    config = models.load_config(source)
+    loaded_checkpoint = checkpoint.is_gptq_checkpoint(config)
+    if loaded_checkpoint and not cfg.full_precision:
+        raise ConfigError(
+            f"model.path={source.path} is already a quantized (GPTQ) checkpoint: evaluate it with method=none, "
+            "or quantize the full-precision model it came from"
+        )
+    steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
+    uses_calibration = any(step.needs_calibration for step in steps)
+    context = models.max_context_of(config)
+    check_context(cfg, context, uses_calibration)
+    tasks = []
+    if cfg.eval.tasks:
+        tasks = resolve_tasks(
+            cfg.eval.tasks, cfg.eval.task_source, task_data_dir(cfg.assets_root(), cfg.eval.task_data)
+        )
+    tokenizer = models.load_tokenizer(source)
+    return Plan(source, config, steps, loaded_checkpoint, uses_calibration, context, tasks, tokenizer)
+
+
+def load_data(cfg: RunConfig, plan: Plan) -> Data:
+    """Tokenized evaluation windows and calibration windows (both cached on disk)."""
+    cache = Cache(cfg.cache.dir, cfg.cache.enabled)
+    tokenizer_id = tokenizer_digest(plan.tokenizer)
+    eval_seqlen = cfg.eval.seqlen or min(plan.context or 2048, 2048)
+    windows, eval_info = {}, {}
+    for name in cfg.eval.ppl:
+        text = data.load_text(name, EVAL_SETS, cfg.assets_root())
+        tokens = cache.tensors(
+            "eval_tokens",
+            {"text": digest(text.joined), "tokenizer": tokenizer_id},
+            lambda text=text: {"ids": data.tokenize(plan.tokenizer, text.joined)},
+        )
+        ids = tokens["ids"]
+        caps = [n for n in (cfg.eval.max_windows, EVAL_SETS[name].max_windows) if n is not None]
+        windows[name] = data.eval_windows(ids, eval_seqlen, min(caps) if caps else None)
+        eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
+    calibration = None
+    if plan.uses_calibration:
+        c = cfg.calib
+        text = data.calibration_text(c.name, c.path, cfg.assets_root())
+        documents = data.samples_documents(c.name, c.path)
+
+        def sample() -> dict:
+            ids, offsets = data.sample_calibration(plan.tokenizer, text, documents, c.nsamples, c.seqlen, c.seed)
+            return {"input_ids": ids, "offsets": offsets}
+
+        deps = {"text": digest(text.joined), "tokenizer": tokenizer_id, "documents": documents}
+        deps |= {"nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed}
+        sampled = cache.tensors("calibration", deps, sample)
+        calibration = data.Calibration(sampled["input_ids"], text.source, sampled["offsets"])
+    return Data(windows, eval_info, eval_seqlen, calibration, cache)
+
+
+def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
+    """auto: fp32 on CPU; on CUDA the checkpoint's half type (bf16 if it says so, else fp16, the
+    GPTQ reference's choice). Statistics are accumulated in fp32 whatever the model's dtype."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
+
+
+def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loaded:
+    """The model: a quantized checkpoint, a lazily loaded skeleton (offload from local shards) or
+    the whole model; when saving, checks first that every linear can be packed."""
+    source = plan.source
+    lazy = None
+    dtype = pick_dtype(cfg.model.dtype, device, plan.config)
+    if plan.loaded_checkpoint:
+        model = checkpoint.load_quantized(source.path, dtype)
+    elif cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path):
+        # One block in host memory at a time: the rest of the model stays on the meta device until
+        # the pipeline reaches it (ptq/lazy.py).
+        lazy = load_skeleton(source.path, dtype)
+        model = lazy.model
+    else:
+        model = models.load_model(source, dtype)
+    store = None
+    if cfg.save:  # before any heavy work: can every linear be packed?
+        names = {id(mod): name for name, mod in model.named_modules()}
+        linears = {names[id(mod)]: mod for block in models.get_blocks(model)
+                   for mod in models.block_linears(model, block).values()}  # fmt: skip
+        checkpoint.check_savable(cfg.recipe.weights.bits, linears)
+        store = checkpoint.PackedStore(cfg.recipe)
+    # The full-precision scores depend on the model, its dtype and device and what is evaluated, not on
+    # the method: one cache entry serves every job of a sweep (method=none included).
+    fp_deps = {
+        "model": files_digest(source.path),
+        "gguf_file": source.gguf_file,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device.type,
+        "windows": {name: digest(w) for name, w in batch.windows.items()},
+        "tasks": plan.tasks,
+        "eval": {k: v for k, v in asdict(cfg.eval).items() if k not in ("ppl", "max_windows", "seqlen", "baseline")},
+        "offload": cfg.offload,
+        "seed": cfg.seed,
+        "versions": {k: v for k, v in environment(device).items() if k in ("torch", "transformers", "lm_eval", "ptq")},
+    }
+    return Loaded(model, lazy, store, fp_deps)
+
+
+def evaluate(
+    model, tokenizer, windows: dict, tasks: list[tuple[str, str]], cfg: RunConfig, device: torch.device, lazy=None
+) -> tuple[dict, float]:
+    """GPTQ-protocol perplexity on every window set, then the lm-eval tasks; (metrics, seconds)."""
+    start = time.perf_counter()
+    e = cfg.eval
+    ppl = {}
+    ppl_batch = 1 if e.batch_size == "auto" else e.batch_size
+    for name, w in windows.items():
+        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch, lazy=lazy)
+        log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
+    metrics = {"ppl": ppl}
+    if tasks:
+        metrics["tasks"] = evaluate_tasks(
+            model, tokenizer, tasks, task_data_dir(cfg.assets_root(), e.task_data), e.batch_size, e.limit,
+            e.num_fewshot, device, cfg.seed, e.max_length,
+        )  # fmt: skip
+    return metrics, time.perf_counter() - start
+
+
+def full_precision_scores(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device) -> dict:
+    """The full-precision model's scores, from the cache when the same model was scored the same way."""
+
+    def score() -> dict:
+        metrics, seconds = evaluate(loaded.model, plan.tokenizer, batch.windows, plan.tasks, cfg, device, loaded.lazy)
+        return {"metrics": metrics, "eval_s": seconds}
+
+    return batch.cache.json("fp_metrics", loaded.fp_deps, score)
+
+
+def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device) -> dict:
+    report = run_steps(
+        loaded.model,
+        plan.steps,
+        calib=batch.calibration.input_ids if batch.calibration else None,
+        device=device,
+        offload=cfg.offload,
+        batch_size=cfg.calib.batch_size,
+        on_quantized=loaded.store.add if loaded.store else None,
+        lazy=loaded.lazy,
+    )
+    if plan.loaded_checkpoint:
+        report["storage"] = checkpoint.loaded_storage(loaded.model)
+    return report
+
+
+def save(loaded: Loaded, tokenizer, out: Path) -> dict:
+    files = checkpoint.save_quantized(loaded.model, loaded.store, tokenizer, out / "model")
+    saved = {"dir": str(out / "model"), "files": files, "bytes": sum(files.values())}
+    log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
+    return saved
+
+
+def run(cfg: RunConfig) -> dict:
+    """One run; returns the record (also written to <output_dir>/result.json)."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    for stale in ("result.json", "error.json"):  # a record in this folder must describe this run
+        (out / stale).unlink(missing_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = {}
+
+    plan = check(cfg)
+    t = time.perf_counter()
+    batch = load_data(cfg, plan)
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    loaded = load(cfg, plan, batch, device)
+    timings["load_s"] = time.perf_counter() - t
+    log.info("loaded %s from %s (%s) in %.1f s", cfg.model.name or plan.source.path, plan.source.path,
+             plan.source.origin, timings["load_s"])  # fmt: skip
+
+    baseline = None
+    if not cfg.full_precision and cfg.eval.baseline and not plan.loaded_checkpoint:
+        t = time.perf_counter()
+        baseline = full_precision_scores(cfg, plan, batch, loaded, device)
+        timings["baseline_eval_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report = quantize(cfg, plan, batch, loaded, device)
+    timings["quantize_s"] = time.perf_counter() - t
+
+    if cfg.full_precision and not plan.loaded_checkpoint:
+        t = time.perf_counter()
+        metrics = full_precision_scores(cfg, plan, batch, loaded, device)["metrics"]
+        timings["eval_s"] = time.perf_counter() - t
+    else:
+        metrics, timings["eval_s"] = evaluate(loaded.model, plan.tokenizer, batch.windows, plan.tasks, cfg, device)
+    saved = None
+    if loaded.store is not None:
+        t = time.perf_counter()
+        saved = save(loaded, plan.tokenizer, out)
+        timings["save_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+
+    result = record.assemble(cfg, plan, batch, loaded, device, metrics, baseline, report, timings, saved)
+    write_json(out / "result.json", result)
+    return result

@@ -1,0 +1,3 @@
+from ptq.report.cli import main
+
+main()

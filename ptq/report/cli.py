@@ -1,0 +1,34 @@
+"""``python -m ptq.report <result.json files, dirs or globs> [--out DIR]``: a comparison table from run
+records, printed as Markdown and written as Markdown and CSV.
+
+Tables in the README are generated with this from committed records, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ptq.report.plots import write_plots
+from ptq.report.records import find_records
+from ptq.report.table import markdown_table, write_csv
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ptq.report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--out", help="also write <out>/report.md, <out>/report.csv and the plots (PNG)")
+    parser.add_argument("--no-plots", action="store_true", help="with --out: tables only")
+    args = parser.parse_args(argv)
+    records = find_records(args.paths)
+    if not records:
+        parser.error(f"no result.json or error.json found in {' '.join(args.paths)}")
+    text = markdown_table(records)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text + "\n")
+        write_csv(records, out / "report.csv")
+        for path in [] if args.no_plots else write_plots(records, out):
+            print(f"plot: {path}")
