@@ -11,10 +11,13 @@ PY=${PYTHON:-python}
 common=(model=smollm2-135m-instruct model.dtype=float32 calib.nsamples=128 calib.seqlen=512 eval.max_windows=24 "$@")
 sweeps=(
   "method=none"
-  "method=rtn,gptq,awq scheme=w4a16,nvfp4a16,mxfp4a16"
+  "method=rtn,gptq,awq scheme=w4a16"
   "method=rtn,gptq,awq format=int bits=4 group_size=32"
+  "method=rtn,gptq,awq scheme=nvfp4a16"
+  "method=rtn,gptq,awq scheme=mxfp4a16"
   "method=rtn,gptq,awq format=fp8_e4m3"
-  "method=rtn,smoothquant scheme=w8a8,fp8"
+  "method=rtn,smoothquant scheme=w8a8"
+  "method=rtn,smoothquant scheme=fp8"
   "method=rtn,gptq scheme=nvfp4,mxfp4"
   "method=rtn,gptq format=int bits=4 group_size=-1 sym=true act_format=int act_bits=4"
 )

@@ -135,7 +135,7 @@ def test_triton_column_loop_matches_the_pytorch_loop(
     spec = WeightSpec("int", bits, group, sym)
     args = (W, H, spec, block_size, 0.01, act_order, static_groups)
     fast, fast_losses, _ = gptq_quantize(*args)
-    monkeypatch.setattr(gptq_kernel, "available", lambda _w: False)
+    monkeypatch.setattr(gptq_kernel, "available", lambda *_args: False)
     slow, slow_losses, _ = gptq_quantize(*args)
     # fp32 rounding order may flip a code that sits on a rounding boundary; the flip then changes
     # the errors spread over that row's later columns, so only a few rows may differ, and slightly.
@@ -205,8 +205,10 @@ def test_int8_kernel_on_gpu_matches_cpu():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128)
     x = torch.randn(1, 5, 256)  # a decode-sized batch: padded to the 17 rows torch._int_mm needs
+    # The same int8 codes on both devices (rounding at the symmetric grid's exact ties may differ between
+    # devices: tests/test_method_formats.py and the pipeline tests cover quantization itself).
     cpu = Int8Linear.from_weight(linear.weight, linear.bias)
-    gpu = Int8Linear.from_weight(linear.weight.cuda(), linear.bias.cuda())
+    gpu = Int8Linear.from_weight(linear.weight, linear.bias).cuda()
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
 
 
@@ -223,7 +225,9 @@ def test_gptq_float_formats_in_the_triton_loop_match_the_cpu_loop(fmt):
     assert gptq_kernel.available(W.cuda(), spec, groups_known=True)
     cpu = gptq_quantize(W, H, spec, act_order=True, static_groups=True)[0]
     gpu = gptq_quantize(W.cuda(), H.cuda(), spec, act_order=True, static_groups=True)[0]
-    assert torch.equal(gpu.scale.cpu(), cpu.scale)  # static groups: from the original weights on both
+    # static groups: from the original weights on both (CUDA divides by a scalar as a multiplication by
+    # its reciprocal, so a scale may differ in its last bit)
+    torch.testing.assert_close(gpu.scale.cpu(), cpu.scale, rtol=2e-7, atol=0)
     cpu_w, gpu_w = cpu.dequantize(), gpu.dequantize().cpu()
     assert ((cpu_w - gpu_w).abs() > 1e-6).float().mean() < 0.01
     err_cpu = ((X @ (W - cpu_w).T) ** 2).sum()

@@ -26,7 +26,9 @@ def run_label(record: dict) -> str:
 def console_table(record: dict) -> str:
     cols = metric_columns([record["metrics"]])
     widths = [max(10, len(h)) for h, _ in cols]
-    rows = [f"{'':28} " + " ".join(f"{h:>{w}}" for (h, _), w in zip(cols, widths, strict=True))]
+    label = run_label(record)
+    first = max(28, len(label))
+    rows = [f"{'':{first}} " + " ".join(f"{h:>{w}}" for (h, _), w in zip(cols, widths, strict=True))]
 
     def number(v) -> str:  # perplexities with 3 decimals, accuracies with 4, huge values in exponent form
         if v is None:
@@ -35,12 +37,12 @@ def console_table(record: dict) -> str:
 
     def row(label: str, metrics: dict) -> str:
         values = [number(metric_value(metrics, path)) for _, path in cols]
-        return f"{label:28} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
+        return f"{label:{first}} " + " ".join(f"{v:>{w}}" for v, w in zip(values, widths, strict=True))
 
     base = (record.get("baseline") or {}).get("metrics")
     if base:
         rows.append(row("full precision", base))
-    rows.append(row(run_label(record), record["metrics"]))
+    rows.append(row(label, record["metrics"]))
     t = record["timings"]
     mem = record["memory"]
     gpu = f", peak GPU {mem['peak_gpu_bytes'] / 2**30:.2f} GiB" if mem["peak_gpu_bytes"] else ""

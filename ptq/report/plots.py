@@ -4,6 +4,8 @@
                             a panel per model
     tasks_vs_bits.png       each lm-eval task's accuracy vs effective bits (when records have task scores)
     quality_vs_memory.png   perplexity vs model size as a GPTQ checkpoint would store it
+    formats.png             perplexity of each method in each number format, as bars (when records hold
+                            more than one format)
 
 Full precision is drawn as a dashed line at its score (its 16 bits would squeeze the x axis).
 """
@@ -14,8 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from ptq.report.records import (
+    bits_label,
     bits_per_weight,
     format_name,
+    group_label,
     method_label,
     metric_value,
     model_mib,
@@ -81,7 +85,10 @@ def _panel(ax, rows, metric, x_of, xlabel, ylabel, title, log_y, fp_as_point=Fal
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(lines) > 6:  # many lines: the legend beside the axes, not over the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     return True
 
 
@@ -108,6 +115,42 @@ def _save(plt, fig, path: Path, used: list[bool]) -> Path | None:
 BITS = "effective bits per weight (codes + scales + zeros)"
 
 
+def scheme_name(r: dict) -> str:
+    """A bar group's name: the formats and widths (bits column) and the scale granularity."""
+    bits, group = bits_label(r), group_label(r)
+    bits = f"int{bits}" if isinstance(bits, int) else str(bits)
+    group = {"channel": "per-channel", "tensor": "per-tensor"}.get(group, group)
+    return f"{bits}\n{'' if isinstance(group, str) else 'g'}{group}"
+
+
+def _format_bars(ax, rows: list[dict], metric: tuple[str, ...], title: str) -> bool:
+    """Grouped bars: one group per scheme (in report order), one bar per method, log-scale perplexity."""
+    quantized = [r for r in rows if r["method"] != "none" and metric_value(r["metrics"], metric) is not None]
+    schemes = list(dict.fromkeys(scheme_name(r) for r in quantized))
+    methods = list(dict.fromkeys(method_label(r) for r in quantized))
+    if len(schemes) < 2:
+        return False
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = {scheme_name(r): metric_value(r["metrics"], metric) for r in quantized if method_label(r) == method}
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, s in enumerate(schemes) if s in values]
+        ax.bar(xs, [values[s] for s in schemes if s in values], width, label=method)
+    fp_row = _full_precision(rows, metric)
+    if fp_row is not None:
+        fp = metric_value(fp_row["metrics"], metric)
+        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"full precision ({fp:.4g})")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xticks(range(len(schemes)), schemes, fontsize=8)
+    ax.set_ylabel(f"{metric[1]} perplexity (log scale, lower is better)")
+    ax.set_title(title)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return True
+
+
 def write_plots(records: list[dict], out: Path) -> list[Path]:
     """Write every plot the records support into ``out``; returns the files written."""
     rows = successful_with_full_precision(records)
@@ -132,6 +175,15 @@ def write_plots(records: list[dict], out: Path) -> list[Path]:
             for ax, m in zip(axes[0], models, strict=True)
         ]  # fmt: skip
         written.append(_save(plt, fig, out / "quality_vs_memory.png", used))
+        if len({(r.get("format"), r.get("act_format")) for r in rows if r["method"] != "none"}) > 1:
+            plt, fig, axes = _figure(1, len(models))
+            schemes = {scheme_name(r) for r in rows if r["method"] != "none"}
+            fig.set_size_inches(max(8.0, 1.3 * len(schemes)), 4.5 * len(models))
+            used = [
+                _format_bars(ax, [r for r in rows if r["model"] == m], metric, m)
+                for ax, m in zip(axes[:, 0], models, strict=True)
+            ]
+            written.append(_save(plt, fig, out / "formats.png", used))
     tasks = sorted({t for r in rows for t, s in (r["metrics"].get("tasks") or {}).items() if "acc" in s})
     if tasks:  # a row of panels per model, a panel per task
         plt, fig, axes = _figure(len(tasks), len(models))
