@@ -295,3 +295,14 @@ def test_plot_legend_has_a_line_per_number_format():
     assert line_name(float_record("nvfp4", 4, 16)) == "rtn nvfp4 g16"
     assert line_name(float_record("nvfp4", 4, 16, "nvfp4", 4, "per_block")) == "rtn nvfp4 g16 per-block"
     assert line_name(float_record("int", 4, 0, "fp8_e4m3", 8, "per_token")) == "rtn int/fp8_e4m3 per-tensor per-token"
+
+
+def test_gptq_rows_name_a_non_default_column_order():
+    from ptq.report.records import method_label
+
+    def record(**gptq):
+        return {"method": "gptq", "config": {"method_options": {"gptq": gptq}}}
+
+    assert method_label(record(act_order=True, static_groups=True)) == "gptq"
+    assert method_label(record(act_order=False, static_groups=False)) == "gptq (ref. order)"
+    assert method_label(record(act_order=True, static_groups=False)) == "gptq (act-order, dynamic groups)"

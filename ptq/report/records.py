@@ -71,9 +71,15 @@ def group_label(r: dict):
 
 def method_label(r: dict) -> str:
     method = r.get("method")
-    smooth = ((r.get("config") or {}).get("method_options") or {}).get("smoothquant")
+    options = (r.get("config") or {}).get("method_options") or {}
+    smooth = options.get("smoothquant")
     if smooth:  # the migration strength is what distinguishes SmoothQuant runs
         method += f" α={smooth['alpha']}" + (f" ({smooth['scope']})" if smooth.get("scope", "norms") != "norms" else "")
+    gptq = options.get("gptq")
+    if gptq and gptq.get("act_order") is False:  # the reference's column order (ptq's default before formats)
+        method += " (ref. order)"
+    elif gptq and gptq.get("static_groups") is False:  # act-order with g_idx permuted
+        method += " (act-order, dynamic groups)"
     return method
 
 
