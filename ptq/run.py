@@ -23,8 +23,10 @@ from ptq.results import write_json
 log = logging.getLogger("ptq")
 
 
-def tag(format: str, bits, group_size, act_format, act_bits) -> str:
+def tag(method: str, format: str, bits, group_size, act_format, act_bits) -> str:
     """A short name for a run folder: int4_g128, nvfp4, fp8_e4m3_g-1_a-fp8_e4m3, int8_g-1_a-int8 ..."""
+    if method == "none":
+        return "fp"
     weights = f"int{bits or 4}_g{128 if group_size is None else group_size}" if format == "int" else format
     if format != "int" and group_size is not None:
         weights += f"_g{group_size}"
