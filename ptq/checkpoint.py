@@ -38,6 +38,9 @@ class PackedStore:
         self.tensors[name] = {k: v.to("cpu", copy=True) for k, v in pack_gptq(qw).items()}  # own storage each
         self.act_order |= not qw.has_contiguous_groups()
 
+    def save(self, model: nn.Module, tokenizer, out: Path) -> dict:
+        return save_quantized(model, self, tokenizer, out)
+
 
 def check_savable(bits: int, linears: dict[str, nn.Module]) -> None:
     """Fail before quantizing if these linears could not be saved in the GPTQ layout (bit widths and
@@ -103,15 +106,35 @@ def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -
     return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def _quantization_config(config) -> dict | None:
+def quantization_config_of(config) -> dict | None:
     """The config's ``quantization_config`` as a dict (transformers may hold it as an object)."""
     qc = getattr(config, "quantization_config", None)
     return qc if isinstance(qc, dict) or qc is None else qc.to_dict()
 
 
-def is_gptq_checkpoint(config) -> bool:
-    qc = _quantization_config(config)
-    return bool(qc) and qc.get("quant_method") == "gptq"
+def checkpoint_kind(config) -> str | None:
+    """``gptq`` or ``compressed-tensors`` for a quantized checkpoint ptq loads, None for a dense one."""
+    qc = quantization_config_of(config)
+    method = (qc or {}).get("quant_method")
+    return method if method in ("gptq", "compressed-tensors") else None
+
+
+def loaded_recipe_fields(qc: dict) -> dict:
+    """What a loaded checkpoint holds, as a record's recipe fields (``method: loaded``)."""
+    if qc.get("quant_method") == "compressed-tensors":
+        group = next(iter(qc["config_groups"].values()))
+        w, a = group["weights"], group.get("input_activations")
+        strategy = w.get("strategy")
+        group_size = {"channel": -1, "tensor": 0}.get(strategy, w.get("group_size"))
+        float_formats = {"nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4", "mxfp8-quantized": "mxfp8"}
+        fmt = "int" if w["type"] == "int" else float_formats.get(qc.get("format"), "fp8_e4m3")
+        fields = {"format": fmt, "bits": w["num_bits"], "group_size": group_size, "sym": w["symmetric"]}
+        if a:
+            fields |= {"act_format": "int" if a["type"] == "int" else "fp8_e4m3", "act_bits": a["num_bits"],
+                       "act_granularity": "per_token" if a.get("dynamic") else "per_tensor"}  # fmt: skip
+        return {"method": "loaded", **fields}
+    return {"method": "loaded", "format": "int", "bits": qc["bits"], "group_size": qc["group_size"],
+            "sym": qc.get("sym")}  # fmt: skip
 
 
 def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
@@ -121,7 +144,7 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    qc = _quantization_config(config)
+    qc = quantization_config_of(config)
     if qc.get("checkpoint_format", "gptq") != "gptq" or qc["bits"] not in PACKED_BITS:
         raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
     spec = WeightSpec("int", qc["bits"], qc["group_size"], qc.get("sym", False))

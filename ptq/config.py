@@ -15,8 +15,10 @@ from ptq.errors import UserError
 from ptq.methods import METHODS
 from ptq.quant.pack import PACKED_BITS
 from ptq.recipe import Recipe
+from ptq.storage import compressed_tensors
 
 TASK_SOURCES = ("auto", "hub", "local")
+SAVE_FORMATS = ("compressed-tensors", "gptq")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -81,7 +83,8 @@ class RunConfig:
     experiment: dict | None = None  # experiment=<preset>: name, source, metric, published numbers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     offload: bool = False
-    save: bool = False  # also write the quantized model to <output_dir>/model (GPTQ checkpoint layout)
+    save: bool = False  # also write the quantized model to <output_dir>/model
+    save_format: str = "compressed-tensors"  # compressed-tensors (transformers, vLLM) | gptq
     seed: int = 0
     output_dir: str = "runs/latest"
     assets: str | None = None  # paths.assets
@@ -117,13 +120,22 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"save={cfg.save!r} must be true or false")
     if cfg.save and cfg.full_precision:
         raise ConfigError("save=true needs a quantized model: choose a method (method=none has none)")
+    if cfg.save_format not in SAVE_FORMATS:
+        raise ConfigError(f"save_format={cfg.save_format!r} is unknown; choose one of {', '.join(SAVE_FORMATS)}")
+    if cfg.save and cfg.save_format == "compressed-tensors":
+        try:
+            compressed_tensors.check_savable(cfg.recipe.weights, cfg.recipe.activations)
+            compressed_tensors.gptq_actorder(cfg.recipe)
+        except ValueError as err:
+            raise ConfigError(f"save=true: {err} (or save=false)") from None
     weights = cfg.recipe.weights
-    if cfg.save and not (weights.is_int and weights.bits in PACKED_BITS):
+    gptq_layout = cfg.save and cfg.save_format == "gptq"
+    if gptq_layout and not (weights.is_int and weights.bits in PACKED_BITS):
         raise ConfigError(
             f"save=true: {weights.describe()} has no packed GPTQ layout; the formats that do are integer "
             f"bits={', '.join(map(str, PACKED_BITS))} (or save=false)"
         )
-    if cfg.save and cfg.recipe.activations is not None:
+    if gptq_layout and cfg.recipe.activations is not None:
         raise ConfigError(
             "save=true writes weight-only GPTQ checkpoints, which cannot hold activation quantization: "
             "drop the activation format (scheme), or save=false"

@@ -22,6 +22,7 @@ from ptq.eval.perplexity import perplexity
 from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
 from ptq.results import environment, write_json
+from ptq.storage import compressed_tensors
 
 log = logging.getLogger("ptq")
 
@@ -33,7 +34,7 @@ class Plan:
     source: models.ModelSource
     config: object
     steps: list
-    loaded_checkpoint: bool
+    loaded_checkpoint: str | None  # "gptq" or "compressed-tensors" when model.path is a quantized checkpoint
     uses_calibration: bool
     context: int | None
     tasks: list[tuple[str, str]]  # (name as recorded, "hub" | "local")
@@ -53,7 +54,7 @@ class Data:
 class Loaded:
     model: torch.nn.Module
     lazy: object = None  # ptq.lazy.LazyModel when blocks are read from the shards one at a time
-    store: checkpoint.PackedStore | None = None  # collects packed weights when saving
+    store: object = None  # collects each quantized linear's stored tensors when saving (save_format's store)
     fp_deps: dict = field(default_factory=dict)  # what the full-precision scores depend on (cache key)
 
 
@@ -62,11 +63,11 @@ def check(cfg: RunConfig) -> Plan:
     m = cfg.model
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
-    loaded_checkpoint = checkpoint.is_gptq_checkpoint(config)
+    loaded_checkpoint = checkpoint.checkpoint_kind(config)
     if loaded_checkpoint and not cfg.full_precision:
         raise ConfigError(
-            f"model.path={source.path} is already a quantized (GPTQ) checkpoint: evaluate it with method=none, "
-            "or quantize the full-precision model it came from"
+            f"model.path={source.path} is already a quantized ({loaded_checkpoint}) checkpoint: evaluate it with "
+            "method=none, or quantize the full-precision model it came from"
         )
     steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
     uses_calibration = any(step.needs_calibration for step in steps)
@@ -132,8 +133,10 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
     source = plan.source
     lazy = None
     dtype = pick_dtype(cfg.model.dtype, device, plan.config)
-    if plan.loaded_checkpoint:
+    if plan.loaded_checkpoint == "gptq":
         model = checkpoint.load_quantized(source.path, dtype)
+    elif plan.loaded_checkpoint == "compressed-tensors":
+        model = compressed_tensors.load(source.path, dtype)
     elif cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path):
         # One block in host memory at a time: the rest of the model stays on the meta device until
         # the pipeline reaches it (ptq/lazy.py).
@@ -146,8 +149,12 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
         names = {id(mod): name for name, mod in model.named_modules()}
         linears = {names[id(mod)]: mod for block in models.get_blocks(model)
                    for mod in models.block_linears(model, block).values()}  # fmt: skip
-        checkpoint.check_savable(cfg.recipe.weights.bits, linears)
-        store = checkpoint.PackedStore(cfg.recipe)
+        if cfg.save_format == "gptq":
+            checkpoint.check_savable(cfg.recipe.weights.bits, linears)
+            store = checkpoint.PackedStore(cfg.recipe)
+        else:
+            compressed_tensors.check_linears(linears, cfg.recipe.weights)
+            store = compressed_tensors.CompressedStore(model, cfg.recipe)
     # The full-precision scores depend on the model, its dtype and device and what is evaluated, not on
     # the method: one cache entry serves every job of a sweep (method=none included).
     fp_deps = {
@@ -206,14 +213,16 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
         on_quantized=loaded.store.add if loaded.store else None,
         lazy=loaded.lazy,
     )
-    if plan.loaded_checkpoint:
+    if plan.loaded_checkpoint == "gptq":
         report["storage"] = checkpoint.loaded_storage(loaded.model)
+    elif plan.loaded_checkpoint == "compressed-tensors":
+        report["storage"] = compressed_tensors.stored_storage(plan.source.path, loaded.model)
     return report
 
 
-def save(loaded: Loaded, tokenizer, out: Path) -> dict:
-    files = checkpoint.save_quantized(loaded.model, loaded.store, tokenizer, out / "model")
-    saved = {"dir": str(out / "model"), "files": files, "bytes": sum(files.values())}
+def save(cfg: RunConfig, loaded: Loaded, tokenizer, out: Path) -> dict:
+    files = loaded.store.save(loaded.model, tokenizer, out / "model")
+    saved = {"dir": str(out / "model"), "format": cfg.save_format, "files": files, "bytes": sum(files.values())}
     log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
     return saved
 
@@ -260,7 +269,7 @@ def run(cfg: RunConfig) -> dict:
     saved = None
     if loaded.store is not None:
         t = time.perf_counter()
-        saved = save(loaded, plan.tokenizer, out)
+        saved = save(cfg, loaded, plan.tokenizer, out)
         timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 

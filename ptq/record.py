@@ -12,11 +12,10 @@ from ptq.results import environment, peak_memory
 def assemble(cfg, plan, batch, loaded, device: torch.device, metrics, baseline, report, timings, saved) -> dict:
     """The record of a finished run (the stages' results from ``ptq.job``)."""
     model, lazy, calibration = loaded.model, loaded.lazy, batch.calibration
-    qc = model.config.quantization_config if plan.loaded_checkpoint else None
+    qc = checkpoint.quantization_config_of(plan.config) if plan.loaded_checkpoint else None
     recipe = cfg.recipe.to_dict()
     if qc:  # a loaded checkpoint: what it holds, not what this run asked for (method=none)
-        recipe |= {"method": "loaded", "format": "int", "bits": qc["bits"], "group_size": qc["group_size"],
-                   "sym": qc.get("sym")}  # fmt: skip
+        recipe |= checkpoint.loaded_recipe_fields(qc)
     m = cfg.model
     return {
         "status": "ok",

@@ -88,20 +88,77 @@ def test_int8_linear_computes_what_w8a8_evaluation_computes():
 
 def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
     require_assets("models/stories260K")
-    proc = ptq_run("model=stories260k", "method=rtn", "save=true", f"output_dir={tmp_path}/a", cwd=tmp_path)
+    gptq = ["model=stories260k", "save=true", "save_format=gptq"]
+    proc = ptq_run(*gptq, "method=rtn", f"output_dir={tmp_path}/a", cwd=tmp_path)
     assert proc.returncode == 2 and "not a multiple of 32" in proc.stderr  # stories260K's MLP is 172 wide
-    proc = ptq_run("model=stories260k", "method=rtn", "bits=5", "save=true", f"output_dir={tmp_path}/b", cwd=tmp_path)
+    proc = ptq_run(*gptq, "method=rtn", "bits=5", f"output_dir={tmp_path}/b", cwd=tmp_path)
     assert proc.returncode == 2 and "bits=2, 3, 4, 8" in proc.stderr
-    proc = ptq_run("model=stories260k", "scheme=w8a8", "save=true", f"output_dir={tmp_path}/c", cwd=tmp_path)
+    proc = ptq_run(*gptq, "scheme=w8a8", f"output_dir={tmp_path}/c", cwd=tmp_path)
     assert proc.returncode == 2 and "activation format" in proc.stderr
-    proc = ptq_run("model=stories260k", "scheme=nvfp4a16", "save=true", f"output_dir={tmp_path}/d", cwd=tmp_path)
+    proc = ptq_run(*gptq, "scheme=nvfp4a16", f"output_dir={tmp_path}/d", cwd=tmp_path)
     assert proc.returncode == 2 and "has no packed GPTQ layout" in proc.stderr
+    ct = ["model=stories260k", "save=true"]  # save_format=compressed-tensors, the default
+    refused = {
+        "e": (["method=rtn"], "use group_size=64 or -1"),  # 64 input features, group 128
+        "i": (["scheme=nvfp4a16"], "blocks of 16 cannot tile it"),  # the MLP's 172 input features
+        "f": (["method=rtn", "format=fp8_e5m2"], "compressed-tensors' 8-bit floats are E4M3"),
+        "g": (["method=rtn", "scheme=nvfp4"], "act_format=nvfp4 cannot be saved"),
+        "h": (["method=gptq", "group_size=32", "method.gptq.static_groups=false"], "static_groups=true"),
+    }
+    for out, (args, message) in refused.items():
+        proc = ptq_run(*ct, *args, f"output_dir={tmp_path}/{out}", cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-300:])
+        assert "Traceback" not in proc.stderr and not (tmp_path / out / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["bits=4", "sym=true", "group_size=-1"], ["bits=4", "group_size=-1"], ["scheme=fp8"],
+     ["scheme=fp8_static"], ["scheme=w8a8"]],
+)  # fmt: skip
+def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, args):
+    """save=true writes compressed-tensors; ptq loads it back (model.path, method=none) with the same
+    perplexity, and transformers' own loader (through compressed-tensors) gives its weights."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl", "data/wikitext-2/valid.tokens.txt")
+    common = ["eval.max_windows=4", "eval.baseline=false", "calib.nsamples=4", "calib.seqlen=64"]
+    method = "method=smoothquant" if "scheme=w8a8" in args else "method=rtn"
+    proc = ptq_run("model=stories260k", method, *args, *common, "save=true", f"output_dir={tmp_path}/q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    quantized = json.loads((tmp_path / "q" / "result.json").read_text())
+    folder = tmp_path / "q" / "model"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and quantized["saved"]["format"] == "compressed-tensors"
+    proc = ptq_run("model=custom", f"model.path={folder}", "method=none", *common, f"output_dir={tmp_path}/l",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads((tmp_path / "l" / "result.json").read_text())
+    assert loaded["method"] == "loaded" and loaded["format"] == quantized["format"]
+    assert loaded["act_format"] == quantized["act_format"]
+    want, got = quantized["metrics"]["ppl"]["wikitext2"], loaded["metrics"]["ppl"]["wikitext2"]
+    assert abs(got / want - 1) < 1e-3, (got, want)  # fp32 scales: the same model
+    # the stored bytes per weight: elements plus scales (fp32 here), zero points, shapes, input scales
+    assert quantized["bits"] < loaded["quantization"]["storage"]["bits_per_weight"] < quantized["bits"] + 2
+    # transformers' loader (compressed-tensors decompresses) holds the weights ptq measured
+    theirs = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    ours = load_quantized_ct(folder)
+    for (name, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def load_quantized_ct(folder):
+    from ptq.storage import compressed_tensors
+
+    return compressed_tensors.load(str(folder), torch.float32)
 
 
 def test_smollm2_saved_and_reloaded_scores_the_fake_quant_perplexity(tmp_path):
     require_assets("models/smollm2-135m-instruct", "data/wikitext-2-raw-v1/test.jsonl")
     common = ["eval.max_windows=2", "eval.baseline=false", "bits=4", "group_size=64"]
-    proc = ptq_run(*common, "method=rtn", "save=true", f"output_dir={tmp_path}/q", cwd=tmp_path)
+    proc = ptq_run(*common, "method=rtn", "save=true", "save_format=gptq", f"output_dir={tmp_path}/q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     quantized = json.loads((tmp_path / "q" / "result.json").read_text())
     saved = quantized["saved"]

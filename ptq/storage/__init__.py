@@ -1,0 +1,1 @@
+"""Checkpoint formats other programs load: compressed-tensors (transformers, vLLM)."""
