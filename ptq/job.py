@@ -23,6 +23,7 @@ from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
 from ptq.results import environment, write_json
 from ptq.storage import compressed_tensors
+from ptq.storage.vllm import vllm_scheme
 
 log = logging.getLogger("ptq")
 
@@ -223,6 +224,8 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
 def save(cfg: RunConfig, loaded: Loaded, tokenizer, out: Path) -> dict:
     files = loaded.store.save(loaded.model, tokenizer, out / "model")
     saved = {"dir": str(out / "model"), "format": cfg.save_format, "files": files, "bytes": sum(files.values())}
+    if cfg.save_format == "compressed-tensors":  # a prediction from vLLM 0.33's rules (ptq/storage/vllm.py)
+        saved["vllm_scheme"] = vllm_scheme(loaded.store.config)
     log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
     return saved
 

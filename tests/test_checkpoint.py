@@ -130,6 +130,7 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     folder = tmp_path / "q" / "model"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and quantized["saved"]["format"] == "compressed-tensors"
+    assert quantized["saved"]["vllm_scheme"].startswith("CompressedTensors")
     proc = ptq_run("model=custom", f"model.path={folder}", "method=none", *common, f"output_dir={tmp_path}/l",
                    cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -369,8 +369,8 @@ class CompressedStore:
         self.tensors[name] = tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
 
     def save(self, model: nn.Module, tokenizer, out: Path) -> dict[str, int]:
-        config = quantization_config(self.recipe, unquantized_linears(model, self.tensors), act_order=False)
-        return save(model, self.tensors, config, tokenizer, out)
+        self.config = quantization_config(self.recipe, unquantized_linears(model, self.tensors), act_order=False)
+        return save(model, self.tensors, self.config, tokenizer, out)
 
 
 def activation_spec(args: dict | None) -> ActSpec | None:
