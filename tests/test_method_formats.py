@@ -90,3 +90,18 @@ def test_combinations_that_make_no_sense_are_one_clear_error():
         Recipe.build("rtn", "mxfp4", act_format="nvfp4")
     with pytest.raises(ValueError, match="give either a recipe or settings"):
         ptq.quantize(tiny_model("llama"), Recipe(), bits=4)
+
+
+def test_linears_reading_one_input_share_the_nvfp4_global_scale():
+    """q/k/v and gate/up become one fused layer in inference engines, which keep one global scale."""
+    model = tiny_model("llama")
+    quantized = {}
+    ptq.quantize(model, method="rtn", format="nvfp4", device="cpu", on_quantized=quantized.__setitem__)
+    block = "model.layers.0."
+    scales = {name.removeprefix(block): qw.tensor_scale.item() for name, qw in quantized.items() if block in name}
+    assert scales["self_attn.q_proj"] == scales["self_attn.k_proj"] == scales["self_attn.v_proj"]
+    assert scales["mlp.gate_proj"] == scales["mlp.up_proj"]
+    assert scales["self_attn.q_proj"] != scales["mlp.gate_proj"]
+    weights = dict(model.named_parameters())
+    amax = max(weights[f"{block}self_attn.{p}_proj.weight"].abs().max().item() for p in "qkv")
+    assert scales["self_attn.q_proj"] == pytest.approx(448 * 6 / amax)

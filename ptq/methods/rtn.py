@@ -1,5 +1,7 @@
 """Round-to-nearest: every weight to its nearest grid point, no data needed (the baseline)."""
 
+import torch
+
 from ptq.methods.base import Method
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
@@ -7,9 +9,18 @@ from ptq.quant import WeightSpec, quantize_weight
 
 
 def round_linears(ctx: BlockContext, spec: WeightSpec) -> None:
-    """Round every linear of the block to its nearest grid point."""
-    for name, linear in ctx.linears.items():
-        ctx.set_quantized(name, quantize_weight(get_weight(linear), spec))
+    """Round every linear of the block to its nearest grid point. Linears that read the same input
+    (q/k/v, gate/up) share one NVFP4 global scale, as GPTQ's stacked solve does and as inference engines
+    need for the fused layer they make of them (vLLM keeps one global scale per fused layer)."""
+    grouped = {name for group in ctx.sequential for name in group}
+    groups = [*ctx.sequential, *((name,) for name in ctx.linears if name not in grouped)]
+    for group in groups:
+        weights = {name: get_weight(ctx.linears[name]) for name in group if name in ctx.linears}
+        shared = None
+        if spec.fmt.has_tensor_scale and weights:
+            shared = torch.stack([spec.tensor_scale(w) for w in weights.values()]).min()  # the largest amax
+        for name, weight in weights.items():
+            ctx.set_quantized(name, quantize_weight(weight, spec, shared))
 
 
 class RTN(Method):

@@ -95,11 +95,15 @@ class QuantizedWeight:
         return self.spec.dequantize(codes, self.scale[:, cols], self.zero[:, cols])
 
 
-def quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
-    """Round-to-nearest of a [out, in] weight: the RTN baseline and the reference grid for all methods."""
+def quantize_weight(
+    weight: torch.Tensor, spec: WeightSpec, tensor_scale: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest of a [out, in] weight: the RTN baseline and the reference grid for all methods.
+    ``tensor_scale``: NVFP4's global scale when it is shared with other linears (default: the weight's)."""
     check_finite(weight, "the weight")
     out_features, in_features = weight.shape
-    tensor_scale = spec.tensor_scale(weight)
+    if tensor_scale is None:
+        tensor_scale = spec.tensor_scale(weight)
     rows = group_rows(weight, spec)
     scale, zero = row_params(rows, spec, tensor_scale)
     n = spec.num_groups(in_features)
