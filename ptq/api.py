@@ -85,9 +85,10 @@ def quantize(
     ``calib``: token ids [nsamples, seqlen] for methods that need calibration data (e.g. GPTQ).
     With ``offload`` the model stays where it is and only the current block visits ``device``.
     The report's ``storage`` gives the bytes and effective bits per weight as the format stores them.
-    ``on_quantized(name, QuantizedWeight)`` also receives every quantized linear (e.g.
-    ``ptq.checkpoint.PackedStore().add``, to save the model). ``lazy``: a ``ptq.lazy.LazyModel`` whose
-    blocks are read from the checkpoint one at a time (needs ``offload``).
+    ``on_quantized(name, QuantizedWeight)`` also receives every quantized linear (e.g. the ``add`` of
+    ``ptq.storage.compressed_tensors.CompressedStore`` or ``ptq.checkpoint.PackedStore``, to save the
+    model). ``lazy``: a ``ptq.lazy.LazyModel`` whose blocks are read from the checkpoint one at a time
+    (needs ``offload``).
     """
     if recipe is None:
         recipe = Recipe.build(**settings)
