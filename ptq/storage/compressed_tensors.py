@@ -416,9 +416,53 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
             if isinstance(module, nn.Linear) and name not in ignore and name != "lm_head":
                 scale = scales.get(name)
                 attach_input_quantizer(module, InputQuantizer(act, None if scale is None else scale.float()))
+    elif qc.get("format") == PACK_QUANTIZED and len(groups) == 1:
+        pack_into_quant_linears(model, path, groups[0]["weights"])
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def pack_into_quant_linears(model: nn.Module, path: str, args: dict) -> None:
+    """Integer weight-only checkpoints: every linear whose shapes the GPTQ layout holds becomes ptq's
+    ``QuantLinear`` (packed integers in memory; the int4 kernel on CUDA), built from the stored codes,
+    scales and zero points; the others keep the dense weights transformers dequantized."""
+    from safetensors import safe_open
+
+    from ptq.quant.linear import QuantLinear
+    from ptq.quant.pack import PACKED_BITS, PackError, unpack_rows
+    from ptq.quant.weight import default_g_idx
+
+    bits, sym = args["num_bits"], args["symmetric"]
+    group_size = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}.get(args["strategy"], args.get("group_size"))
+    spec = WeightSpec("int", bits, group_size, sym)
+    if bits not in PACKED_BITS or spec.per_tensor:
+        return
+    stored: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                module, _, local = key.rpartition(".")
+                if local.startswith("weight_"):
+                    stored.setdefault(module, {})[local] = f.get_tensor(key)
+    for name, tensors in stored.items():
+        out_features, in_features = tensors["weight_shape"].tolist()
+        if out_features % WORD or in_features % WORD:
+            continue  # the GPTQ layout cannot hold it: it stays dense
+        # Unsigned codes and zero points are what compressed-tensors packs (its signed values + 2^(b-1)).
+        codes = unpack_rows(tensors["weight_packed"].t().contiguous(), bits)[:in_features].t()
+        scale = tensors["weight_scale"].float()
+        if sym:
+            zero = torch.full_like(scale, 2 ** (bits - 1))
+        else:
+            zero = unpack_rows(tensors["weight_zero_point"].contiguous(), bits)[:out_features].float()
+        qw = QuantizedWeight(codes.to(torch.uint8).contiguous(), scale, zero, default_g_idx(in_features, spec), spec)
+        dense = model.get_submodule(name)
+        try:
+            packed = QuantLinear.from_quantized(qw, dense.bias, dense.weight.dtype)
+        except PackError:
+            continue
+        model.set_submodule(name, packed)
 
 
 SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
@@ -446,5 +490,7 @@ def stored_storage(path: str, model: nn.Module) -> dict:
     modules = dict(model.named_modules())
     for name, local in tensors.items():
         if "weight_scale" in local:
-            count.add_packed(name, modules[name].weight.numel(), sum(b for k, b in local.items() if k != "bias"))
+            module = modules[name]
+            weights = module.in_features * module.out_features
+            count.add_packed(name, weights, sum(b for k, b in local.items() if k != "bias"))
     return count.summary(model)
