@@ -486,12 +486,9 @@ def test_fp32_subnormal_values_next_to_normal_ones(fmt):
     assert (want[1, ::3].abs() <= 1e-40).all()
 
 
-# BUG (ptq/quant/formats.py, FloatFormat.tensor_scale): NVFP4's global scale 448 * 6 / amax overflows
-# fp32 to inf once max|W| < 2688 / FLT_MAX ~ 7.9e-36 (any all-tiny tensor, fp32 subnormals included).
-# The E4M3 block scale then becomes e4m3(amax / 6 * inf) / inf = 448 / inf = 0: fake_quantize_weight
-# returns NaN for every exact zero (0 / 0) and 0 for the rest, and quantize_weight stores
-# tensor_scale = inf. compressed-tensors' generate_gparam maps a non-finite global scale to 1.0.
-# Kept strict: the nvfp4 case fails until tensor_scale is made finite.
+# NVFP4's global scale 448 * 6 / amax overflows fp32 once max|W| < 2688 / FLT_MAX ~ 7.9e-36 (an all-tiny
+# tensor): it must then be 1, as compressed-tensors' generate_gparam makes it, not inf (which made the block
+# scales 0 and every exact zero NaN before FloatFormat.tensor_scale guarded it).
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 @pytest.mark.parametrize("amax", [1e-37, 1e-40])
 def test_all_tiny_weight_stays_finite(fmt, amax):
