@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptq.methods.gptq import gptq_step
 from ptq.models import get_submodule, get_weight, is_linear, is_tied_head
 from ptq.quant.linear import QuantLinear
 from ptq.quant.pack import PACKED_BITS, WORD, PackError, StorageCount, check_packable, nbytes, pack_gptq
 from ptq.quant.spec import WeightSpec
 from ptq.quant.weight import QuantizedWeight
+from ptq.recipe import spec_fields
 
 WEIGHTS = "model.safetensors"
 SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
@@ -67,10 +69,8 @@ def quantization_config(recipe, act_order: bool) -> dict:
         "desc_act": act_order,
         "ptq_method": recipe.method,
     }
-    if "gptq" in recipe.steps:
-        from ptq.methods.gptq import GPTQ
-
-        gptq = GPTQ(spec, **recipe.options.get("gptq", {}))
+    gptq = gptq_step(recipe)
+    if gptq is not None:
         config |= {"static_groups": gptq.static_groups, "true_sequential": gptq.true_sequential,
                    "damp_percent": gptq.percdamp}  # fmt: skip
     return config
@@ -122,19 +122,11 @@ def checkpoint_kind(config) -> str | None:
 def loaded_recipe_fields(qc: dict) -> dict:
     """What a loaded checkpoint holds, as a record's recipe fields (``method: loaded``)."""
     if qc.get("quant_method") == "compressed-tensors":
-        group = next(iter(qc["config_groups"].values()))
-        w, a = group["weights"], group.get("input_activations")
-        strategy = w.get("strategy")
-        group_size = {"channel": -1, "tensor": 0}.get(strategy, w.get("group_size"))
-        float_formats = {"nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4", "mxfp8-quantized": "mxfp8"}
-        fmt = "int" if w["type"] == "int" else float_formats.get(qc.get("format"), "fp8_e4m3")
-        fields = {"format": fmt, "bits": w["num_bits"], "group_size": group_size, "sym": w["symmetric"]}
-        if a:
-            fields |= {"act_format": "int" if a["type"] == "int" else "fp8_e4m3", "act_bits": a["num_bits"],
-                       "act_granularity": "per_token" if a.get("dynamic") else "per_tensor"}  # fmt: skip
-        return {"method": "loaded", **fields}
-    return {"method": "loaded", "format": "int", "bits": qc["bits"], "group_size": qc["group_size"],
-            "sym": qc.get("sym")}  # fmt: skip
+        from ptq.storage.compressed_tensors import specs_from_config
+
+        return {"method": "loaded", **spec_fields(*specs_from_config(qc))}
+    spec = WeightSpec("int", qc["bits"], qc["group_size"], qc.get("sym", False))
+    return {"method": "loaded", **spec_fields(spec, None)}
 
 
 def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:

@@ -112,14 +112,17 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as a record stores it (top-level fields of ``result.json``)."""
-        w, a = self.weights, self.activations
-        return {
-            "method": self.method,
-            "format": w.format if w else None,
-            "bits": w.bits if w else 16,
-            "group_size": w.group_size if w else None,
-            "sym": w.sym if w else None,
-            "act_format": a.format if a else None,
-            "act_bits": a.bits if a else None,
-            "act_granularity": a.granularity if a else None,
-        }
+        return {"method": self.method, **spec_fields(self.weights, self.activations)}
+
+
+def spec_fields(w: WeightSpec | None, a: ActSpec | None) -> dict:
+    """Weight and activation specs as a record's top-level fields (bits 16 for full precision)."""
+    return {
+        "format": w.format if w else None,
+        "bits": w.bits if w else 16,
+        "group_size": w.group_size if w else None,
+        "sym": w.sym if w else None,
+        "act_format": a.format if a else None,
+        "act_bits": a.bits if a else None,
+        "act_granularity": a.granularity if a else None,
+    }

@@ -200,6 +200,13 @@ def gptq_quantize(
     return qweight, losses, info
 
 
+def gptq_step(recipe) -> GPTQ | None:
+    """The GPTQ step a recipe runs, with its options resolved (defaults filled in); None without GPTQ."""
+    if "gptq" not in recipe.steps:
+        return None
+    return GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
+
+
 class GPTQ(Method):
     """GPTQ as a pipeline step. By default columns go in order of decreasing diag(H) (``act_order``)
     with group scales from the original weights (``static_groups``), as llm-compressor does: better

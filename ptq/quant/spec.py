@@ -214,21 +214,14 @@ class ActSpec:
 
     def quantize_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x [..., features] with scales from x itself (per token or per block), fp32."""
-        xf = stat_dtype(x)
+        rows = stat_dtype(x).reshape(-1, x.shape[-1])
         if self.granularity == "per_token":
-            rows = xf.reshape(-1, x.shape[-1])
             scale = (rows.abs().amax(dim=1, keepdim=True) / self.qmax).clamp(min=ACT_SCALE_MIN)
             return self._round(rows, scale).reshape(x.shape)
-        features = x.shape[-1]
-        block = self.fmt.block_size
-        rows = xf.reshape(-1, features)
-        pad = (-features) % block
-        if pad:
-            rows = torch.nn.functional.pad(rows, (0, pad))
-        blocks = rows.reshape(-1, block)
-        scale, zero = self.fmt.group_params(blocks, self.bits, True, self.fmt.tensor_scale(blocks))
-        out = self.fmt.fake_quantize(blocks, scale, zero, self.bits)
-        return out.reshape(rows.shape)[:, :features].reshape(x.shape)
+        # Blocks along the features: each token's row quantized exactly as a weight row of this format.
+        from ptq.quant.weight import fake_quantize_weight
+
+        return fake_quantize_weight(rows, WeightSpec.build(self.format)).reshape(x.shape)
 
     def quantize_static(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with a calibrated per-tensor scale; values beyond its range saturate."""

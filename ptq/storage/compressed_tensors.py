@@ -116,12 +116,10 @@ def activation_args(activations: ActSpec) -> dict:
 def gptq_actorder(recipe) -> str | None:
     """``static`` when GPTQ ordered columns by activation with groups fixed up front (llm-compressor's
     default, informational: the groups stay contiguous); None otherwise."""
-    if "gptq" not in recipe.steps:
-        return None
-    from ptq.methods.gptq import GPTQ
+    from ptq.methods.gptq import gptq_step
 
-    gptq = GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
-    if not gptq.act_order:
+    gptq = gptq_step(recipe)
+    if gptq is None or not gptq.act_order:
         return None
     if not gptq.static_groups and recipe.weights.group_size > 0:
         raise SaveError(PERMUTED_G_IDX)
@@ -373,13 +371,37 @@ class CompressedStore:
         return save(model, self.tensors, self.config, tokenizer, out)
 
 
-def activation_spec(args: dict | None) -> ActSpec | None:
-    """ptq's activation spec for a config group's ``input_activations`` (None: weights only)."""
-    if not args:
-        return None
-    fmt = "int" if args["type"] == "int" else "fp8_e4m3"
-    granularity = "per_token" if args.get("dynamic", True) else "per_tensor"
-    return ActSpec(fmt, args["num_bits"], granularity)
+FORMAT_OF = {NVFP4_PACK_QUANTIZED: "nvfp4", MXFP4_PACK_QUANTIZED: "mxfp4", MXFP8_QUANTIZED: "mxfp8"}
+
+
+def specs_from_config(qc: dict) -> tuple[WeightSpec, ActSpec | None]:
+    """ptq's weight and activation specs for a single-group ``quantization_config``: the inverse of
+    ``weight_args`` and ``activation_args``."""
+    groups = list(qc["config_groups"].values())
+    if len(groups) != 1:
+        raise SaveError(f"ptq reads compressed-tensors configs with one config group, not {len(groups)}")
+    w, a = groups[0]["weights"], groups[0].get("input_activations")
+    fmt = "int" if w["type"] == "int" else FORMAT_OF.get(groups[0].get("format") or qc.get("format"), "fp8_e4m3")
+    group_size = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}.get(w.get("strategy"), w.get("group_size"))
+    weights = WeightSpec(fmt, w["num_bits"], group_size, w["symmetric"])
+    if not a:
+        return weights, None
+    granularity = "per_token" if a.get("dynamic", True) else "per_tensor"
+    return weights, ActSpec("int" if a["type"] == "int" else "fp8_e4m3", a["num_bits"], granularity)
+
+
+def stored_tensors(path: str, keep) -> dict[str, dict[str, torch.Tensor]]:
+    """The folder's tensors whose local name passes ``keep``, by module: {module: {local name: tensor}}."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                module, _, local = key.rpartition(".")
+                if keep(local):
+                    found.setdefault(module, {})[local] = f.get_tensor(key)
+    return found
 
 
 def load(path: str, dtype: torch.dtype) -> nn.Module:
@@ -391,8 +413,6 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
     except ImportError as err:  # pragma: no cover - transformers without compressed-tensors support
         raise SaveError(f"loading {path} needs transformers with compressed-tensors support: {err}") from None
-    from safetensors import safe_open
-
     from ptq.quant.activations import InputQuantizer, attach_input_quantizer
 
     try:
@@ -403,49 +423,33 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
         raise SaveError(f"loading {path} needs the compressed-tensors package (pip install compressed-tensors): "
                          f"{err}") from None  # fmt: skip
     qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-    groups = list(qc["config_groups"].values())
-    act = activation_spec(groups[0].get("input_activations")) if len(groups) == 1 else None
+    weights, act = specs_from_config(qc)
     if act is not None:
-        files = sorted(Path(path).glob("*.safetensors"))
-        scales = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                scales |= {k[: -len(".input_scale")]: f.get_tensor(k) for k in f.keys() if k.endswith(".input_scale")}
+        scales = stored_tensors(path, lambda local: local == "input_scale")
         ignore = set(qc.get("ignore") or [])
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name not in ignore and name != "lm_head":
-                scale = scales.get(name)
+                scale = scales.get(name, {}).get("input_scale")
                 attach_input_quantizer(module, InputQuantizer(act, None if scale is None else scale.float()))
-    elif qc.get("format") == PACK_QUANTIZED and len(groups) == 1:
-        pack_into_quant_linears(model, path, groups[0]["weights"])
+    elif qc.get("format") == PACK_QUANTIZED:
+        pack_into_quant_linears(model, path, weights)
     model.eval()
     model.config.use_cache = False
     return model
 
 
-def pack_into_quant_linears(model: nn.Module, path: str, args: dict) -> None:
+def pack_into_quant_linears(model: nn.Module, path: str, spec: WeightSpec) -> None:
     """Integer weight-only checkpoints: every linear whose shapes the GPTQ layout holds becomes ptq's
     ``QuantLinear`` (packed integers in memory; the int4 kernel on CUDA), built from the stored codes,
     scales and zero points; the others keep the dense weights transformers dequantized."""
-    from safetensors import safe_open
-
     from ptq.quant.linear import QuantLinear
     from ptq.quant.pack import PACKED_BITS, PackError, unpack_rows
     from ptq.quant.weight import default_g_idx
 
-    bits, sym = args["num_bits"], args["symmetric"]
-    group_size = {"channel": PER_CHANNEL, "tensor": PER_TENSOR}.get(args["strategy"], args.get("group_size"))
-    spec = WeightSpec("int", bits, group_size, sym)
+    bits, sym = spec.bits, spec.sym
     if bits not in PACKED_BITS or spec.per_tensor:
         return
-    stored: dict[str, dict[str, torch.Tensor]] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                module, _, local = key.rpartition(".")
-                if local.startswith("weight_"):
-                    stored.setdefault(module, {})[local] = f.get_tensor(key)
-    for name, tensors in stored.items():
+    for name, tensors in stored_tensors(path, lambda local: local.startswith("weight_")).items():
         out_features, in_features = tensors["weight_shape"].tolist()
         if out_features % WORD or in_features % WORD:
             continue  # the GPTQ layout cannot hold it: it stays dense
