@@ -102,7 +102,7 @@ def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
         "e": (["method=rtn"], "use group_size=64 or -1"),  # 64 input features, group 128
         "i": (["scheme=nvfp4a16"], "blocks of 16 cannot tile it"),  # the MLP's 172 input features
         "f": (["method=rtn", "format=fp8_e5m2"], "compressed-tensors' 8-bit floats are E4M3"),
-        "g": (["method=rtn", "scheme=nvfp4"], "act_format=nvfp4 cannot be saved"),
+        "g": (["method=rtn", "scheme=mxfp4"], "act_format=mxfp4 cannot be saved"),
         "h": (["method=gptq", "group_size=32", "method.gptq.static_groups=false"], "static_groups=true"),
     }
     for out, (args, message) in refused.items():

@@ -550,13 +550,20 @@ def test_static_per_tensor_activations_saturate_beyond_the_calibrated_range(fmt)
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
 def test_block_activations_equal_the_weight_quantizer(fmt):
-    """48 features: NVFP4 blocks 3 x 16, MX 32 + a partial 16; the global NVFP4 scale is the whole
-    activation tensor's, as fake_quantize_weight takes the whole matrix's."""
+    """48 features: NVFP4 blocks 3 x 16, MX 32 + a partial 16. NVFP4's global scale is the calibrated
+    one (``static_scale`` of a max|x| seen in calibration), not this input's own."""
     g = torch.Generator().manual_seed(15)
     x = torch.randn(2, 5, 48, generator=g) * 10 ** torch.linspace(-3, 2, 10).reshape(2, 5, 1)
-    got = ActSpec.build(fmt).quantize_dynamic(x)
-    want = fake_quantize_weight(x.reshape(10, 48), WeightSpec.build(fmt)).reshape(x.shape)
+    spec = ActSpec.build(fmt)
+    calibrated = spec.static_scale(torch.tensor(250.0)) if fmt == "nvfp4" else None
+    got = spec.quantize_dynamic(x, calibrated)
+    want = fake_quantize_weight(x.reshape(10, 48), WeightSpec.build(fmt), calibrated).reshape(x.shape)
     assert_same_bits(got, want)
+    assert spec.calibrated == (fmt == "nvfp4")
+    if fmt == "nvfp4":
+        assert calibrated.item() == pytest.approx(448 * 6 / 250.0)
+        with pytest.raises(ValueError, match="calibrated global scale"):
+            spec.quantize_dynamic(x)
 
 
 def test_nvfp4_activations_equal_compressed_tensors_dynamic_blocks():
@@ -567,7 +574,8 @@ def test_nvfp4_activations_equal_compressed_tensors_dynamic_blocks():
     gscale = CT.generate_gparam(x.min(), x.max())
     scale, zero = CT.compute_dynamic_scales_and_zp(x, args, module=None, global_scale=gscale)
     want = CT.fake_quantize(x, scale, zero, args, global_scale=gscale)
-    assert_same_bits(ActSpec.build("nvfp4").quantize_dynamic(x), want)
+    spec = ActSpec.build("nvfp4")
+    assert_same_bits(spec.quantize_dynamic(x, spec.static_scale(x.abs().amax())), want)
 
 
 # 6. Storage.

@@ -38,7 +38,8 @@ def config(**settings):
         ),  # fmt: skip
         (dict(format="fp8_e4m3"), "CompressedTensorsW8A16Fp8", None),
         (dict(format="fp8_e4m3", group_size=128), None, None),  # FP8 in groups: vLLM has no kernel
-        (dict(format="nvfp4"), "CompressedTensorsW4A4Fp4", None),
+        (dict(format="nvfp4"), "CompressedTensorsW4A4Fp4", None),  # use_a16=True
+        (dict(format="nvfp4", act_format="nvfp4"), "CompressedTensorsW4A4Fp4", None),
         (dict(format="mxfp4"), "CompressedTensorsW4A4Mxfp4", None),
         (dict(format="mxfp8"), "CompressedTensorsW8A8Mxfp8", None),
     ],

@@ -11,19 +11,20 @@ from ptq.quant.spec import ActSpec
 
 
 class QuantizeActivations(Method):
-    """Attach an input quantizer to every quantized linear of the block. Static (per-tensor) scales
-    are calibrated here, on the block's calibration inputs with its final (quantized) weights."""
+    """Attach an input quantizer to every quantized linear of the block. Calibrated scales (static
+    per-tensor ones, NVFP4's global scale) come from max|x| over the block's calibration inputs, with
+    its final (quantized) weights."""
 
     name = "act"
 
     def __init__(self, act: ActSpec) -> None:
         super().__init__(None)
         self.act = act
-        self.needs_calibration = act.static
+        self.needs_calibration = act.calibrated
 
     def quantize_block(self, ctx: BlockContext) -> None:
         scales: dict[str, torch.Tensor] = {}
-        if self.act.static:
+        if self.act.calibrated:
             absmax: dict[str, torch.Tensor] = {}
 
             def track(name: str, x: torch.Tensor) -> None:

@@ -3,7 +3,9 @@
 - ``per_token`` (dynamic): each token's vector gets its own scale max|x| / qmax at run time.
 - ``per_tensor`` (static): one scale per linear, max|x| / qmax over the calibration tokens, fixed
   afterwards; values beyond the calibrated range saturate.
-- ``per_block`` (dynamic): NVFP4 / MX blocks along the features, scaled as their weights are.
+- ``per_block``: NVFP4 / MX blocks along the features, scaled as their weights are, each block's
+  scale from the input at run time; NVFP4's global scale 448 * 6 / max|x| is calibrated like a
+  per-tensor scale (one fixed value per linear, as engines run NVFP4 and checkpoints store it).
 
 Integer activations are symmetric and signed, qmax = 2^(bits-1) - 1 (127 for int8), as in
 SmoothQuant's ``quantize_activation_per_*_absmax``; FP8 ones use the format's largest value.
@@ -22,11 +24,13 @@ from ptq.quant.spec import ActSpec
 
 
 class InputQuantizer:
-    """A forward pre-hook that fake-quantizes a linear's input; ``scale`` is set for static ones."""
+    """A forward pre-hook that fake-quantizes a linear's input; ``scale`` is the calibrated one (the
+    per-tensor scale, or NVFP4's global scale) where the spec has one."""
 
     def __init__(self, spec: ActSpec, scale: torch.Tensor | None = None) -> None:
-        if spec.static and scale is None:
-            raise ValueError("a per_tensor activation quantizer needs its calibrated scale")
+        if spec.calibrated != (scale is not None):
+            need = "needs its calibrated scale" if spec.calibrated else "takes no calibrated scale"
+            raise ValueError(f"a {spec.describe()} activation quantizer {need}")
         self.spec = spec
         self.scale = scale
 
@@ -35,7 +39,8 @@ class InputQuantizer:
         if self.spec.static:
             q = self.spec.quantize_static(x, self.scale.to(x.device))
         else:
-            q = self.spec.quantize_dynamic(x)
+            scale = None if self.scale is None else self.scale.to(x.device)
+            q = self.spec.quantize_dynamic(x, scale)
         return (q.to(x.dtype), *args[1:])
 
 

@@ -140,7 +140,8 @@ ACT_GRANULARITIES = ("per_token", "per_tensor", "per_block")
 class ActSpec:
     """How each quantized linear's input is quantized: format, bits (int: 4..8) and granularity:
     ``per_token`` (dynamic, a scale per token), ``per_tensor`` (static, calibrated) or ``per_block``
-    (dynamic, NVFP4/MX blocks along the features). Integer activations are symmetric and signed."""
+    (NVFP4/MX blocks along the features, their scales dynamic; NVFP4's global scale is calibrated).
+    Integer activations are symmetric and signed."""
 
     format: str = "int"
     bits: int = 8
@@ -180,7 +181,14 @@ class ActSpec:
 
     @property
     def static(self) -> bool:
+        """One calibrated scale per tensor, fixed after calibration."""
         return self.granularity == "per_tensor"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration fixes a scale: the per-tensor one, or NVFP4's global scale, whose block
+        scales stay dynamic (compressed-tensors' ``dynamic: local``, what NVFP4 engines run)."""
+        return self.static or self.fmt.has_tensor_scale
 
     @property
     def qmax(self) -> float:
@@ -212,8 +220,9 @@ class ActSpec:
                 f"act_format={self.format} needs MX weights (format=mxfp4 or mxfp8), not {weights.describe()}"
             )
 
-    def quantize_dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize x [..., features] with scales from x itself (per token or per block), fp32."""
+    def quantize_dynamic(self, x: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize x [..., features] with scales from x itself (per token or per block), fp32.
+        ``tensor_scale``: NVFP4's calibrated global scale (``static_scale``)."""
         rows = stat_dtype(x).reshape(-1, x.shape[-1])
         if self.granularity == "per_token":
             scale = (rows.abs().amax(dim=1, keepdim=True) / self.qmax).clamp(min=ACT_SCALE_MIN)
@@ -221,7 +230,9 @@ class ActSpec:
         # Blocks along the features: each token's row quantized exactly as a weight row of this format.
         from ptq.quant.weight import fake_quantize_weight
 
-        return fake_quantize_weight(rows, WeightSpec.build(self.format)).reshape(x.shape)
+        if self.fmt.has_tensor_scale and tensor_scale is None:
+            raise ValueError(f"{self.format} activations need their calibrated global scale")
+        return fake_quantize_weight(rows, WeightSpec.build(self.format), tensor_scale).reshape(x.shape)
 
     def quantize_static(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with a calibrated per-tensor scale; values beyond its range saturate."""
@@ -233,7 +244,10 @@ class ActSpec:
         return self.fmt.element.round(x / scale) * scale
 
     def static_scale(self, absmax: torch.Tensor) -> torch.Tensor:
-        """The per-tensor scale for inputs whose calibrated max|x| is ``absmax``."""
+        """The calibrated scale for inputs whose max|x| over the calibration tokens is ``absmax``: the
+        per-tensor scale, or NVFP4's global scale 448 * 6 / absmax."""
+        if self.fmt.has_tensor_scale:
+            return self.fmt.tensor_scale(absmax)
         return (absmax.float() / self.qmax).clamp(min=ACT_SCALE_MIN)
 
 

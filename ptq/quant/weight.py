@@ -114,14 +114,18 @@ def quantize_weight(
     )  # fmt: skip
 
 
-def fake_quantize_weight(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+def fake_quantize_weight(
+    weight: torch.Tensor, spec: WeightSpec, tensor_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Round-to-nearest of a [out, in] weight, returned dequantized in the weight's dtype.
 
-    The same values as ``quantize_weight(weight, spec).dequantize()``, computed group by group with
-    one reshape (no codes or column gathers): the inner loop of AWQ's searches.
+    The same values as ``quantize_weight(weight, spec, tensor_scale).dequantize()``, computed group by
+    group with one reshape (no codes or column gathers): the inner loop of AWQ's searches.
     """
     out_features, in_features = weight.shape
     rows = group_rows(weight, spec)
-    scale, zero = row_params(rows, spec, spec.tensor_scale(weight))
+    if tensor_scale is None:
+        tensor_scale = spec.tensor_scale(weight)
+    scale, zero = row_params(rows, spec, tensor_scale)
     rounded = spec.fake_quantize(rows, scale, zero).reshape(out_features, -1)
     return rounded[:, :in_features].to(weight.dtype)

@@ -48,13 +48,15 @@ MXFP8_QUANTIZED = "mxfp8-quantized"
 SAVABLE = (
     "compressed-tensors holds int weights (2-8 bits, per channel, per tensor or in groups, sym or asym) alone "
     "or with int activations, fp8_e4m3 weights (per channel, per tensor or in groups) alone or with fp8_e4m3 "
-    "activations (per token or per tensor), and nvfp4, mxfp4 or mxfp8 weights alone"
+    "activations (per token or per tensor), nvfp4 weights alone or with nvfp4 activations, and mxfp4 or mxfp8 "
+    "weights alone"
 )
 PERMUTED_G_IDX = (
     "GPTQ act-order without static groups permutes g_idx, which compressed-tensors (0.20 on) cannot store: "
     "it removed actorder='group' and weight_g_idx; quantize with gptq static_groups=true (the default)"
 )
 INDEX = "model.safetensors.index.json"
+CALIBRATED_INPUT_SCALES = ("input_scale", "input_global_scale")
 
 
 def check_savable(weights: WeightSpec | None, activations: ActSpec | None) -> None:
@@ -63,9 +65,9 @@ def check_savable(weights: WeightSpec | None, activations: ActSpec | None) -> No
         raise SaveError(f"a full-precision model has nothing to compress; {SAVABLE}")
     if weights.format == "fp8_e5m2":
         raise SaveError(f"format=fp8_e5m2 cannot be saved: compressed-tensors' 8-bit floats are E4M3; {SAVABLE}")
-    if activations is not None and activations.format not in ("int", "fp8_e4m3"):
-        # NVFP4 activations need a calibrated input_global_scale (ptq computes it per batch), and
-        # compressed-tensors rounds MX activation scales its own way (quantization/utils/mxfp_utils.py).
+    if activations is not None and activations.format not in ("int", "fp8_e4m3", "nvfp4"):
+        # compressed-tensors rounds MX activation scales its own way (quantization/utils/mxfp_utils.py,
+        # round_to_power_2 rounds the block max up past a threshold; OCP MX rounds down).
         raise SaveError(f"act_format={activations.format} cannot be saved; {SAVABLE}")
 
 
@@ -102,7 +104,11 @@ def weight_args(weights: WeightSpec, actorder: str | None = None) -> dict:
 
 
 def activation_args(activations: ActSpec) -> dict:
-    """Input activations' QuantizationArgs: symmetric, per token (dynamic) or per tensor (static)."""
+    """Input activations' QuantizationArgs: symmetric, per token (dynamic) or per tensor (static);
+    NVFP4 in blocks of 16 with dynamic block scales and a calibrated global scale (``dynamic: local``)."""
+    if activations.format == "nvfp4":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn"}  # fmt: skip
     return {
         "num_bits": activations.bits,
         "type": "int" if activations.format == "int" else "float",
@@ -219,7 +225,8 @@ def tensors_for(
 ) -> dict[str, torch.Tensor]:
     """The tensors compressed-tensors stores for one linear, by local name (``weight_packed``,
     ``weight_scale``, ...), on the CPU with their own storage. ``activations``: the recipe's activation
-    spec (it picks the format); ``input_scale``: the calibrated scale of static activations;
+    spec (it picks the format); ``input_scale``: the activations' calibrated scale (``ActSpec.calibrated``:
+    stored as ``input_scale``, or as ``input_global_scale`` for NVFP4);
     ``dtype``: the model's dtype, which compressed-tensors stores scales in."""
     spec = qw.spec
     out_features, in_features = qw.qweight.shape
@@ -248,12 +255,15 @@ def tensors_for(
         tensors = {"weight_packed": pack_nibbles(qw.qweight), "weight_scale": e8m0_exponents(qw.scale)}
     else:
         tensors = {"weight": qw.qweight, "weight_scale": e8m0_exponents(qw.scale)}
-    static = activations is not None and activations.static
-    if static != (input_scale is not None):
+    calibrated = activations is not None and activations.calibrated
+    if calibrated != (input_scale is not None):
         raise SaveError(
-            f"{name}: static (per-tensor) activations need their calibrated input_scale, and only they have one"
+            f"{name}: static (per-tensor) and NVFP4 activations need their calibrated input_scale, and only they "
+            "have one"
         )
-    if input_scale is not None:
+    if input_scale is not None and activations.format == "nvfp4":
+        tensors["input_global_scale"] = input_scale.detach().float().reshape(1)  # fp32, as the weight's
+    elif input_scale is not None:
         tensors["input_scale"] = input_scale.detach().float().reshape(1).to(dtype)
     return {key: t.detach().cpu().clone(memory_format=torch.contiguous_format) for key, t in tensors.items()}
 
@@ -363,7 +373,7 @@ class CompressedStore:
         from ptq.quant.activations import input_quantizer_of
 
         quantizer = input_quantizer_of(self.modules[name])
-        input_scale = quantizer.scale if quantizer is not None and quantizer.spec.static else None
+        input_scale = quantizer.scale if quantizer is not None and quantizer.spec.calibrated else None
         self.tensors[name] = tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
 
     def save(self, model: nn.Module, tokenizer, out: Path) -> dict[str, int]:
@@ -386,6 +396,8 @@ def specs_from_config(qc: dict) -> tuple[WeightSpec, ActSpec | None]:
     weights = WeightSpec(fmt, w["num_bits"], group_size, w["symmetric"])
     if not a:
         return weights, None
+    if a["type"] == "float" and a.get("strategy") == "tensor_group":
+        return weights, ActSpec("nvfp4", 4, "per_block")
     granularity = "per_token" if a.get("dynamic", True) else "per_tensor"
     return weights, ActSpec("int" if a["type"] == "int" else "fp8_e4m3", a["num_bits"], granularity)
 
@@ -425,11 +437,11 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
     qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
     weights, act = specs_from_config(qc)
     if act is not None:
-        scales = stored_tensors(path, lambda local: local == "input_scale")
+        scales = stored_tensors(path, lambda local: local in CALIBRATED_INPUT_SCALES)
         ignore = set(qc.get("ignore") or [])
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and name not in ignore and name != "lm_head":
-                scale = scales.get(name, {}).get("input_scale")
+                scale = next(iter(scales.get(name, {}).values()), None)
                 attach_input_quantizer(module, InputQuantizer(act, None if scale is None else scale.float()))
     elif qc.get("format") == PACK_QUANTIZED:
         pack_into_quant_linears(model, path, weights)
