@@ -49,6 +49,7 @@ def run_steps(
     batch_size: int = 8,
     on_quantized=None,
     lazy=None,
+    on_block_done=None,
 ) -> dict:
     """Run prepared steps (``prepare_steps``) through the block pipeline; returns its report with
     the stored size of the result (``storage``)."""
@@ -61,7 +62,7 @@ def run_steps(
         if on_quantized is not None:
             on_quantized(name, qweight)
 
-    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record, lazy)
+    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done)
     report["storage"] = storage.summary(model)
     return report
 
@@ -75,6 +76,7 @@ def quantize(
     batch_size: int = 8,
     on_quantized=None,
     lazy=None,
+    on_block_done=None,
     **settings,
 ) -> dict:
     """Quantize a Hugging Face causal LM in place, block by block; returns the pipeline's report.
@@ -85,14 +87,15 @@ def quantize(
     ``calib``: token ids [nsamples, seqlen] for methods that need calibration data (e.g. GPTQ).
     With ``offload`` the model stays where it is and only the current block visits ``device``.
     The report's ``storage`` gives the bytes and effective bits per weight as the format stores them.
-    ``on_quantized(name, QuantizedWeight)`` also receives every quantized linear (e.g. the ``add`` of
-    ``ptq.storage.compressed_tensors.CompressedStore`` or ``ptq.checkpoint.PackedStore``, to save the
-    model). ``lazy``: a ``ptq.lazy.LazyModel`` whose blocks are read from the checkpoint one at a time
-    (needs ``offload``).
+    ``on_quantized(name, QuantizedWeight)`` also receives every quantized linear, and
+    ``on_block_done(prefix, block)`` each finished block: a store (``CompressedStore``, ``PackedStore``)
+    takes both (``store.add``, ``store.block_done``) and writes the checkpoint as blocks finish, then
+    ``store.save(model, tokenizer)`` writes the rest. ``lazy``: a ``ptq.lazy.LazyModel`` whose blocks
+    are read from the checkpoint one at a time (needs ``offload``).
     """
     if recipe is None:
         recipe = Recipe.build(**settings)
     elif settings:
         raise UserError(f"give either a recipe or settings, not both (got a recipe and {sorted(settings)})")
     steps = prepare_steps(recipe, model.config)
-    return run_steps(model, steps, calib, device, offload, batch_size, on_quantized, lazy)
+    return run_steps(model, steps, calib, device, offload, batch_size, on_quantized, lazy, on_block_done)

@@ -1,7 +1,8 @@
 """Saving and loading quantized models in the GPTQ checkpoint layout (``quant_method: gptq``).
 
 ``<dir>/`` holds ``config.json`` (with a ``quantization_config`` as AutoGPTQ / GPTQModel /
-transformers write it), the tokenizer files, and ``model.safetensors``: for every quantized linear
+transformers write it), the tokenizer files, and safetensors shards (``model.safetensors`` or several
+with an index, written block by block: ``ptq.storage.shards``): for every quantized linear
 ``<name>.qweight/.qzeros/.scales/.g_idx`` (and ``.bias``), every other tensor in fp16.
 
 ptq loads such a folder itself (``model.path=<dir>``) into ``QuantLinear`` modules, without the
@@ -10,38 +11,38 @@ optional GPTQ kernels packages transformers would need.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ptq.lazy import ShardedCheckpoint
 from ptq.methods.gptq import gptq_step
 from ptq.models import get_submodule, get_weight, is_linear, is_tied_head
-from ptq.quant.linear import QuantLinear
+from ptq.quant.linear import QUANTIZED_LAYERS, QuantLinear
 from ptq.quant.pack import PACKED_BITS, WORD, PackError, StorageCount, check_packable, nbytes, pack_gptq
 from ptq.quant.spec import WeightSpec
 from ptq.quant.weight import QuantizedWeight
 from ptq.recipe import spec_fields
+from ptq.storage.shards import BlockwiseStore
 
-WEIGHTS = "model.safetensors"
 SAVED_DTYPE = torch.float16  # the GPTQ format's activations/scales dtype
 
 
-class PackedStore:
-    """Collects each quantized linear's packed tensors on the CPU as the pipeline finishes a block."""
+class PackedStore(BlockwiseStore):
+    """The GPTQ-layout folder ``out``, written as the pipeline finishes each block."""
 
-    def __init__(self, recipe) -> None:
+    def __init__(self, recipe, out: Path, max_shard_size: int | str = "5GB") -> None:
+        super().__init__(out, SAVED_DTYPE, max_shard_size)
         self.recipe = recipe
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         self.act_order = False
 
-    def add(self, name: str, qw: QuantizedWeight) -> None:
-        self.tensors[name] = {k: v.to("cpu", copy=True) for k, v in pack_gptq(qw).items()}  # own storage each
+    def linear_tensors(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         self.act_order |= not qw.has_contiguous_groups()
+        return pack_gptq(qw)
 
-    def save(self, model: nn.Module, tokenizer, out: Path) -> dict:
-        return save_quantized(model, self, tokenizer, out)
+    def quantization_config(self, model: nn.Module) -> dict:
+        return quantization_config(self.recipe, self.act_order)
 
 
 def check_savable(bits: int, linears: dict[str, nn.Module]) -> None:
@@ -76,36 +77,6 @@ def quantization_config(recipe, act_order: bool) -> dict:
     return config
 
 
-def save_quantized(model: nn.Module, store: PackedStore, tokenizer, out: Path) -> dict:
-    """Write the checkpoint; returns the bytes of each file on disk."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = set(store.tensors)
-    for name, packed in store.tensors.items():
-        for key, value in packed.items():
-            tensors[f"{name}.{key}"] = value.contiguous()
-        bias = getattr(get_submodule(model, name), "bias", None)
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.detach().to(SAVED_DTYPE).cpu().contiguous()
-    seen: set[int] = set()
-    for name, param in model.state_dict(keep_vars=False).items():
-        module_name = name.rsplit(".", 1)[0]
-        if module_name in quantized or param.data_ptr() in seen and param.numel() > 0:
-            continue  # quantized weights are stored packed; tied weights once (transformers re-ties them)
-        seen.add(param.data_ptr())
-        tensors[name] = param.detach().to(SAVED_DTYPE if param.is_floating_point() else param.dtype).cpu().contiguous()
-    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(store.recipe, store.act_order)
-    config["dtype"] = config["torch_dtype"] = "float16"
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-
-
 def quantization_config_of(config) -> dict | None:
     """The config's ``quantization_config`` as a dict (transformers may hold it as an object)."""
     qc = getattr(config, "quantization_config", None)
@@ -129,11 +100,36 @@ def loaded_recipe_fields(qc: dict) -> dict:
     return {"method": "loaded", **spec_fields(spec, None)}
 
 
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with its parameters on the meta device (buffers such as rotary tables real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def fill(model: nn.Module, state: dict[str, torch.Tensor], path: str, built: frozenset[str] = frozenset()) -> nn.Module:
+    """Assign ``state`` to a ``skeleton``, re-tie the head and check that every parameter got a value
+    and every tensor a home; ``built``: layers put in place complete, which ``state`` does not cover."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in result.missing_keys
+               if not is_tied_head(model.config, k) and k.rpartition(".")[0] not in built]  # fmt: skip
+    if missing or result.unexpected_keys:
+        raise PackError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected "
+                        f"{result.unexpected_keys}")  # fmt: skip
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise PackError(f"{path}: no values for {still_meta}")
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
 def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
     """A model whose linears are ``QuantLinear`` modules holding the checkpoint's packed tensors."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     qc = quantization_config_of(config)
@@ -141,9 +137,9 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
         raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
     spec = WeightSpec("int", qc["bits"], qc["group_size"], qc.get("sym", False))
     del config.quantization_config
-    state = load_file(str(Path(path) / WEIGHTS))
-    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shards = ShardedCheckpoint(path)
+    state = {key: shards.read(key) for key in shards.weight_map}
+    model = skeleton(config, dtype)
     for name in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}):
         old = get_submodule(model, name)
         if old is None or not is_linear(old):
@@ -153,23 +149,19 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
             raise PackError(f"{path}: {name} is {out_features}x{in_features}, not packable")
         has_bias = f"{name}.bias" in state
         model.set_submodule(name, QuantLinear(in_features, out_features, spec, has_bias, dtype))
-    result = model.load_state_dict(
-        {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()},
-        strict=False,
-        assign=True,
-    )
-    model.tie_weights()
-    missing = [k for k in result.missing_keys if not is_tied_head(model.config, k)]
-    if missing or result.unexpected_keys:
-        raise PackError(f"{path}: checkpoint does not match the model: missing {missing}, unexpected "
-                        f"{result.unexpected_keys}")  # fmt: skip
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise PackError(f"{path}: no values for {still_meta}")
-    model.eval()
-    model.config.use_cache = False
+    state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()}
+    fill(model, state, path)
     model.config.quantization_config = qc  # kept for the record (not used by transformers from here on)
     return model
+
+
+def layer_kinds(model: nn.Module) -> dict[str, int]:
+    """How many linears of each kind the model holds (``Linear`` for dense ones): what a load made."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, *QUANTIZED_LAYERS)):
+            kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    return dict(sorted(kinds.items()))
 
 
 def module_bytes(model: nn.Module) -> int:

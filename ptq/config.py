@@ -16,6 +16,7 @@ from ptq.methods import METHODS
 from ptq.quant.pack import PACKED_BITS
 from ptq.recipe import Recipe
 from ptq.storage import compressed_tensors
+from ptq.storage.shards import parse_size
 
 TASK_SOURCES = ("auto", "hub", "local")
 SAVE_FORMATS = ("compressed-tensors", "gptq")
@@ -85,6 +86,7 @@ class RunConfig:
     offload: bool = False
     save: bool = False  # also write the quantized model to <output_dir>/model
     save_format: str = "compressed-tensors"  # compressed-tensors (transformers, vLLM) | gptq
+    max_shard_size: str = "5GB"  # the largest safetensors file a saved checkpoint has
     seed: int = 0
     output_dir: str = "runs/latest"
     assets: str | None = None  # paths.assets
@@ -120,6 +122,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"save={cfg.save!r} must be true or false")
     if cfg.save and cfg.full_precision:
         raise ConfigError("save=true needs a quantized model: choose a method (method=none has none)")
+    try:
+        if parse_size(cfg.max_shard_size) <= 0:
+            raise ConfigError(f"max_shard_size={cfg.max_shard_size!r} must be more than 0 bytes")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.save_format not in SAVE_FORMATS:
         raise ConfigError(f"save_format={cfg.save_format!r} is unknown; choose one of {', '.join(SAVE_FORMATS)}")
     if cfg.save and cfg.save_format == "compressed-tensors":

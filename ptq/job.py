@@ -150,12 +150,13 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
         names = {id(mod): name for name, mod in model.named_modules()}
         linears = {names[id(mod)]: mod for block in models.get_blocks(model)
                    for mod in models.block_linears(model, block).values()}  # fmt: skip
+        out = Path(cfg.output_dir) / "model"
         if cfg.save_format == "gptq":
             checkpoint.check_savable(cfg.recipe.weights.bits, linears)
-            store = checkpoint.PackedStore(cfg.recipe)
+            store = checkpoint.PackedStore(cfg.recipe, out, cfg.max_shard_size)
         else:
             compressed_tensors.check_linears(linears, cfg.recipe.weights)
-            store = compressed_tensors.CompressedStore(model, cfg.recipe)
+            store = compressed_tensors.CompressedStore(model, cfg.recipe, out, cfg.max_shard_size)
     # The full-precision scores depend on the model, its dtype and device and what is evaluated, not on
     # the method: one cache entry serves every job of a sweep (method=none included).
     fp_deps = {
@@ -213,6 +214,7 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
         batch_size=cfg.calib.batch_size,
         on_quantized=loaded.store.add if loaded.store else None,
         lazy=loaded.lazy,
+        on_block_done=loaded.store.block_done if loaded.store else None,
     )
     if plan.loaded_checkpoint == "gptq":
         report["storage"] = checkpoint.loaded_storage(loaded.model)
@@ -222,12 +224,50 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
 
 
 def save(cfg: RunConfig, loaded: Loaded, tokenizer, out: Path) -> dict:
-    files = loaded.store.save(loaded.model, tokenizer, out / "model")
+    """Finish the checkpoint whose blocks were written as they were quantized."""
+    files = loaded.store.save(loaded.model, tokenizer)
     saved = {"dir": str(out / "model"), "format": cfg.save_format, "files": files, "bytes": sum(files.values())}
     if cfg.save_format == "compressed-tensors":  # a prediction from vLLM 0.33's rules (ptq/storage/vllm.py)
         saved["vllm_scheme"] = vllm_scheme(loaded.store.config)
     log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
     return saved
+
+
+@dataclass
+class Outcome:
+    metrics: dict
+    baseline: dict | None  # the full-precision scores beside a quantized run
+    report: dict  # the pipeline's
+    saved: dict | None
+
+
+def quantize_evaluate_save(
+    cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device, timings: dict
+) -> Outcome:
+    """The heavy part of a run: baseline scores, quantization (writing the checkpoint's blocks as they
+    finish when saving), evaluation, and the rest of the checkpoint."""
+    baseline = None
+    if not cfg.full_precision and cfg.eval.baseline and not plan.loaded_checkpoint:
+        t = time.perf_counter()
+        baseline = full_precision_scores(cfg, plan, batch, loaded, device)
+        timings["baseline_eval_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report = quantize(cfg, plan, batch, loaded, device)
+    timings["quantize_s"] = time.perf_counter() - t
+
+    if cfg.full_precision and not plan.loaded_checkpoint:
+        t = time.perf_counter()
+        metrics = full_precision_scores(cfg, plan, batch, loaded, device)["metrics"]
+        timings["eval_s"] = time.perf_counter() - t
+    else:
+        metrics, timings["eval_s"] = evaluate(loaded.model, plan.tokenizer, batch.windows, plan.tasks, cfg, device)
+    saved = None
+    if loaded.store is not None:
+        t = time.perf_counter()
+        saved = save(cfg, loaded, plan.tokenizer, Path(cfg.output_dir))
+        timings["save_s"] = time.perf_counter() - t
+    return Outcome(metrics, baseline, report, saved)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -252,30 +292,15 @@ def run(cfg: RunConfig) -> dict:
     timings["load_s"] = time.perf_counter() - t
     log.info("loaded %s from %s (%s) in %.1f s", cfg.model.name or plan.source.path, plan.source.path,
              plan.source.origin, timings["load_s"])  # fmt: skip
-
-    baseline = None
-    if not cfg.full_precision and cfg.eval.baseline and not plan.loaded_checkpoint:
-        t = time.perf_counter()
-        baseline = full_precision_scores(cfg, plan, batch, loaded, device)
-        timings["baseline_eval_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    report = quantize(cfg, plan, batch, loaded, device)
-    timings["quantize_s"] = time.perf_counter() - t
-
-    if cfg.full_precision and not plan.loaded_checkpoint:
-        t = time.perf_counter()
-        metrics = full_precision_scores(cfg, plan, batch, loaded, device)["metrics"]
-        timings["eval_s"] = time.perf_counter() - t
-    else:
-        metrics, timings["eval_s"] = evaluate(loaded.model, plan.tokenizer, batch.windows, plan.tasks, cfg, device)
-    saved = None
-    if loaded.store is not None:
-        t = time.perf_counter()
-        saved = save(cfg, loaded, plan.tokenizer, out)
-        timings["save_s"] = time.perf_counter() - t
+    try:
+        outcome = quantize_evaluate_save(cfg, plan, batch, loaded, device, timings)
+    except BaseException:
+        if loaded.store is not None:
+            loaded.store.discard()  # the blocks written so far: no half-written checkpoint is left
+        raise
     timings["total_s"] = time.perf_counter() - started
 
-    result = record.assemble(cfg, plan, batch, loaded, device, metrics, baseline, report, timings, saved)
+    result = record.assemble(cfg, plan, batch, loaded, device, outcome.metrics, outcome.baseline, outcome.report,
+                             timings, outcome.saved)  # fmt: skip
     write_json(out / "result.json", result)
     return result

@@ -4,7 +4,7 @@ decoder block at a time from its safetensors shards.
 With ``offload=true`` and a local safetensors checkpoint, ``run`` loads only the skeleton (parameters
 on the meta device), the embeddings, the final norm and the LM head. The pipeline then reads each
 block's tensors from the shards right before it quantizes the block, and afterwards keeps the block's
-linears only as packed integers (``QuantLinear``, ``ptq.quant.pack``): host memory holds one bf16
+linears only in compact form (``ptq.quant.linear.quantized_linear``): host memory holds one bf16
 block plus the packed model so far, not the bf16 model (a 70B model is ~140 GB in bf16, ~37 GB packed
 at 4 bits).
 """
@@ -19,12 +19,10 @@ from torch import nn
 
 from ptq.models import get_blocks, get_submodule, is_tied_head
 from ptq.quant.activations import move_input_quantizer
-from ptq.quant.linear import QuantLinear
+from ptq.quant.linear import quantized_linear
 from ptq.quant.pack import PackError
 from ptq.quant.weight import QuantizedWeight
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from ptq.storage.shards import INDEX, SINGLE
 
 
 def has_safetensors(path: str) -> bool:
@@ -94,15 +92,12 @@ class LazyModel:
         self.model.tie_weights()
 
     def pack_block(self, block: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
-        """Keep only the packed integers of the block's quantized linears (layouts the GPTQ format
-        cannot hold, float formats among them, stay dense), with their activation quantizers, and
+        """Keep the block's quantized linears only in their compact form (``quantized_linear``: GPTQ-
+        packed integers, or the stored form of other formats), with their activation quantizers, and
         count the block as released."""
         for name, qw in quantized.items():
             dense = get_submodule(block, name)
-            try:
-                packed = QuantLinear.from_quantized(qw, dense.bias, self.dtype)
-            except PackError:
-                continue  # the linear already holds the dequantized values
+            packed = quantized_linear(qw, dense.bias, self.dtype)
             move_input_quantizer(dense, packed)  # W8A8 stays W8A8 once packed
             block.set_submodule(name, packed)
         self.materialized_blocks -= 1

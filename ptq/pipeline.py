@@ -251,6 +251,7 @@ def run_blocks(
     batch_size: int = 8,
     on_quantized=None,
     lazy=None,
+    on_block_done=None,
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order (steps
     already prepared for this model: ``ptq.api.prepare_steps``).
@@ -258,7 +259,8 @@ def run_blocks(
     Returns timings and what each step reported per block. With ``offload`` only the current block
     (and, during input capture, the embeddings) is on ``device``; otherwise the whole model is moved.
     ``on_quantized(qualified_name, QuantizedWeight)`` is called for every linear a step quantized,
-    once its block is done (storage accounting, packing for saving). ``lazy`` (``ptq.lazy.LazyModel``,
+    once its block is done (storage accounting, packing for saving), then ``on_block_done(prefix, block)``
+    with the finished block (a checkpoint writes it there and then). ``lazy`` (``ptq.lazy.LazyModel``,
     with ``offload``): blocks start on the meta device, are read from the checkpoint just before they
     are quantized and keep only packed integer weights afterwards.
     """
@@ -295,10 +297,12 @@ def run_blocks(
             step.quantize_block(ctx)
         if inputs is not None and index + 1 < len(blocks):
             inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+        prefix = module_names[id(block)]
         if on_quantized is not None:
-            prefix = module_names[id(block)]
             for name, qweight in ctx.quantized.items():
                 on_quantized(f"{prefix}.{name}", qweight)
+        if on_block_done is not None:
+            on_block_done(prefix, block)
         if lazy is not None:
             lazy.pack_block(block, ctx.quantized)
         if offload:

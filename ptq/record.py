@@ -22,6 +22,7 @@ def assemble(cfg, plan, batch, loaded, device: torch.device, metrics, baseline, 
         "model": m.name or m.path,
         **recipe,
         "loaded_quantization": qc,
+        "loaded_layers": checkpoint.layer_kinds(model) if qc else None,
         "saved": saved,
         "model_bytes_in_memory": checkpoint.module_bytes(model),
         "lazy_load": None

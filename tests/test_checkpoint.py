@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptq
-from ptq.checkpoint import PackedStore, load_quantized, module_bytes, save_quantized
+from ptq.checkpoint import PackedStore, load_quantized, module_bytes
 from ptq.quant import fake_quantize_weight, quantize_weight
 from ptq.quant.linear import Int8Linear, QuantLinear
 from ptq.recipe import Recipe
@@ -40,10 +40,17 @@ def test_saved_checkpoint_loads_to_the_same_integers_and_logits(tmp_path, method
     model = packable_llama()
     calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe.build(method, bits=bits, group_size=32, options=options)
-    store = PackedStore(recipe)
-    ptq.quantize(model, recipe, calib=calib, device="cpu", on_quantized=store.add)
-    files = save_quantized(model, store, None, tmp_path)
-    assert set(files) == {"config.json", "model.safetensors"}
+    store = PackedStore(recipe, tmp_path / "ckpt")
+    packed = {}  # what each linear stores, to compare with what loads
+
+    def add(name, qw):
+        store.add(name, qw)
+        packed[name] = dict(store.pending[name])
+
+    ptq.quantize(model, recipe, calib=calib, device="cpu", on_quantized=add, on_block_done=store.block_done)
+    files = store.save(model, None)
+    assert set(files) == {"config.json", "model.safetensors", "generation_config.json"}
+    tmp_path = tmp_path / "ckpt"
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     # desc_act: g_idx is permuted, which act-order with static groups (the default) avoids
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["desc_act"] == (options is not None)
@@ -55,10 +62,9 @@ def test_saved_checkpoint_loads_to_the_same_integers_and_logits(tmp_path, method
 
     loaded = load_quantized(str(tmp_path), torch.float32)
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
-    assert len(layers) == 2 * 7 == len(store.tensors)
+    assert len(layers) == 2 * 7 == len(packed)
     for name, layer in layers.items():
-        packed = store.tensors[name]
-        assert torch.equal(layer.qweight, packed["qweight"]) and torch.equal(layer.g_idx, packed["g_idx"])
+        assert torch.equal(layer.qweight, packed[name]["qweight"]) and torch.equal(layer.g_idx, packed[name]["g_idx"])
         reference = ptq.models.get_weight(ptq.models.get_submodule(model, name))
         # fp16 scales: the dequantized weights differ from the fake-quant run by the scale's rounding only
         torch.testing.assert_close(layer.dequantized_weight(torch.float32), reference, rtol=2e-3, atol=1e-6)
@@ -141,19 +147,24 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     assert abs(got / want - 1) < 1e-3, (got, want)  # fp32 scales: the same model
     # the stored bytes per weight: elements plus scales (fp32 here), zero points, shapes, input scales
     assert quantized["bits"] < loaded["quantization"]["storage"]["bits_per_weight"] < quantized["bits"] + 2
-    # transformers' loader (compressed-tensors decompresses) holds the weights ptq measured; ptq keeps
-    # integer weight-only layers packed (QuantLinear, fp16 scales) where the GPTQ layout holds their shapes
+    # transformers' loader (compressed-tensors decompresses) holds the weights ptq measured; ptq reads the
+    # folder itself into its own layers: integer weight-only ones packed (QuantLinear, fp16 scales) where
+    # the GPTQ layout holds their shapes, int8 W8A8 as Int8Linear, the rest in their stored form
     theirs = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
     ours = dict(load_quantized_ct(folder).named_modules())
-    packed = {name for name, m in ours.items() if isinstance(m, QuantLinear)}
-    assert bool(packed) == (quantized["format"] == "int" and quantized["act_format"] is None)
+    kinds = {type(ours[name]).__name__ for name, m in theirs.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {"int": {"QuantLinear", "CompactLinear"}, "fp8_e4m3": {"CompactLinear"}}[quantized["format"]]
+    if quantized["act_format"] == "int":
+        expected = {"Int8Linear"}
+    assert kinds - {"Linear"} <= expected and "Linear" in kinds  # the LM head stays dense
+    assert loaded["loaded_layers"] == {kind: n for kind, n in loaded["loaded_layers"].items() if kind in kinds}
     for name, module in theirs.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
             mine = ours[name]
-            weight = mine.dequantized_weight(torch.float32) if name in packed else mine.weight
-            tolerance = 1e-3 if name in packed else 0  # fp16 scales in the GPTQ layout
+            weight = mine.dequantized_weight(torch.float32)
+            tolerance = 1e-3 if isinstance(mine, QuantLinear) else 0  # fp16 scales in the GPTQ layout
             torch.testing.assert_close(weight, module.weight, rtol=tolerance, atol=tolerance * 1e-2, msg=name)
 
 

@@ -25,7 +25,7 @@ from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.activations import input_quantizer_of
 from ptq.recipe import Recipe
 from ptq.storage.compressed_tensors import (
-    INDEX,
+    CompressedStore,
     compression_format,
     quantization_config,
     save,
@@ -34,6 +34,7 @@ from ptq.storage.compressed_tensors import (
     unquantized_linears,
     weight_args,
 )
+from ptq.storage.shards import INDEX
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -349,3 +350,59 @@ def test_unsupported_layers_raise(tmp_path):
                     activations=ptq.ActSpec("int", 8, "per_tensor"))  # fmt: skip
     with pytest.raises(ValueError, match="model.embed_tokens is Embedding"):
         save(tiny_model("llama"), {"model.embed_tokens": {}}, {}, None, tmp_path / "ckpt")
+
+
+def test_the_pipeline_writes_each_block_as_it_finishes(tmp_path):
+    """CompressedStore takes each block when it is final: its tensors leave memory shard by shard, the
+    destination appears only at the end, and the folder equals a save of the whole model at once."""
+    model = tiny_model("llama")
+    out = tmp_path / "streamed"
+    store = CompressedStore(model, W4_SYM, out, max_shard_size="8KB")  # a block is ~26 KB at 4 bits
+    written_after_block = []
+
+    def block_done(prefix, block):
+        store.block_done(prefix, block)
+        written_after_block.append((len(store.folder.shards), len(store.pending)))
+
+    collected = {}
+
+    def add(name, qw):
+        collected[name] = qw
+        store.add(name, qw)
+
+    ptq.quantize(model, W4_SYM, calib=CALIB, device="cpu", on_quantized=add, on_block_done=block_done)
+    assert written_after_block[0][0] >= 1 and all(pending == 0 for _, pending in written_after_block)
+    assert written_after_block[1][0] > written_after_block[0][0]
+    assert not out.exists() and store.folder.buffer_bytes <= 8_000
+    files = store.save(model, None)
+    shards = [b for f, b in files.items() if f.endswith(".safetensors")]
+    assert INDEX in files and len(shards) > 6 and max(shards) < 34_000  # the 32 KB embedding alone
+    at_once = tmp_path / "at-once"
+    tensors, config = checkpoint_parts(model, W4_SYM, collected, torch.float32)
+    save(model, tensors, config, None, at_once)
+    assert json.loads((out / "config.json").read_text()) == json.loads((at_once / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    def everything(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    streamed, whole = everything(out), everything(at_once)
+    assert set(streamed) == set(whole) and all(torch.equal(streamed[k], whole[k]) for k in whole)
+
+
+def test_a_failed_run_discards_the_blocks_already_written(tmp_path):
+    model = tiny_model("llama")
+    store = CompressedStore(model, W4_SYM, tmp_path / "ckpt", max_shard_size="1KB")
+
+    def fail_in_block_1(prefix, block):
+        store.block_done(prefix, block)
+        if prefix.endswith(".1"):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ptq.quantize(model, W4_SYM, calib=CALIB, device="cpu", on_quantized=store.add, on_block_done=fail_in_block_1)
+    assert [p.name for p in tmp_path.iterdir()][0].endswith(".partial")  # what a crash would leave
+    store.discard()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="max_shard_size='5 parsecs'"):
+        CompressedStore(model, W4_SYM, tmp_path / "other", max_shard_size="5 parsecs")

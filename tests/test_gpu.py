@@ -233,3 +233,17 @@ def test_gptq_float_formats_in_the_triton_loop_match_the_cpu_loop(fmt):
     err_cpu = ((X @ (W - cpu_w).T) ** 2).sum()
     err_gpu = ((X @ (W - gpu_w).T) ** 2).sum()
     assert abs(err_gpu / err_cpu - 1) < 0.01
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "fp8_e4m3"])
+def test_compact_layers_compute_on_gpu_as_on_cpu(fmt):
+    from ptq.quant import quantize_weight
+    from ptq.quant.linear import CompactLinear
+
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(2))
+    layer = CompactLinear(quantize_weight(W, WeightSpec.build(fmt)), None, torch.float32)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    want = layer(x)
+    layer.cuda()
+    assert torch.equal(layer.dequantized_weight(torch.float32).cpu(), layer.cpu().dequantized_weight(torch.float32))
+    torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)

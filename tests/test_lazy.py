@@ -95,3 +95,26 @@ def test_activation_quantizers_survive_packing(tmp_path):
     tokens = seen[0].reshape(-1, seen[0].shape[-1])
     codes = tokens / (tokens.abs().amax(dim=1, keepdim=True) / 127)
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+
+
+def test_offloaded_lazy_run_saves_block_by_block_and_loads_back(tmp_path):
+    """offload=true from local shards with save=true: each block is written when it is final (before it
+    is packed), in shards of max_shard_size; the folder loads back with the run's perplexity."""
+    require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl", "data/wikitext-2/valid.tokens.txt")
+    common = [*QUICK, "eval.baseline=false", "cache.enabled=false"]
+    out = tmp_path / "q"
+    proc = ptq_run(*common, "method=rtn", "bits=4", "group_size=-1", "sym=true", "offload=true", "save=true",
+                   "max_shard_size=200KB", f"output_dir={out}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    quantized = json.loads((out / "result.json").read_text())
+    assert quantized["lazy_load"]["peak_blocks_in_memory"] == 1
+    shards = sorted((out / "model").glob("*.safetensors"))
+    assert len(shards) > 1 and all(f.stat().st_size < 250_000 for f in shards)
+    weight_map = json.loads((out / "model" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not [k for k in weight_map if k.endswith((".qweight", ".scales"))]  # no packed-layer leftovers
+    proc = ptq_run(*common, "model=custom", f"model.path={out}/model", "method=none", f"output_dir={tmp_path}/l",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads((tmp_path / "l" / "result.json").read_text())
+    want, got = quantized["metrics"]["ppl"]["wikitext2"], loaded["metrics"]["ppl"]["wikitext2"]
+    assert abs(got / want - 1) < 1e-3, (got, want)

@@ -123,3 +123,34 @@ def test_integer_weights_dequantize_to_exactly_the_fake_quantized_values(shape, 
     assert torch.equal(qw.dequantize(), fake_quantize_weight(weight, spec))
     cols = qw.g_idx.long()  # the per-column gather that act-order layouts need
     assert torch.equal(qw.dequantize(), spec.dequantize(qw.qweight.float(), qw.scale[:, cols], qw.zero[:, cols]))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WeightSpec.build("nvfp4"),
+        WeightSpec.build("mxfp4"),
+        WeightSpec.build("mxfp8"),
+        WeightSpec.build("fp8_e4m3"),
+        WeightSpec.build("fp8_e4m3", group_size=0),
+        WeightSpec("int", 4, 16, False),  # 40 output rows: not a GPTQ-packable shape
+        WeightSpec("int", 3, -1, True),
+        WeightSpec("int", 8, 0, False),
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_compact_layers_hold_the_stored_form_and_compute_the_same_weights(spec):
+    from ptq.quant.linear import CompactLinear, QuantLinear, quantized_linear
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 96, generator=g) * torch.logspace(-2, 1, 96)
+    qw = quantize_weight(weight, spec)
+    layer = quantized_linear(qw, torch.randn(40, generator=g), torch.float32)
+    assert isinstance(layer, CompactLinear) and not isinstance(layer, QuantLinear)
+    assert torch.equal(layer.dequantized_weight(torch.float32), qw.dequantize())
+    element_bits = spec.bits if spec.is_int else spec.fmt.element_bits
+    assert layer.codes.numel() * layer.codes.element_size() == 40 * 96 * (4 if element_bits <= 4 else 8) // 8
+    if not spec.is_int and spec.fmt.block_size:  # one byte per block scale (E4M3 or E8M0)
+        assert layer.scale.element_size() == 1 and layer.scale.numel() == 40 * 96 // spec.group_size
+    x = torch.randn(3, 96, generator=g)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, qw.dequantize(), layer.bias))

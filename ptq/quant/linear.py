@@ -5,7 +5,11 @@
   ``use_int4_kernel()`` on CUDA, with PyTorch's int4 weight-only matmul
   (``aten._weight_int4pack_mm``, "tinygemm": bf16 activations, 4-bit weights, group 32..256).
 - ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
-  token on the fly, ``torch._int_mm`` (int8 x int8 -> int32) on CUDA.
+  token on the fly, ``torch._int_mm`` (int8 x int8 -> int32; CUDA and CPU).
+- ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
+  scales, integers the GPTQ layout cannot hold), dequantized per call.
+
+``quantized_linear`` picks one of them for a quantized weight.
 """
 
 from __future__ import annotations
@@ -14,9 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptq.quant.pack import pack_gptq, unpack_gptq
-from ptq.quant.spec import ACT_SCALE_MIN, PER_CHANNEL, WeightSpec
-from ptq.quant.weight import QuantizedWeight, quantize_weight
+from ptq.quant.pack import (
+    PackError,
+    pack_gptq,
+    pack_nibbles,
+    scale_from_stored,
+    stored_scale,
+    unpack_gptq,
+    unpack_nibbles,
+)
+from ptq.quant.spec import ACT_SCALE_MIN, PER_CHANNEL, ActSpec, WeightSpec
+from ptq.quant.weight import QuantizedWeight, default_g_idx, quantize_weight
 
 
 class QuantLinear(nn.Module):
@@ -101,6 +113,7 @@ class Int8Linear(nn.Module):
         if qw.spec != self.SPEC:
             raise ValueError(f"Int8Linear holds {self.SPEC.describe()} weights, not {qw.spec.describe()}")
         signed = (qw.qweight.to(torch.int16) - qw.zero.to(torch.int16)).to(torch.int8)  # [out, in]
+        self.out_features, self.in_features = signed.shape
         self.register_buffer("weight_t", signed.t().contiguous())  # [in, out]
         self.register_buffer("weight_scale", qw.scale[:, 0].float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -108,6 +121,9 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         return cls(quantize_weight(weight.detach(), cls.SPEC), bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight_t.t().float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -119,3 +135,69 @@ class Int8Linear(nn.Module):
         y = torch._int_mm(qx, self.weight_t)[:rows].float() * x_scale * self.weight_scale
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
+
+
+class CompactLinear(nn.Module):
+    """A quantized weight in its stored form: codes (4-bit ones two per byte), block scales as the
+    format stores them (``ptq.quant.pack.stored_scale``: E4M3 for NVFP4 with its fp32 global scale,
+    E8M0 for MX, fp32 otherwise), zero points of asymmetric integers, and g_idx when act-order permuted
+    it. Computes by dequantizing to the activations' dtype and calling ``F.linear`` (any device)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype=torch.float16):
+        super().__init__()
+        spec = qw.spec
+        self.out_features, self.in_features = qw.qweight.shape
+        self.spec = spec
+        self.nibbles = (spec.bits if spec.is_int else spec.fmt.element_bits) <= 4
+        self.register_buffer("codes", pack_nibbles(qw.qweight) if self.nibbles else qw.qweight.clone())
+        self.register_buffer("scale", qw.scale.float().clone() if spec.is_int else stored_scale(qw))
+        self.register_buffer("zero", None if spec.sym or not spec.is_int else qw.zero.to(torch.uint8))
+        self.register_buffer("g_idx", None if qw.has_contiguous_groups() else qw.g_idx.clone())
+        self.register_buffer("tensor_scale", None if qw.tensor_scale is None else qw.tensor_scale.float().reshape(1))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def quantized_weight(self) -> QuantizedWeight:
+        spec, device = self.spec, self.codes.device
+        codes = unpack_nibbles(self.codes, self.in_features) if self.nibbles else self.codes
+        if spec.is_int:
+            scale = self.scale
+        else:
+            scale = scale_from_stored(self.scale, spec, self.out_features, self.tensor_scale)
+        if self.zero is not None:
+            zero = self.zero.float()
+        elif spec.is_int:
+            zero = torch.full_like(scale, 2 ** (spec.bits - 1))  # the symmetric grid's midpoint
+        else:
+            zero = torch.zeros_like(scale)
+        g_idx = self.g_idx if self.g_idx is not None else default_g_idx(self.in_features, spec, device)
+        return QuantizedWeight(codes, scale, zero, g_idx, spec, self.tensor_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.quantized_weight().dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel=dequantize"
+
+
+QUANTIZED_LAYERS = (QuantLinear, Int8Linear, CompactLinear)
+
+
+def quantized_linear(
+    qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, activations: ActSpec | None = None
+) -> nn.Module:
+    """ptq's layer for a quantized weight: ``Int8Linear`` for int8 W8A8 with per-token activations (it
+    quantizes them itself), ``QuantLinear`` for integer weights whose shapes the GPTQ layout holds (the
+    int4 kernel on CUDA), ``CompactLinear`` otherwise. Other activation specs need an input quantizer
+    (``ptq.quant.activations``) on the returned layer."""
+    per_token_int8 = activations is not None and (activations.format, activations.bits) == ("int", 8)
+    if per_token_int8 and activations.granularity == "per_token" and qw.spec == Int8Linear.SPEC:
+        return Int8Linear(qw, None if bias is None else bias.to(dtype))
+    if qw.spec.is_int:
+        try:
+            return QuantLinear.from_quantized(qw, bias, dtype)
+        except PackError:
+            pass
+    return CompactLinear(qw, bias, dtype)

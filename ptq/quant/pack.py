@@ -133,6 +133,55 @@ def float_bytes(qw: QuantizedWeight) -> int:
     return elements + math.ceil(groups * fmt.scale_bits / 8) + (4 if fmt.has_tensor_scale else 0)
 
 
+# Float formats kept compact in memory (``ptq.quant.linear.CompactLinear``) and on disk (compressed-
+# tensors): 4-bit elements two per byte, NVFP4 block scales in E4M3 times the global scale, MX scales as
+# E8M0 exponents.
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [out, in] -> uint8 [out, ceil(in / 2)]: column 2j in the low nibble, 2j+1 in the high
+    one (compressed-tensors' ``pack_fp4_to_uint8``); an odd last column is paired with 0."""
+    codes = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=2).reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def e8m0_exponents(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scales 2^e as biased exponents e + 127 in uint8 (OCP MX's E8M0)."""
+    _, exponent = torch.frexp(scale.float())  # 2^e = 0.5 * 2^(e + 1)
+    return (exponent - 1 + 127).to(torch.uint8)
+
+
+def from_e8m0(exponents: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones_like(exponents, dtype=torch.float32), exponents.to(torch.int32) - 127)
+
+
+def stored_scale(qw: QuantizedWeight) -> torch.Tensor:
+    """A float-format weight's block scales as stored: NVFP4's E4M3 values (scale * global scale), MX's
+    E8M0 exponents, fp32 otherwise; [out, groups], or [1] per tensor."""
+    if qw.spec.per_tensor:
+        return qw.scale.reshape(-1)[:1].float()
+    if qw.spec.fmt.has_tensor_scale:
+        return (qw.scale * qw.tensor_scale.to(qw.scale.device)).to(torch.float8_e4m3fn)
+    if qw.spec.fmt.scale_kind == "e8m0":
+        return e8m0_exponents(qw.scale)
+    return qw.scale.float()
+
+
+def scale_from_stored(stored: torch.Tensor, spec: WeightSpec, out_features: int, tensor_scale=None) -> torch.Tensor:
+    """The fp32 scales [out, groups] of ``stored_scale``'s output."""
+    if spec.fmt.has_tensor_scale:
+        scale = stored.float() / tensor_scale.float().to(stored.device)
+    elif spec.fmt.scale_kind == "e8m0":
+        scale = from_e8m0(stored)
+    else:
+        scale = stored.float()
+    return scale.reshape(1, 1).expand(out_features, 1) if spec.per_tensor else scale
+
+
 class StorageCount:
     """Bytes of a quantized model as a checkpoint would store it: each quantized linear in its format's
     layout (integers packed as in a GPTQ checkpoint, ``pack_gptq``; float formats as compressed-tensors

@@ -3,7 +3,8 @@ compressed-tensors``), which transformers loads through the compressed-tensors p
 serves with its own kernels.
 
 A folder holds ``config.json`` (the model's config with a ``quantization_config``), the tokenizer
-files and safetensors shards (with ``model.safetensors.index.json`` when there are several). Each
+files and safetensors shards (with ``model.safetensors.index.json`` when there are several), written
+block by block as the pipeline finishes each (``ptq.storage.shards``). Each
 quantized linear ``<name>`` stores the tensors of its format (``tensors_for``); every other tensor is
 stored under its own name in the model's dtype. The layouts are those of compressed-tensors 0.20's
 compressors (``compressed_tensors/compressors/*/base.py``); compressed-tensors itself is not needed
@@ -16,20 +17,17 @@ same number in both (x = s * (q - z) = s * (q_ct - z_ct)).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ptq.errors import UserError
-from ptq.quant.pack import WORD, pack_rows
+from ptq.quant.pack import WORD, pack_nibbles, pack_rows, stored_scale
 from ptq.quant.spec import PER_CHANNEL, PER_TENSOR, ActSpec, WeightSpec
 from ptq.quant.weight import QuantizedWeight
+from ptq.storage.shards import BlockwiseStore
 
 
 class SaveError(UserError):
@@ -55,7 +53,6 @@ PERMUTED_G_IDX = (
     "GPTQ act-order without static groups permutes g_idx, which compressed-tensors (0.20 on) cannot store: "
     "it removed actorder='group' and weight_g_idx; quantize with gptq static_groups=true (the default)"
 )
-INDEX = "model.safetensors.index.json"
 CALIBRATED_INPUT_SCALES = ("input_scale", "input_global_scale")
 
 
@@ -172,16 +169,12 @@ def pack_int32_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(padded, bits)[: math.ceil(n * bits / WORD)]
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """E2M1 nibbles [out, in] -> uint8 [out, in / 2]: column 2j in the low nibble, 2j+1 in the high one
-    (compressors/nvfp4/helpers.py, ``pack_fp4_to_uint8``)."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+def unpack_int32_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of ``pack_int32_rows``: int32 [ceil(n * bits / 32), m] -> the first ``n`` values [n, m]."""
+    from ptq.quant.pack import unpack_rows
 
-
-def e8m0_exponents(scale: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scales 2^e as biased exponents e + 127 in uint8 (compressors/mx_utils.py)."""
-    _, exponent = torch.frexp(scale.float())  # 2^e = 0.5 * 2^(e + 1)
-    return (exponent - 1 + 127).to(torch.uint8)
+    words = nn.functional.pad(words, (0, 0, 0, -words.shape[0] % bits))  # whole runs of 32 values
+    return unpack_rows(words.contiguous(), bits)[:n]
 
 
 def scale_and_zero(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,16 +238,15 @@ def tensors_for(
     elif fmt == NVFP4_PACK_QUANTIZED:
         # The E4M3 block scales times the global scale g, which is stored as g itself: compressed-tensors
         # dequantizes with weight_scale / weight_global_scale (quantization/lifecycle/forward_helpers.py).
-        global_scale = qw.tensor_scale.float().reshape(1)
         tensors = {
             "weight_packed": pack_nibbles(qw.qweight),
-            "weight_scale": (qw.scale * global_scale).to(torch.float8_e4m3fn),
-            "weight_global_scale": global_scale,
+            "weight_scale": stored_scale(qw),
+            "weight_global_scale": qw.tensor_scale.float().reshape(1),
         }
     elif fmt == MXFP4_PACK_QUANTIZED:
-        tensors = {"weight_packed": pack_nibbles(qw.qweight), "weight_scale": e8m0_exponents(qw.scale)}
+        tensors = {"weight_packed": pack_nibbles(qw.qweight), "weight_scale": stored_scale(qw)}
     else:
-        tensors = {"weight": qw.qweight, "weight_scale": e8m0_exponents(qw.scale)}
+        tensors = {"weight": qw.qweight, "weight_scale": stored_scale(qw)}
     calibrated = activations is not None and activations.calibrated
     if calibrated != (input_scale is not None):
         raise SaveError(
@@ -268,37 +260,17 @@ def tensors_for(
     return {key: t.detach().cpu().clone(memory_format=torch.contiguous_format) for key, t in tensors.items()}
 
 
-def checkpoint_tensors(model: nn.Module, tensors_by_linear: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint by name: the quantized linears' own, then the model's other
-    parameters and buffers in the model's dtype (tied ones once: transformers re-ties them)."""
-    modules = dict(model.named_modules())
-    state = {}
-    for name, tensors in tensors_by_linear.items():
-        if not isinstance(modules.get(name), nn.Linear):
-            kind = type(modules[name]).__name__ if name in modules else "nothing"
-            raise SaveError(f"{name} is {kind}, but compressed-tensors quantizes torch.nn.Linear modules")
-        state |= {f"{name}.{key}": t for key, t in tensors.items()}
-    replaced = {f"{name}.weight" for name in tensors_by_linear}
-    dtype = model.dtype
-    seen: set[int] = set()
-    for key, t in model.state_dict().items():
-        if key in replaced or (t.numel() > 0 and t.data_ptr() in seen):
-            continue
-        seen.add(t.data_ptr())
-        state[key] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-    return state
+class PreparedStore(BlockwiseStore):
+    """A folder from each linear's tensors made beforehand (``tensors_for``) and a ready config."""
 
+    def __init__(self, out: Path, dtype: torch.dtype, tensors_by_linear: dict, config: dict, max_shard_size) -> None:
+        super().__init__(out, dtype, max_shard_size)
+        self.pending = {name: dict(tensors) for name, tensors in tensors_by_linear.items()}
+        self.quantized = list(tensors_by_linear)
+        self.prepared_config = config
 
-def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({key: state[key] for key in keys}, folder / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / INDEX).write_text(json.dumps(index, indent=2))
+    def quantization_config(self, model: nn.Module) -> dict:
+        return self.prepared_config
 
 
 def save(
@@ -309,34 +281,14 @@ def save(
     out: Path,
     max_shard_size: int | str = "5GB",
 ) -> dict[str, int]:
-    """Write the checkpoint folder ``out``; returns the bytes of each file. The files are written into a
-    temporary folder next to ``out``, renamed to ``out`` only once complete: a failed save leaves none."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new output folder")
-    state = checkpoint_tensors(model, tensors_by_linear)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's folder is private; the checkpoint is not
-        write_shards(state, tmp, max_shard_size)
-        config = model.config.to_dict()
-        config["quantization_config"] = config_dict
-        config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-        config["use_cache"] = True  # ptq turns the KV cache off while it quantizes; generation wants it
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    """Write the checkpoint folder ``out`` at once (the pipeline writes block by block instead:
+    ``CompressedStore``); returns the bytes of each file. A failed save leaves no folder."""
+    modules = dict(model.named_modules())
+    for name in tensors_by_linear:
+        if not isinstance(modules.get(name), nn.Linear):
+            kind = type(modules[name]).__name__ if name in modules else "nothing"
+            raise SaveError(f"{name} is {kind}, but compressed-tensors quantizes torch.nn.Linear modules")
+    return PreparedStore(out, model.dtype, tensors_by_linear, config_dict, max_shard_size).save(model, tokenizer)
 
 
 def check_linears(linears: dict[str, nn.Module], weights: WeightSpec) -> None:
@@ -357,28 +309,25 @@ def check_linears(linears: dict[str, nn.Module], weights: WeightSpec) -> None:
             )
 
 
-class CompressedStore:
-    """Collects each quantized linear's compressed-tensors tensors on the CPU as the pipeline finishes a
-    block (``on_quantized``), then writes the folder (``save``)."""
+class CompressedStore(BlockwiseStore):
+    """The compressed-tensors folder ``out``, written as the pipeline finishes each block."""
 
-    def __init__(self, model: nn.Module, recipe) -> None:
+    def __init__(self, model: nn.Module, recipe, out: Path, max_shard_size: int | str = "5GB") -> None:
         check_savable(recipe.weights, recipe.activations)
         gptq_actorder(recipe)  # refuses a permuted g_idx before any work
+        super().__init__(out, next(model.parameters()).dtype, max_shard_size)
         self.recipe = recipe
         self.modules = dict(model.named_modules())
-        self.dtype = next(model.parameters()).dtype
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
 
-    def add(self, name: str, qw: QuantizedWeight) -> None:
+    def linear_tensors(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         from ptq.quant.activations import input_quantizer_of
 
         quantizer = input_quantizer_of(self.modules[name])
         input_scale = quantizer.scale if quantizer is not None and quantizer.spec.calibrated else None
-        self.tensors[name] = tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
+        return tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
 
-    def save(self, model: nn.Module, tokenizer, out: Path) -> dict[str, int]:
-        self.config = quantization_config(self.recipe, unquantized_linears(model, self.tensors), act_order=False)
-        return save(model, self.tensors, self.config, tokenizer, out)
+    def quantization_config(self, model: nn.Module) -> dict:
+        return quantization_config(self.recipe, unquantized_linears(model, self.quantized), act_order=False)
 
 
 FORMAT_OF = {NVFP4_PACK_QUANTIZED: "nvfp4", MXFP4_PACK_QUANTIZED: "mxfp4", MXFP8_QUANTIZED: "mxfp8"}
@@ -402,83 +351,84 @@ def specs_from_config(qc: dict) -> tuple[WeightSpec, ActSpec | None]:
     return weights, ActSpec("int" if a["type"] == "int" else "fp8_e4m3", a["num_bits"], granularity)
 
 
-def stored_tensors(path: str, keep) -> dict[str, dict[str, torch.Tensor]]:
-    """The folder's tensors whose local name passes ``keep``, by module: {module: {local name: tensor}}."""
-    from safetensors import safe_open
+def quantized_from_stored(
+    tensors: dict[str, torch.Tensor], spec: WeightSpec, fmt: str, out_features: int, in_features: int
+) -> QuantizedWeight:
+    """One linear's stored tensors back into ptq's codes and fp32 scales: the inverse of ``tensors_for``."""
+    from ptq.quant.pack import scale_from_stored, unpack_nibbles
+    from ptq.quant.weight import default_g_idx
 
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                module, _, local = key.rpartition(".")
-                if keep(local):
-                    found.setdefault(module, {})[local] = f.get_tensor(key)
-    return found
+    bits, offset = spec.bits, 2 ** (spec.bits - 1)
+    tensor_scale = tensors.get("weight_global_scale")
+    if fmt == PACK_QUANTIZED:
+        codes = unpack_int32_rows(tensors["weight_packed"].t(), bits, in_features).t()
+    elif fmt == INT_QUANTIZED:
+        codes = tensors["weight"].to(torch.int16) + offset  # signed int8 -> ptq's unsigned codes
+    elif fmt in (NVFP4_PACK_QUANTIZED, MXFP4_PACK_QUANTIZED):
+        codes = unpack_nibbles(tensors["weight_packed"], in_features)
+    else:
+        codes = tensors["weight"]  # float8 values
+    if spec.is_int:
+        stored = tensors["weight_scale"].float()
+        scale = stored.reshape(1, 1).expand(out_features, 1) if spec.per_tensor else stored.reshape(out_features, -1)
+        if spec.sym:
+            zero = torch.full_like(scale, offset)
+        elif fmt == PACK_QUANTIZED and not spec.per_tensor:  # packed along the output dim
+            zero = unpack_int32_rows(tensors["weight_zero_point"], bits, out_features).float()
+        else:  # signed int8, one per tensor or per channel
+            zero = (tensors["weight_zero_point"].float() + offset).reshape(-1, 1).expand_as(scale)
+        codes = codes.to(torch.uint8)
+    else:
+        scale = scale_from_stored(tensors["weight_scale"], spec, out_features, tensor_scale)
+        zero = torch.zeros_like(scale)
+    if tensor_scale is not None:
+        tensor_scale = tensor_scale.float().reshape(())
+    g_idx = default_g_idx(in_features, spec)
+    return QuantizedWeight(codes.contiguous(), scale.contiguous(), zero.contiguous(), g_idx, spec, tensor_scale)
 
 
 def load(path: str, dtype: torch.dtype) -> nn.Module:
-    """A compressed-tensors checkpoint for evaluation: transformers (through compressed-tensors)
-    dequantizes the weights on load, and ptq's own input quantizers are attached where the checkpoint
-    quantizes activations (static ones with the stored ``input_scale``), so that the model computes
-    what the run that wrote it measured."""
-    try:
-        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    except ImportError as err:  # pragma: no cover - transformers without compressed-tensors support
-        raise SaveError(f"loading {path} needs transformers with compressed-tensors support: {err}") from None
+    """A compressed-tensors checkpoint as ptq's own layers (``ptq.quant.linear.quantized_linear``:
+    packed integers with the int4 kernel on CUDA, int8 W8A8, or the stored form of float formats), read
+    by ptq itself (the compressed-tensors package is not needed), with ptq's input quantizers where
+    the checkpoint quantizes activations (its calibrated scales included): the model computes what
+    the run that wrote it measured."""
+    from transformers import AutoConfig
+
+    from ptq.checkpoint import fill, quantization_config_of, skeleton
+    from ptq.lazy import ShardedCheckpoint
     from ptq.quant.activations import InputQuantizer, attach_input_quantizer
+    from ptq.quant.linear import Int8Linear, quantized_linear
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
-    except ImportError as err:
-        raise SaveError(f"loading {path} needs the compressed-tensors package (pip install compressed-tensors): "
-                         f"{err}") from None  # fmt: skip
-    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(path)
+    qc = quantization_config_of(config)
     weights, act = specs_from_config(qc)
-    if act is not None:
-        scales = stored_tensors(path, lambda local: local in CALIBRATED_INPUT_SCALES)
-        ignore = set(qc.get("ignore") or [])
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name not in ignore and name != "lm_head":
-                scale = next(iter(scales.get(name, {}).values()), None)
-                attach_input_quantizer(module, InputQuantizer(act, None if scale is None else scale.float()))
-    elif qc.get("format") == PACK_QUANTIZED:
-        pack_into_quant_linears(model, path, weights)
-    model.eval()
-    model.config.use_cache = False
-    return model
-
-
-def pack_into_quant_linears(model: nn.Module, path: str, spec: WeightSpec) -> None:
-    """Integer weight-only checkpoints: every linear whose shapes the GPTQ layout holds becomes ptq's
-    ``QuantLinear`` (packed integers in memory; the int4 kernel on CUDA), built from the stored codes,
-    scales and zero points; the others keep the dense weights transformers dequantized."""
-    from ptq.quant.linear import QuantLinear
-    from ptq.quant.pack import PACKED_BITS, PackError, unpack_rows
-    from ptq.quant.weight import default_g_idx
-
-    bits, sym = spec.bits, spec.sym
-    if bits not in PACKED_BITS or spec.per_tensor:
-        return
-    for name, tensors in stored_tensors(path, lambda local: local.startswith("weight_")).items():
-        out_features, in_features = tensors["weight_shape"].tolist()
-        if out_features % WORD or in_features % WORD:
-            continue  # the GPTQ layout cannot hold it: it stays dense
-        # Unsigned codes and zero points are what compressed-tensors packs (its signed values + 2^(b-1)).
-        codes = unpack_rows(tensors["weight_packed"].t().contiguous(), bits)[:in_features].t()
-        scale = tensors["weight_scale"].float()
-        if sym:
-            zero = torch.full_like(scale, 2 ** (bits - 1))
-        else:
-            zero = unpack_rows(tensors["weight_zero_point"].contiguous(), bits)[:out_features].float()
-        qw = QuantizedWeight(codes.to(torch.uint8).contiguous(), scale, zero, default_g_idx(in_features, spec), spec)
+    fmt = qc.get("format") or next(iter(qc["config_groups"].values())).get("format")
+    del config.quantization_config
+    shards = ShardedCheckpoint(path)
+    state = {key: shards.read(key) for key in shards.weight_map}
+    quantized = {key.rpartition(".")[0] for key in state if key.endswith(".weight_scale")}
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(state):
+        module, _, local = key.rpartition(".")
+        if module in quantized and local != "bias":  # weight or weight_packed, scales, input scales
+            by_module.setdefault(module, {})[local] = state.pop(key)
+    model = skeleton(config, dtype)
+    for name, tensors in by_module.items():
         dense = model.get_submodule(name)
-        try:
-            packed = QuantLinear.from_quantized(qw, dense.bias, dense.weight.dtype)
-        except PackError:
-            continue
-        model.set_submodule(name, packed)
+        if not isinstance(dense, nn.Linear):
+            raise SaveError(f"{path}: {name} holds quantized tensors but the model has no linear layer there")
+        qw = quantized_from_stored(tensors, weights, fmt, dense.out_features, dense.in_features)
+        bias = state.pop(f"{name}.bias", None)
+        layer = quantized_linear(qw, bias, dtype, act)
+        if act is not None and not isinstance(layer, Int8Linear):
+            scale = tensors.get("input_scale", tensors.get("input_global_scale"))
+            attach_input_quantizer(layer, InputQuantizer(act, None if scale is None else scale.float().reshape(())))
+        model.set_submodule(name, layer)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    fill(model, state, path, built=frozenset(by_module))
+    model.config.quantization_config = qc  # kept for the record
+    return model
 
 
 SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
