@@ -303,6 +303,8 @@ def check_linears(linears: dict[str, nn.Module], weights: WeightSpec) -> None:
             else:
                 divisors = [g for g in (128, 64, 32, 16) if in_features % g == 0]
                 fix = f"use group_size={divisors[0]} or -1" if divisors else "use group_size=-1"
+                if weights.bits in (2, 3, 4, 8) and weights.is_int:
+                    fix += " (or save_format=gptq, whose g_idx allows a partial last group)"
             raise SaveError(
                 f"save=true: {name} has {in_features} input features, not a multiple of group_size="
                 f"{weights.group_size}, and compressed-tensors stores whole groups only: {fix}, or save=false"
