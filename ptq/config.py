@@ -105,7 +105,9 @@ class RunConfig:
         return {**self.recipe.to_dict(), "method_options": self.recipe.options, **d}
 
 
-RECIPE_SETTINGS = ("method", "format", "bits", "group_size", "sym", "act_format", "act_bits", "act_granularity")
+RECIPE_SETTINGS = (
+    "method", "format", "bits", "group_size", "sym", "act_format", "act_bits", "act_granularity", "kv_format", "kv_bits"
+)  # fmt: skip
 
 
 def _require_int(name: str, value, minimum: int | None = None) -> None:
@@ -120,8 +122,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_experiment(cfg.experiment)
     if not isinstance(cfg.save, bool):
         raise ConfigError(f"save={cfg.save!r} must be true or false")
-    if cfg.save and cfg.full_precision:
-        raise ConfigError("save=true needs a quantized model: choose a method (method=none has none)")
+    if cfg.save and cfg.recipe.weights is None:
+        raise ConfigError("save=true needs a quantized model: choose a method and bits below 16")
+    if cfg.save and cfg.recipe.kv is not None:
+        raise ConfigError("save=true cannot hold KV-cache quantization (kv_bits, kv_format) yet: drop it or save=false")
+    if cfg.save and "quarot" in cfg.recipe.steps:
+        raise ConfigError(
+            "save=true: QuaRot's online Hadamard on the input of down_proj has no place in the formats ptq writes "
+            "(the GPTQ layout cannot express it; compressed-tensors' transform_config is not written yet): save=false"
+        )
     try:
         if parse_size(cfg.max_shard_size) <= 0:
             raise ConfigError(f"max_shard_size={cfg.max_shard_size!r} must be more than 0 bytes")
@@ -225,12 +234,10 @@ def _build(cls, values: dict, where: str):
 def build_recipe(d: dict, method: str, options: dict) -> Recipe:
     """The recipe from the composed settings (popped from ``d``); the one place loose settings become specs."""
     settings = {key: d.pop(key, None) for key in RECIPE_SETTINGS if key != "method"}
-    if settings["bits"] == 16:
-        raise ConfigError("bits=16 is not a quantized format: use method=none for full precision")
-    for key in ("bits", "group_size", "act_bits"):
+    for key in ("bits", "group_size", "act_bits", "kv_bits"):
         if settings[key] is not None:
             _require_int(key, settings[key])
-    for key in ("format", "act_format", "act_granularity"):
+    for key in ("format", "act_format", "act_granularity", "kv_format"):
         if settings[key] is not None and not isinstance(settings[key], str):
             raise ConfigError(f"{key}={settings[key]!r} must be a name")
     try:

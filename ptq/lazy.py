@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ptq.models import get_blocks, get_submodule, is_tied_head
-from ptq.quant.activations import move_input_quantizer
+from ptq.quant.activations import move_input_stages
 from ptq.quant.linear import quantized_linear
 from ptq.quant.pack import PackError
 from ptq.quant.weight import QuantizedWeight
@@ -98,7 +98,7 @@ class LazyModel:
         for name, qw in quantized.items():
             dense = get_submodule(block, name)
             packed = quantized_linear(qw, dense.bias, self.dtype)
-            move_input_quantizer(dense, packed)  # W8A8 stays W8A8 once packed
+            move_input_stages(dense, packed)  # W8A8 stays W8A8, rotated inputs stay rotated
             block.set_submodule(name, packed)
         self.materialized_blocks -= 1
 

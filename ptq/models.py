@@ -38,6 +38,24 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class ResidualStream:
+    """What rotating the residual stream touches (QuaRot, Sec. 4): the embedding and the block linears
+    that write the stream (rotated on their output side), the RMSNorms and the linears that read it
+    (norm scales fused into the readers, which are rotated on their input side), the final norm and the
+    head; and inside a block, the value/output projections (a per-head rotation between them) and the
+    MLP's output projection (an online rotation of its input)."""
+
+    embedding: str
+    final_norm: str
+    head: str
+    readers: tuple[tuple[str, tuple[str, ...]], ...]  # per block: (norm, the linears it feeds)
+    writers: tuple[str, ...]  # per block: linears whose output is added to the stream
+    value: str
+    attention_out: str
+    mlp_out: str
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where things are in one model family (paths are dotted attribute names)."""
 
@@ -51,6 +69,8 @@ class Arch:
     # ``prev`` is a linear applies only when its output size matches (e.g. not v -> o under GQA).
     scaling: tuple[ScaleGroup, ...] = ()
     no_clip: tuple[str, ...] = ()  # linears AWQ does not clip (q/k: the reference skips them)
+    residual: ResidualStream | None = None  # for rotations (QuaRot); None where not described
+    attention: str | None = None  # a block's attention module (KV-cache quantization); None where not described
 
 
 _LLAMA_LIKE = Arch(
@@ -69,6 +89,20 @@ _LLAMA_LIKE = Arch(
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
+    residual=ResidualStream(
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        head="lm_head",
+        readers=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        value="self_attn.v_proj",
+        attention_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
+    ),
+    attention="self_attn",
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 

@@ -275,6 +275,10 @@ def run_blocks(
         model.to(device)
     store = torch.device("cpu") if offload else device
     report: dict = {"blocks": [], "capture_s": 0.0}
+    for step in steps:  # the model-level stage (rotations of the embedding and head), before any capture
+        described = step.transform_model(model)
+        if described:
+            report.setdefault("model_stage", {})[step.name] = described
 
     inputs = None
     if needs_calibration:

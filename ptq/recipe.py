@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ptq.errors import UserError
-from ptq.methods import FULL_PRECISION, build_steps, parse_method
-from ptq.methods.activations import QuantizeActivations
+from ptq.methods import FULL_PRECISION, METHODS, build_steps, parse_method
+from ptq.methods.activations import QuantizeActivations, QuantizeKV
 from ptq.quant.spec import ActSpec, FormatError, WeightSpec
 
 
@@ -28,12 +28,14 @@ SMOOTHQUANT_NEEDS_ACTIVATIONS = (
 @dataclass(frozen=True)
 class Recipe:
     """method: ``none`` (full precision) or steps joined by '+', e.g. ``awq+gptq``; weights: None only
-    for full precision; activations: None = weights only; options: ``{step: {option: value}}``."""
+    for full precision (or a rotation alone); activations: None = weights only; kv: the KV cache's format
+    (keys and values per head and token), None = 16 bits; options: ``{step: {option: value}}``."""
 
     method: str = "rtn"
     weights: WeightSpec | None = field(default_factory=WeightSpec)
     activations: ActSpec | None = None
     options: dict = field(default_factory=dict)
+    kv: WeightSpec | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -44,12 +46,18 @@ class Recipe:
         if unknown:
             raise RecipeError(f"method options for {sorted(unknown)} given, but method={self.method!r}")
         if not steps:
-            if self.activations is not None:
-                raise RecipeError("activation quantization needs quantized weights: choose a method (e.g. rtn)")
+            if self.activations is not None or self.kv is not None:
+                raise RecipeError("activation and KV-cache quantization need a method (e.g. rtn)")
             object.__setattr__(self, "weights", None)
             return
+        check_rotation_chain(steps)
         if self.weights is None:
-            raise RecipeError(f"method={self.method} needs a weight format (weights=WeightSpec(...))")
+            if not all(METHODS[s].rotates_without_weights for s in steps):
+                raise RecipeError(f"method={self.method} needs a weight format (weights=WeightSpec(...))")
+            if self.activations is not None:
+                raise RecipeError("activation quantization needs quantized weights: set bits below 16")
+            self.build_steps()
+            return
         if self.activations is not None:
             self.activations.check_weights(self.weights)
         elif "smoothquant" in steps:
@@ -68,24 +76,40 @@ class Recipe:
         act_bits: int | None = None,
         act_granularity: str | None = None,
         options: dict | None = None,
+        kv_format: str | None = None,
+        kv_bits: int | None = None,
     ) -> Recipe:
         """A recipe from loose settings, each unset one at its format's default (``WeightSpec.build``).
         ``act_bits`` alone means integer activations; ``act_format`` alone, that format's width."""
+        kv = None
+        if kv_format is not None or kv_bits is not None:
+            kv = kv_spec(kv_format or "int", kv_bits)
         if method == FULL_PRECISION:  # weight settings do not apply (sweeps pair none with any); these would
-            if act_format is not None or act_bits is not None:
-                raise RecipeError("activation quantization needs quantized weights: choose a method (e.g. rtn)")
+            if act_format is not None or act_bits is not None or kv is not None:
+                raise RecipeError("activation and KV-cache quantization need a method (e.g. rtn)")
             return cls(FULL_PRECISION, None, None, dict(options or {}))
+        if bits == 16:
+            try:
+                rotation_only = all(METHODS[s].rotates_without_weights for s in parse_method(method))
+            except ValueError as err:
+                raise RecipeError(str(err)) from None
+            if not rotation_only:
+                raise RecipeError(
+                    "bits=16 is not a quantized format: use method=none for full precision (or method=quarot "
+                    "bits=16 for the rotated, unquantized model)"
+                )
+            return cls(method, None, None, dict(options or {}), kv)
         weights = WeightSpec.build(format, bits, group_size, sym)
         activations = None
         if act_format is not None or act_bits is not None:
             activations = ActSpec.build(act_format or "int", act_bits, act_granularity)
         elif act_granularity is not None:
             raise FormatError(f"act_granularity={act_granularity} given without act_format (or act_bits)")
-        return cls(method, weights, activations, dict(options or {}))
+        return cls(method, weights, activations, dict(options or {}), kv)
 
     @property
     def full_precision(self) -> bool:
-        return self.weights is None
+        return self.method == FULL_PRECISION
 
     @property
     def steps(self) -> list[str]:
@@ -102,21 +126,47 @@ class Recipe:
             raise RecipeError(str(err)) from None
         if self.activations is not None:
             steps.append(QuantizeActivations(self.activations))
+        if self.kv is not None:
+            steps.append(QuantizeKV(self.kv, rotate=self.steps[0] == "quarot"))
         return steps
 
     def describe(self) -> str:
         if self.full_precision:
             return "full precision"
-        text = f"{self.method} {self.weights.describe()}"
-        return text + (f", activations {self.activations.describe()}" if self.activations else "")
+        text = f"{self.method} (unquantized)" if self.weights is None else f"{self.method} {self.weights.describe()}"
+        text += f", activations {self.activations.describe()}" if self.activations else ""
+        return text + (f", KV cache {self.kv.describe()}" if self.kv else "")
 
     def to_dict(self) -> dict:
         """The recipe as a record stores it (top-level fields of ``result.json``)."""
-        return {"method": self.method, **spec_fields(self.weights, self.activations)}
+        return {"method": self.method, **spec_fields(self.weights, self.activations, self.kv)}
 
 
-def spec_fields(w: WeightSpec | None, a: ActSpec | None) -> dict:
-    """Weight and activation specs as a record's top-level fields (bits 16 for full precision)."""
+ROTATION_FIRST = (
+    "quarot rotates the whole model, so it comes first and is followed by rtn or gptq (method=quarot+rtn, "
+    "quarot+gptq) or by nothing"
+)
+
+
+def check_rotation_chain(steps: list[str]) -> None:
+    """QuaRot first; AWQ and SmoothQuant do not compose with it: their up -> down scaling would have to
+    pass through the online Hadamard on down_proj's input."""
+    if "quarot" not in steps:
+        return
+    if steps[0] != "quarot" or steps.count("quarot") > 1 or any(s in ("awq", "smoothquant") for s in steps):
+        raise RecipeError(f"method={'+'.join(steps)}: {ROTATION_FIRST}")
+
+
+def kv_spec(format: str, bits: int | None) -> WeightSpec:
+    """The KV cache's spec over rows of head_dim: integers asymmetric with one scale per (head, token) row
+    (QuaRot's), float formats per row or in their blocks."""
+    if format == "int":
+        return WeightSpec.build("int", bits, -1, False)
+    return WeightSpec.build(format, bits)
+
+
+def spec_fields(w: WeightSpec | None, a: ActSpec | None, kv: WeightSpec | None = None) -> dict:
+    """Weight, activation and KV-cache specs as a record's top-level fields (bits 16 for full precision)."""
     return {
         "format": w.format if w else None,
         "bits": w.bits if w else 16,
@@ -125,4 +175,6 @@ def spec_fields(w: WeightSpec | None, a: ActSpec | None) -> dict:
         "act_format": a.format if a else None,
         "act_bits": a.bits if a else None,
         "act_granularity": a.granularity if a else None,
+        "kv_format": kv.format if kv else None,
+        "kv_bits": kv.bits if kv else None,
     }

@@ -94,7 +94,7 @@ def test_gptq_defaults_to_activation_order_with_static_groups_and_keeps_the_refe
 def test_unknown_method_lists_the_valid_ones():
     d = composed()
     d["method"] = {"name": "fancy"}
-    with pytest.raises(ConfigError, match="unknown method 'fancy'.*none, awq, gptq, rtn, smoothquant"):
+    with pytest.raises(ConfigError, match="unknown method 'fancy'.*none, awq, gptq, quarot, rtn, smoothquant"):
         from_dict(d)
 
 

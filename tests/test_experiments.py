@@ -36,6 +36,7 @@ def test_preset_composes_and_its_published_numbers_match_its_sweep(preset):
     methods = [m.removesuffix("-reference") for m in sweep["method"].split(",")]
     bits = sweep.get("bits", str(cfg.recipe.weights.bits)).split(",")
     act = f"a{cfg.recipe.activations.bits}" if cfg.recipe.activations else ""
+    act += f"kv{cfg.recipe.kv.bits}" if cfg.recipe.kv else ""
     runs = {"fp16"} | {f"{m}-w{b}{act}" for m in methods for b in bits}
     for model, values in exp["published"].items():
         assert set(values) <= runs, (model, set(values) - runs)

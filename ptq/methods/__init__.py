@@ -7,11 +7,12 @@ import inspect
 from ptq.methods.awq import AWQ
 from ptq.methods.base import Method
 from ptq.methods.gptq import GPTQ
+from ptq.methods.quarot import QuaRot
 from ptq.methods.rtn import RTN
 from ptq.methods.smoothquant import SmoothQuant
 from ptq.quant import WeightSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot)}
 FULL_PRECISION = "none"
 
 

@@ -1,13 +1,17 @@
-"""The activation-quantization step that follows a method's steps when the recipe quantizes activations."""
+"""The steps that follow a method's when the recipe quantizes activations (``QuantizeActivations``) or the
+KV cache (``QuantizeKV``): both install run-time quantizers rather than change weights."""
 
 from __future__ import annotations
 
 import torch
 
 from ptq.methods.base import Method
+from ptq.models import arch_for, get_submodule
 from ptq.pipeline import BlockContext
 from ptq.quant.activations import InputQuantizer, attach_input_quantizer
-from ptq.quant.spec import ActSpec
+from ptq.quant.hadamard import Rotation
+from ptq.quant.kv import KVQuantizer, attach_kv_quantizer, use_quantized_attention
+from ptq.quant.spec import ActSpec, WeightSpec
 
 
 class QuantizeActivations(Method):
@@ -37,3 +41,37 @@ class QuantizeActivations(Method):
             attach_input_quantizer(linear, InputQuantizer(self.act, scales.get(name)))
             if name in scales:
                 ctx.stats.setdefault(name, {})["act_scale"] = scales[name].item()
+
+
+class QuantizeKV(Method):
+    """Fake-quantize keys (after RoPE) and values per head and token wherever attention reads them
+    (``ptq.quant.kv``). ``rotate``: multiply queries and keys by a Hadamard per head first (QuaRot)."""
+
+    name = "kv"
+
+    def __init__(self, kv: WeightSpec, rotate: bool = False) -> None:
+        super().__init__(None)
+        self.kv, self.rotate = kv, rotate
+
+    def prepare(self, config) -> None:
+        arch = arch_for(config.model_type)
+        if arch.attention is None:
+            raise ValueError(
+                f"kv_bits: KV-cache quantization needs the attention module of {config.model_type!r} in ptq's "
+                "architecture table (Arch.attention in ptq/models.py); it supports the Llama family"
+            )
+        self.attention = arch.attention
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if self.kv.group_size > 0 and head_dim % self.kv.group_size:
+            raise ValueError(
+                f"kv_format={self.kv.format}: blocks of {self.kv.group_size} do not tile head_dim={head_dim}"
+            )
+        self.rotation = Rotation.build(head_dim) if self.rotate else None
+
+    def transform_model(self, model) -> dict:
+        use_quantized_attention(model)
+        per_row = self.kv.describe().replace("per-channel", "per head and token")
+        return {"kv": per_row, "rotated_queries_and_keys": self.rotate}
+
+    def quantize_block(self, ctx: BlockContext) -> None:
+        attach_kv_quantizer(get_submodule(ctx.block, self.attention), KVQuantizer(self.kv, self.rotation))

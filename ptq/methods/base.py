@@ -18,6 +18,7 @@ class Method:
     name = "base"
     needs_calibration = False
     transform = False
+    rotates_without_weights = False  # may run with no weight format (bits=16): it only transforms
 
     def __init__(self, spec: WeightSpec, **options) -> None:
         if options:
@@ -27,6 +28,10 @@ class Method:
 
     def prepare(self, config) -> None:
         """Check that the model (its HF config) suits this step, before any heavy work."""
+
+    def transform_model(self, model) -> dict | None:
+        """The model-level stage: runs once, before block 0's inputs are captured (rotations change the
+        embedding and the head here); returns what the run's record should say of it, if anything."""
 
     def quantize_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError

@@ -11,8 +11,8 @@ Integer activations are symmetric and signed, qmax = 2^(bits-1) - 1 (127 for int
 SmoothQuant's ``quantize_activation_per_*_absmax``; FP8 ones use the format's largest value.
 The rounding is done in fp32 and the result returned in the input's dtype.
 
-The quantizer is a forward pre-hook remembered on the module (``_ptq_input_quantizer``), so that
-code replacing a linear (packing it into a ``QuantLinear``) can carry it over: ``move_input_quantizer``.
+The quantizer is a stage of the module's one ptq pre-hook (``InputStages``), after an online rotation
+where QuaRot installs one; code replacing a linear carries both over: ``move_input_stages``.
 """
 
 from __future__ import annotations
@@ -34,32 +34,68 @@ class InputQuantizer:
         self.spec = spec
         self.scale = scale
 
-    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.static:
             q = self.spec.quantize_static(x, self.scale.to(x.device))
         else:
             scale = None if self.scale is None else self.scale.to(x.device)
             q = self.spec.quantize_dynamic(x, scale)
-        return (q.to(x.dtype), *args[1:])
+        return q.to(x.dtype)
+
+
+# What a linear's input goes through, in this order: an online rotation (QuaRot's Hadamard on the input
+# of down_proj, ``ptq.quant.hadamard.Rotation``), then fake quantization (``InputQuantizer``).
+STAGES = ("rotation", "quantizer")
+
+
+class InputStages:
+    """The one forward pre-hook ptq installs on a linear, running its input stages in ``STAGES`` order.
+    It is remembered on the module (``_ptq_input_stages``) so that code replacing the module (packing it
+    into a ``QuantLinear``) carries every stage over at once, in order: ``move_input_stages``."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, object] = {}
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        for name in STAGES:
+            if name in self.stages:
+                stage = self.stages[name]
+                x = stage.apply(x) if name == "rotation" else stage(x)
+        return (x, *args[1:])
+
+
+def _stages(linear: nn.Module) -> InputStages:
+    entry = getattr(linear, "_ptq_input_stages", None)
+    if entry is None:
+        entry = InputStages()
+        linear.register_forward_pre_hook(entry)
+        linear._ptq_input_stages = entry
+    return entry
 
 
 def attach_input_quantizer(linear: nn.Module, quantizer: InputQuantizer) -> None:
     """Install ``quantizer`` on ``linear`` (replacing any earlier one); it stays for every later forward."""
-    old = getattr(linear, "_ptq_input_quantizer", None)
-    if old is not None:
-        old[1].remove()
-    handle = linear.register_forward_pre_hook(quantizer)
-    linear._ptq_input_quantizer = (quantizer, handle)
+    _stages(linear).stages["quantizer"] = quantizer
+
+
+def attach_input_rotation(linear: nn.Module, rotation) -> None:
+    """Rotate ``linear``'s input online (x -> x @ Q, before any quantizer); its weight must be W @ Q."""
+    _stages(linear).stages["rotation"] = rotation
 
 
 def input_quantizer_of(linear: nn.Module) -> InputQuantizer | None:
-    entry = getattr(linear, "_ptq_input_quantizer", None)
-    return entry[0] if entry else None
+    entry = getattr(linear, "_ptq_input_stages", None)
+    return entry.stages.get("quantizer") if entry else None
 
 
-def move_input_quantizer(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` (a module replacing ``old``) the input quantizer ``old`` had, if any."""
-    quantizer = input_quantizer_of(old)
-    if quantizer is not None:
-        attach_input_quantizer(new, quantizer)
+def input_rotation_of(linear: nn.Module):
+    entry = getattr(linear, "_ptq_input_stages", None)
+    return entry.stages.get("rotation") if entry else None
+
+
+def move_input_stages(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a module replacing ``old``) the input stages ``old`` had, if any."""
+    entry = getattr(old, "_ptq_input_stages", None)
+    if entry is not None:
+        _stages(new).stages.update(entry.stages)

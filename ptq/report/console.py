@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ptq.report.records import format_name, metric_columns, metric_value
+from ptq.report.records import format_name, kv_suffix, metric_columns, metric_value
 
 
 def run_label(record: dict) -> str:
@@ -15,8 +15,10 @@ def run_label(record: dict) -> str:
     widths = f"w{record['bits']}"
     if record.get("act_bits"):
         widths += f"a{record['act_bits']} ({record['act_granularity']})"
+    if record.get("kv_bits"):
+        widths += f" {kv_suffix(record)}"
     formats = format_name(record)
-    if formats and not record.get("act_bits"):
+    if formats and not record.get("act_bits") and not record.get("kv_bits"):
         scheme = formats
     else:
         scheme = f"{formats} {widths}" if formats else widths

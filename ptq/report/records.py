@@ -59,9 +59,18 @@ def bits_label(r: dict):
     with quantized activations both widths and the granularity (w8a8 per-token, nvfp4 w4a4 per-block)."""
     formats = format_name(r)
     if r.get("act_bits"):
-        widths = f"w{r['bits']}a{r['act_bits']} {r['act_granularity'].replace('_', '-')}"
+        widths = f"w{r['bits']}a{r['act_bits']}{kv_suffix(r)} {r['act_granularity'].replace('_', '-')}"
         return f"{formats} {widths}" if formats else widths
+    if r.get("kv_bits"):
+        return f"{formats or 'w' + str(r.get('bits'))}{kv_suffix(r)}"
     return formats or r.get("bits")
+
+
+def kv_suffix(r: dict) -> str:
+    """kv4 for a 4-bit integer KV cache, kv-fp8_e4m3 for others; empty when the KV cache is not quantized."""
+    if not r.get("kv_bits"):
+        return ""
+    return f"kv{r['kv_bits']}" if (r.get("kv_format") or "int") == "int" else f"kv-{r['kv_format']}"
 
 
 def group_label(r: dict):
@@ -205,8 +214,9 @@ def published_key(r: dict) -> str:
         return "fp16"
     formats = format_name(r)
     if not formats:
-        return f"{r['method']}-w{r['bits']}" + (f"a{r['act_bits']}" if r.get("act_bits") else "")
-    return f"{r['method']}-{formats}" + (f"-w{r['bits']}a{r['act_bits']}" if r.get("act_bits") else "")
+        return f"{r['method']}-w{r['bits']}" + (f"a{r['act_bits']}" if r.get("act_bits") else "") + kv_suffix(r)
+    widths = f"-w{r['bits']}a{r['act_bits']}" if r.get("act_bits") else ""
+    return f"{r['method']}-{formats}{widths}{kv_suffix(r)}"
 
 
 def published_value(r: dict) -> tuple[str, float] | None:
