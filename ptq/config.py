@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ptq.data import CALIB_SETS, EVAL_SETS
+from ptq.data import CALIB_SETS, check_eval_source
 from ptq.errors import UserError
 from ptq.methods import METHODS
 from ptq.quant.pack import PACKED_BITS
@@ -66,6 +66,9 @@ class EvalConfig:
     task_data: str | None = None  # folder with the local task files (default: <assets>/data)
     max_length: int | None = None  # lm-eval: longest input in tokens (default: the model's context)
     baseline: bool = True  # also evaluate the full-precision model, for the comparison table
+    task_include: str | None = None  # a folder of the user's own lm-eval task YAML files
+    task_files: dict = field(default_factory=dict)  # a local task's files by task: {arc_easy: /data/dev.jsonl}
+    per_example: bool = False  # also record each window's loss and the loss by position (report --where-it-hurts)
 
 
 @dataclass
@@ -177,9 +180,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     e = cfg.eval
     if isinstance(e.ppl, str):
         e.ppl = [e.ppl]
-    unknown = [name for name in e.ppl if name not in EVAL_SETS]
-    if unknown:
-        raise ConfigError(f"eval.ppl has unknown data sets {unknown}; choose from {', '.join(sorted(EVAL_SETS))}")
+    for source in e.ppl:
+        try:
+            check_eval_source(str(source))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if e.seqlen is not None:
         _require_int("eval.seqlen", e.seqlen, 2)
     if e.max_windows is not None:

@@ -84,6 +84,12 @@ CALIB_SETS: dict[str, TextSet] = {
         "",
     ),
     "ptb": TextSet("Penn Treebank train", None, HubText("ptb_text_only", "penn_treebank", "train", "sentence"), " "),
+    "ptb_test": TextSet(  # what is offline in the assets: calibrating on the test set, so not for PTB scores
+        "Penn Treebank test (in the assets; evaluating on PTB after calibrating on it overstates quality)",
+        "data/ptb/ptb.test.txt",
+        HubText("ptb_text_only", "penn_treebank", "test", "sentence"),
+        " ",
+    ),
     "c4": TextSet(
         "C4 train (first shard; random documents longer than seqlen, as in the GPTQ code)",
         None,
@@ -94,10 +100,21 @@ CALIB_SETS: dict[str, TextSet] = {
 }
 
 
-def _read_local_rows(path: Path) -> list[str]:
+def _read_local_rows(path: Path, field: str = "text") -> list[str]:
     if path.suffix == ".jsonl":
+        rows = []
         with path.open(encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line)[field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(
+                        f"{path}: line {number} is not a JSON object with a {field!r} field; give the field after "
+                        f"'#' (file:{path}#<field>)"
+                    ) from None
+        return rows
     text = path.read_text(encoding="utf-8")
     if path.name.startswith("ptb."):
         return [line.strip() for line in text.splitlines()]  # as the hub's ptb_text_only sentences
@@ -149,6 +166,65 @@ def load_text_file(path: str) -> Text:
     if not p.is_file():
         raise DataError(f"calib.path={path!r} does not exist; give a .txt file or a .jsonl file with a 'text' field")
     return Text(_read_local_rows(p), str(p), "\n\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation text by name: a named set, file:<path>[#field] or hub:<dataset>[:config]:<split>:<field>
+
+FILE, HUB = "file:", "hub:"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".text")
+
+
+def check_eval_source(source: str) -> None:
+    """Before any work: the name is a known set, an existing file or folder, or a well-formed hub id."""
+    if source in EVAL_SETS:
+        return
+    if source.startswith(FILE):
+        path = Path(source[len(FILE) :].partition("#")[0]).expanduser()
+        if not path.exists():
+            raise DataError(f"eval.ppl: {source!r}: {path} does not exist; give a text file, a .jsonl file or a folder")
+        return
+    if source.startswith(HUB):
+        if not 3 <= len(source[len(HUB) :].split(":")) <= 4:
+            raise DataError(f"eval.ppl: {source!r} is not hub:<dataset>[:<config>]:<split>:<field>")
+        return
+    raise DataError(
+        f"eval.ppl has an unknown data set {source!r}; choose from {', '.join(sorted(EVAL_SETS))}, "
+        "file:<path>[#field] or hub:<dataset>[:<config>]:<split>:<field>"
+    )
+
+
+def load_eval_text(source: str, assets_root: Path) -> Text:
+    """The evaluation text of ``source`` (see ``check_eval_source``). Files and folders: plain text is one
+    row per file, .jsonl one row per line (its ``text`` field, or the one after '#'); rows joined with
+    blank lines, files in sorted order."""
+    check_eval_source(source)
+    if source in EVAL_SETS:
+        return load_text(source, EVAL_SETS, assets_root)
+    if source.startswith(HUB):
+        parts = source[len(HUB) :].split(":")
+        dataset, config, split, field = parts if len(parts) == 4 else (parts[0], None, *parts[1:])
+        return Text(_read_hub_rows(source, HubText(dataset, config, split, field)), source, "\n\n")
+    location, _, field = source[len(FILE) :].partition("#")
+    path = Path(location).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"eval.ppl: {path} holds no {', '.join(TEXT_SUFFIXES)} files")
+    rows = [row for f in files for row in _read_local_rows(f, field or "text")]
+    if not any(row.strip() for row in rows):
+        raise DataError(f"eval.ppl: {source!r} holds no text")
+    return Text(rows, str(path.resolve()), "\n\n")
+
+
+def eval_name(source: str, text: Text) -> str:
+    """The name a text's scores are recorded under: a named set's own name; a file's or folder's name
+    with the digest of its content (the same text has the same name wherever it lives, a changed one
+    another); a hub id as given."""
+    if not source.startswith(FILE):
+        return source
+    from ptq.cache import digest
+
+    return f"file:{Path(text.source).name}@{digest(text.joined)[:8]}"
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from ptq.api import prepare_steps, resolve_device, run_steps
 from ptq.cache import Cache, digest, files_digest, tokenizer_digest
 from ptq.config import ConfigError, RunConfig, check_context
 from ptq.data import EVAL_SETS
-from ptq.eval.perplexity import perplexity
+from ptq.eval.perplexity import per_example, perplexity_of, token_nll
 from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
 from ptq.results import environment, write_json
@@ -77,8 +77,9 @@ def check(cfg: RunConfig) -> Plan:
     tasks = []
     if cfg.eval.tasks:
         tasks = resolve_tasks(
-            cfg.eval.tasks, cfg.eval.task_source, task_data_dir(cfg.assets_root(), cfg.eval.task_data)
-        )
+            cfg.eval.tasks, cfg.eval.task_source, task_data_dir(cfg.assets_root(), cfg.eval.task_data),
+            cfg.eval.task_include, cfg.eval.task_files,
+        )  # fmt: skip
     tokenizer = models.load_tokenizer(source)
     return Plan(source, config, steps, loaded_checkpoint, uses_calibration, context, tasks, tokenizer)
 
@@ -89,17 +90,21 @@ def load_data(cfg: RunConfig, plan: Plan) -> Data:
     tokenizer_id = tokenizer_digest(plan.tokenizer)
     eval_seqlen = cfg.eval.seqlen or min(plan.context or 2048, 2048)
     windows, eval_info = {}, {}
-    for name in cfg.eval.ppl:
-        text = data.load_text(name, EVAL_SETS, cfg.assets_root())
+    for source in cfg.eval.ppl:
+        text = data.load_eval_text(source, cfg.assets_root())
+        name = data.eval_name(source, text)
+        text_digest = digest(text.joined)
         tokens = cache.tensors(
             "eval_tokens",
-            {"text": digest(text.joined), "tokenizer": tokenizer_id},
+            {"text": text_digest, "tokenizer": tokenizer_id},
             lambda text=text: {"ids": data.tokenize(plan.tokenizer, text.joined)},
         )
         ids = tokens["ids"]
-        caps = [n for n in (cfg.eval.max_windows, EVAL_SETS[name].max_windows) if n is not None]
+        protocol_cap = EVAL_SETS[source].max_windows if source in EVAL_SETS else None
+        caps = [n for n in (cfg.eval.max_windows, protocol_cap) if n is not None]
         windows[name] = data.eval_windows(ids, eval_seqlen, min(caps) if caps else None)
-        eval_info[name] = {"source": text.source, "tokens": ids.shape[1], "windows": windows[name].shape[0]}
+        eval_info[name] = {"source": text.source, "digest": text_digest, "tokens": ids.shape[1],
+                           "windows": windows[name].shape[0]}  # fmt: skip
     calibration = None
     if plan.uses_calibration:
         c = cfg.calib
@@ -166,6 +171,7 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
         "device": device.type,
         "windows": {name: digest(w) for name, w in batch.windows.items()},
         "tasks": plan.tasks,
+        "task_include": files_digest(cfg.eval.task_include) if cfg.eval.task_include else None,
         "eval": {k: v for k, v in asdict(cfg.eval).items() if k not in ("ppl", "max_windows", "seqlen", "baseline")},
         "offload": cfg.offload,
         "seed": cfg.seed,
@@ -182,14 +188,20 @@ def evaluate(
     e = cfg.eval
     ppl = {}
     ppl_batch = 1 if e.batch_size == "auto" else e.batch_size
+    examples = {}
     for name, w in windows.items():
-        ppl[name] = perplexity(model, w, device, offload=cfg.offload, batch_size=ppl_batch, lazy=lazy)
+        nll = token_nll(model, w, device, offload=cfg.offload, batch_size=ppl_batch, lazy=lazy)
+        ppl[name] = perplexity_of(nll)
+        if e.per_example:
+            examples[name] = per_example(nll, w, tokenizer)
         log.info("%s perplexity: %.4f (%d windows of %d)", name, ppl[name], w.shape[0], w.shape[1])
     metrics = {"ppl": ppl}
+    if e.per_example:
+        metrics["per_example"] = examples
     if tasks:
         metrics["tasks"] = evaluate_tasks(
             model, tokenizer, tasks, task_data_dir(cfg.assets_root(), e.task_data), e.batch_size, e.limit,
-            e.num_fewshot, device, cfg.seed, e.max_length,
+            e.num_fewshot, device, cfg.seed, e.max_length, e.task_include, e.task_files,
         )  # fmt: skip
     return metrics, time.perf_counter() - start
 

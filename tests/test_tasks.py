@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from ptq.eval.tasks import LOCAL_TASKS, TaskError, local_task_config, resolve_tasks, standard_config, task_manager
+from ptq.eval.tasks import (
+    LOCAL_TASKS,
+    TaskError,
+    local_task_config,
+    resolve_tasks,
+    standard_config,
+    task_files,
+    task_manager,
+)
 from tests.conftest import require_assets
 from tests.test_cli import QUICK, ptq_run
 
@@ -64,7 +72,7 @@ def standard_task_on(row: dict, name: str, split: str):
 @pytest.mark.parametrize("name", sorted(HUB_ROWS))
 def test_offline_tasks_give_the_standard_prompts_and_targets(name):
     assets = require_assets("data/piqa", "data/arc", "data/winogrande", "data/boolq")
-    local = build(local_task_config(name, assets / "data"))
+    local = build(local_task_config(name, task_files(name, assets / "data")))
     doc = first_doc(local)
     row = dict(HUB_ROWS[name])
     if name == "boolq":  # the passage is long; it is the file's own text in both
@@ -91,7 +99,7 @@ def test_offline_tasks_give_the_standard_prompts_and_targets(name):
 )
 def test_offline_tasks_have_every_document(name, count):
     assets = require_assets("data")
-    assert LOCAL_TASKS[name].rows(assets / "data").__len__() == count
+    assert len(LOCAL_TASKS[name].rows(task_files(name, assets / "data"))) == count
 
 
 def test_offline_names_and_missing_files(tmp_path):
@@ -102,7 +110,7 @@ def test_offline_names_and_missing_files(tmp_path):
     ]
     with pytest.raises(TaskError, match="'mmlu' has no local data"):
         resolve_tasks(["mmlu"], "local", assets / "data")
-    with pytest.raises(TaskError, match="needs piqa/valid.jsonl.*set eval.task_data"):
+    with pytest.raises(TaskError, match="needs .*/piqa/valid.jsonl.*eval.task_files.piqa=<file> or eval.task_data"):
         resolve_tasks(["piqa"], "local", tmp_path)
 
 
@@ -129,3 +137,19 @@ def test_a_task_run_is_recorded(tmp_path):
     assert tasks["lambada_standard"]["perplexity"] > 1 and "original LAMBADA" in tasks["lambada_standard"]["note"]
     assert set(record["baseline"]["metrics"]["tasks"]) == {"piqa", "lambada_standard"}
     assert "piqa acc" in proc.stdout and "lambada_standard ppl (lm-eval)" in proc.stdout
+
+
+def test_a_local_task_reads_the_file_it_is_given(tmp_path):
+    """eval.task_files: another split in the same schema (here: the first 5 ARC-Easy rows), not renamed."""
+    assets = require_assets("data/arc")
+    standard = task_files("arc_easy", assets / "data")
+    mine = tmp_path / "my-arc-dev.jsonl"
+    mine.write_text("".join(standard[0].read_text().splitlines(keepends=True)[:5]))
+    chosen = {"arc_easy": str(mine)}
+    assert task_files("arc_easy", assets / "data", chosen) == [mine]
+    assert resolve_tasks(["arc_easy"], "local", tmp_path / "nowhere", chosen=chosen) == [("arc_easy", "local")]
+    assert len(LOCAL_TASKS["arc_easy"].rows(task_files("arc_easy", assets / "data", chosen))) == 5
+    with pytest.raises(TaskError, match="the task reads 2, in this order: valid.jsonl, valid-labels.lst"):
+        task_files("piqa", assets / "data", {"piqa": str(mine)})
+    with pytest.raises(TaskError, match="eval.task_files.arc_easy"):
+        resolve_tasks(["arc_easy"], "local", assets / "data", chosen={"arc_easy": str(tmp_path / "missing.jsonl")})

@@ -33,6 +33,16 @@ class TaskError(UserError):
 # Local files -> the Hub datasets' schemas
 
 
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -41,20 +51,19 @@ def _labels(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def piqa_rows(root: Path) -> list[dict]:
+def piqa_rows(files: list[Path]) -> list[dict]:
     """baber/piqa, validation: goal, sol1, sol2, label (int)."""
-    rows = _jsonl(root / "piqa" / "valid.jsonl")
-    labels = _labels(root / "piqa" / "valid-labels.lst")
+    rows, labels = _jsonl(files[0]), _labels(files[1])
     return [
         {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(y)}
         for r, y in zip(rows, labels, strict=True)
     ]
 
 
-def arc_rows(root: Path, subset: str) -> list[dict]:
+def arc_rows(files: list[Path]) -> list[dict]:
     """allenai/ai2_arc ARC-Easy / ARC-Challenge, test: id, question, choices {text, label}, answerKey."""
     out = []
-    for r in _jsonl(root / "arc" / f"{subset}-Test.jsonl"):
+    for r in _jsonl(files[0]):
         choices = r["question"]["choices"]
         out.append(
             {
@@ -67,37 +76,36 @@ def arc_rows(root: Path, subset: str) -> list[dict]:
     return out
 
 
-def winogrande_rows(root: Path) -> list[dict]:
+def winogrande_rows(files: list[Path]) -> list[dict]:
     """allenai/winogrande winogrande_xl, validation (= WinoGrande 1.1 dev): sentence, option1, option2, answer."""
-    rows = _jsonl(root / "winogrande" / "dev.jsonl")
-    labels = _labels(root / "winogrande" / "dev-labels.lst")
+    rows, labels = _jsonl(files[0]), _labels(files[1])
     return [
         {"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"], "answer": y}
         for r, y in zip(rows, labels, strict=True)
     ]
 
 
-def boolq_rows(root: Path) -> list[dict]:
+def boolq_rows(files: list[Path]) -> list[dict]:
     """aps/super_glue boolq, validation: question, passage, idx, label (0 = no, 1 = yes)."""
-    rows = _jsonl(root / "boolq" / "dev.jsonl")
+    rows = _jsonl(files[0])
     return [
         {"question": r["question"], "passage": r["passage"], "idx": i, "label": int(r["answer"])}
         for i, r in enumerate(rows)
     ]
 
 
-def lambada_rows(root: Path) -> list[dict]:
+def lambada_rows(files: list[Path]) -> list[dict]:
     """The original LAMBADA test passages (what lm-eval's lambada_standard reads): text."""
-    lines = (root / "lambada" / "lambada_test_plain_text.txt").read_text(encoding="utf-8").splitlines()
+    lines = files[0].read_text(encoding="utf-8").splitlines()
     return [{"text": line.strip()} for line in lines if line.strip()]
 
 
-def hellaswag_rows(root: Path) -> list[dict]:
+def hellaswag_rows(files: list[Path]) -> list[dict]:
     """HellaSwag validation from the assets' text file (6 lines per item: "activity_label: ctx",
     label, 4 endings), with lm-eval's bracket cleanup applied: query, choices, label."""
     from lm_eval.tasks.hellaswag.utils import preprocess
 
-    with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as f:
+    with bz2.open(files[0], "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     out = []
     for i in range(0, len(lines) - 5, 6):
@@ -106,10 +114,10 @@ def hellaswag_rows(root: Path) -> list[dict]:
     return out
 
 
-def wikitext_rows(root: Path) -> list[dict]:
+def wikitext_rows(files: list[Path]) -> list[dict]:
     """EleutherAI/wikitext_document_level wikitext-2-raw-v1, test: one ``page`` per article,
     rebuilt from the raw rows by starting a page at each top-level heading (" = Title = ")."""
-    rows = [json.loads(line)["text"] for line in (root / "wikitext-2-raw-v1" / "test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)["text"] for line in files[0].read_text().splitlines()]
     pages: list[list[str]] = []
     for i, row in enumerate(rows):
         is_title = row.startswith(" = ") and not row.startswith(" = = ") and row.rstrip().endswith(" =")
@@ -124,18 +132,16 @@ def wikitext_rows(root: Path) -> list[dict]:
 class LocalTask:
     standard: str  # lm-eval's task whose definition (prompts, metrics) is used
     split: str  # the split of that definition that the rows fill
-    rows: Callable[[Path], list[dict]]
-    files: tuple[str, ...]  # relative to the data folder
+    rows: Callable[[list[Path]], list[dict]]  # from the task's files, in the order of ``files``
+    files: tuple[str, ...]  # relative to the data folder; eval.task_files.<task> may name others
     note: str | None = None  # how the local data differs from the standard source, if it does
     drop: tuple[str, ...] = ()  # config keys not to take over from the standard definition
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
     "piqa": LocalTask("piqa", "validation", piqa_rows, ("piqa/valid.jsonl", "piqa/valid-labels.lst")),
-    "arc_easy": LocalTask("arc_easy", "test", lambda r: arc_rows(r, "ARC-Easy"), ("arc/ARC-Easy-Test.jsonl",)),
-    "arc_challenge": LocalTask(
-        "arc_challenge", "test", lambda r: arc_rows(r, "ARC-Challenge"), ("arc/ARC-Challenge-Test.jsonl",)
-    ),
+    "arc_easy": LocalTask("arc_easy", "test", arc_rows, ("arc/ARC-Easy-Test.jsonl",)),
+    "arc_challenge": LocalTask("arc_challenge", "test", arc_rows, ("arc/ARC-Challenge-Test.jsonl",)),
     "winogrande": LocalTask(
         "winogrande", "validation", winogrande_rows, ("winogrande/dev.jsonl", "winogrande/dev-labels.lst")
     ),
@@ -173,6 +179,22 @@ def task_data_dir(assets_root: Path, data_dir: str | None) -> Path:
     return Path(data_dir) if data_dir else assets_root / "data"
 
 
+def task_files(name: str, data_dir: Path, chosen: dict | None = None) -> list[Path]:
+    """The files a local task reads: ``eval.task_files.<task>`` (one path, or a list in the order of the
+    task's ``files``) where given, else the standard names under the data folder."""
+    spec = LOCAL_TASKS[name]
+    given = (chosen or {}).get(name)
+    if given is None:
+        return [data_dir / f for f in spec.files]
+    paths = [Path(p).expanduser() for p in ([given] if isinstance(given, str) else given)]
+    if len(paths) != len(spec.files):
+        raise TaskError(
+            f"eval.task_files.{name} names {len(paths)} file(s); the task reads {len(spec.files)}, in this order: "
+            f"{', '.join(Path(f).name for f in spec.files)}"
+        )
+    return paths
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
@@ -185,14 +207,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_tasks(names: list[str], source: str, data_dir: Path) -> list[tuple[str, str]]:
-    """(task name as it will be recorded, "hub" | "local") for each requested name; checks that
-    local files exist before anything expensive runs."""
-    if source == "auto":
+def included_tasks(include: str | None) -> dict[str, str]:
+    """{task: its YAML file} defined in the user's folder ``eval.task_include`` (lm-eval's include_path)."""
+    if not include:
+        return {}
+    folder = Path(include).expanduser()
+    if not folder.is_dir():
+        raise TaskError(f"eval.task_include={include!r} is not a folder of lm-eval task YAML files")
+    builtin = set(task_manager().task_index)
+    return {name: str(entry.yaml_path) for name, entry in task_manager(str(folder)).task_index.items()
+            if name not in builtin}  # fmt: skip
+
+
+def resolve_tasks(
+    names: list[str], source: str, data_dir: Path, include: str | None = None, chosen: dict | None = None
+) -> list[tuple[str, str]]:
+    """(task name as it will be recorded, "hub" | "local" | "include") for each requested name; checks
+    that local files exist before anything expensive runs. Tasks defined in ``include`` (the user's own
+    YAML files) run as defined there, whatever ``source`` says."""
+    own = included_tasks(include)
+    if include and not own:
+        raise TaskError(f"eval.task_include={include!r} defines no lm-eval task (no YAML file with a 'task:' name)")
+    if source == "auto" and any(name not in own for name in names):
         source = "hub" if hub_reachable() else "local"
         log.info("lm-eval tasks: %s data (eval.task_source=auto)", source)
     resolved = []
     for name in names:
+        if name in own:
+            resolved.append((name, "include"))
+            continue
         if source == "hub":
             resolved.append((name, "hub"))
             continue
@@ -202,11 +245,11 @@ def resolve_tasks(names: list[str], source: str, data_dir: Path) -> list[tuple[s
                 f"eval.tasks: {name!r} has no local data; offline tasks are {', '.join(sorted(LOCAL_TASKS))} "
                 f"(plus the aliases {', '.join(sorted(LOCAL_ALIASES))}); run with the hub reachable for others"
             )
-        missing = [f for f in LOCAL_TASKS[local].files if not (data_dir / f).is_file()]
+        missing = [str(f) for f in task_files(local, data_dir, chosen) if not f.is_file()]
         if missing:
             raise TaskError(
-                f"eval.tasks: {name!r} needs {', '.join(missing)} under {data_dir}; set eval.task_data=<folder> "
-                "(or paths.assets) to where the task files are, or eval.task_source=hub"
+                f"eval.tasks: {name!r} needs {', '.join(missing)}; set eval.task_files.{local}=<file> or "
+                "eval.task_data=<folder> (or paths.assets) to where the task files are, or eval.task_source=hub"
             )
         if local != name:
             log.warning("eval.tasks: %r runs offline as %r (%s)", name, local, LOCAL_TASKS[local].note)
@@ -215,11 +258,12 @@ def resolve_tasks(names: list[str], source: str, data_dir: Path) -> list[tuple[s
 
 
 @functools.cache
-def task_manager():
-    """lm-eval's index of its task definitions (building it scans every YAML: do it once)."""
+def task_manager(include: str | None = None):
+    """lm-eval's index of its task definitions, with the user's folder ``include`` (building it scans
+    every YAML: once per folder)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    return TaskManager(include_path=include)
 
 
 def standard_config(name: str) -> dict:
@@ -229,7 +273,7 @@ def standard_config(name: str) -> dict:
     return load_yaml(task_manager().task_index[name].yaml_path, resolve_func=True)
 
 
-def local_task_config(name: str, data_dir: Path) -> dict:
+def local_task_config(name: str, files: list[Path]) -> dict:
     """lm-eval's own definition of the standard task, reading the local rows instead of the Hub."""
     from datasets import Dataset, DatasetDict
 
@@ -237,7 +281,7 @@ def local_task_config(name: str, data_dir: Path) -> dict:
     config = standard_config(spec.standard)
     for key in ("tag", "group", "dataset_path", "dataset_name", *spec.drop):
         config.pop(key, None)
-    rows = spec.rows(data_dir)
+    rows = spec.rows(files)
 
     def load(**_kwargs):
         return DatasetDict({spec.split: Dataset.from_list(rows)})
@@ -274,6 +318,8 @@ def evaluate_tasks(
     device,
     seed: int = 0,
     max_length: int | None = None,
+    include: str | None = None,
+    chosen: dict | None = None,
 ) -> dict:
     """Score ``model`` (in memory, as it is) on each task of ``resolved`` (from ``resolve_tasks``);
     returns {task: metrics + provenance}."""
@@ -283,7 +329,8 @@ def evaluate_tasks(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
     scores = {}
     for name, where in resolved:
-        spec = local_task_config(name, data_dir) if where == "local" else name
+        files = task_files(name, data_dir, chosen) if where == "local" else []
+        spec = local_task_config(name, files) if where == "local" else name
         start = time.perf_counter()
         try:
             out = simple_evaluate(
@@ -297,7 +344,7 @@ def evaluate_tasks(
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
-                task_manager=task_manager(),
+                task_manager=task_manager(str(Path(include).expanduser()) if include else None),
             )
         except AssertionError as err:  # lm-eval asserts (without a message) when an answer outgrows the context
             raise TaskError(
@@ -308,9 +355,11 @@ def evaluate_tasks(
         seconds = time.perf_counter() - start
         result = out["results"][name]
         entry = _metrics(result)
+        own = included_tasks(include) if where == "include" else {}
         entry.update(
             source=where,
-            data=[str(data_dir / f) for f in LOCAL_TASKS[name].files] if where == "local" else "hub",
+            data=[str(f) for f in files] if where == "local" else own.get(name, "hub"),
+            data_digest=[file_digest(f) for f in files] if where == "local" else None,
             standard_definition=LOCAL_TASKS[name].standard if where == "local" else name,
             note=LOCAL_TASKS[name].note if where == "local" else None,
             samples=out.get("n-samples", {}).get(name, {}).get("effective"),

@@ -1,5 +1,6 @@
 """``python -m ptq.report <result.json files, dirs or globs> [--out DIR]``: a comparison table from run
-records, printed as Markdown and written as Markdown and CSV.
+records, printed as Markdown and written as Markdown and CSV. ``--where-it-hurts``: instead, the
+per-example analysis of runs made with ``eval.per_example=true`` (``ptq.report.hurts``).
 
 Tables in the README are generated with this from committed records, never typed by hand.
 """
@@ -19,10 +20,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--out", help="also write <out>/report.md, <out>/report.csv and the plots (PNG)")
     parser.add_argument("--no-plots", action="store_true", help="with --out: tables only")
+    parser.add_argument(
+        "--where-it-hurts", action="store_true",
+        help="per-example analysis: the windows whose loss rose most, the rise's distribution, by position",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=10, help="with --where-it-hurts: how many windows to list")
     args = parser.parse_args(argv)
     records = find_records(args.paths)
     if not records:
         parser.error(f"no result.json or error.json found in {' '.join(args.paths)}")
+    if args.where_it_hurts:
+        from ptq.report import hurts
+
+        ok = [r for r in records if r.get("status", "ok") == "ok" and r.get("method") != "none"]
+        try:
+            text, results = hurts.markdown(ok, args.top)
+        except hurts.MissingPerExample as err:
+            parser.error(str(err))
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "where_it_hurts.md").write_text(text + "\n")
+            for path in [] if args.no_plots else hurts.plots(results, out):
+                print(f"plot: {path}")
+        return
     text = markdown_table(records)
     print(text)
     if args.out:
