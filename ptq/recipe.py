@@ -46,8 +46,10 @@ class Recipe:
         if unknown:
             raise RecipeError(f"method options for {sorted(unknown)} given, but method={self.method!r}")
         if not steps:
-            if self.activations is not None or self.kv is not None:
-                raise RecipeError("activation and KV-cache quantization need a method (e.g. rtn)")
+            if self.activations is not None:
+                raise RecipeError("activation quantization needs quantized weights: choose a method (e.g. rtn)")
+            if self.kv is not None:
+                raise RecipeError("KV-cache quantization needs a method (e.g. rtn, or quarot bits=16)")
             object.__setattr__(self, "weights", None)
             return
         check_rotation_chain(steps)
@@ -85,8 +87,10 @@ class Recipe:
         if kv_format is not None or kv_bits is not None:
             kv = kv_spec(kv_format or "int", kv_bits)
         if method == FULL_PRECISION:  # weight settings do not apply (sweeps pair none with any); these would
-            if act_format is not None or act_bits is not None or kv is not None:
-                raise RecipeError("activation and KV-cache quantization need a method (e.g. rtn)")
+            if act_format is not None or act_bits is not None:
+                raise RecipeError("activation quantization needs quantized weights: choose a method (e.g. rtn)")
+            if kv is not None:
+                raise RecipeError("KV-cache quantization needs a method (e.g. rtn, or quarot bits=16)")
             return cls(FULL_PRECISION, None, None, dict(options or {}))
         if bits == 16:
             try:

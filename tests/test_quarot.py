@@ -201,7 +201,7 @@ def test_kv_quantization_rounds_each_head_and_token_and_the_cache_agrees():
 
 def test_kv_cache_settings_are_validated():
     assert Recipe.build("rtn", kv_bits=4).kv == ptq.WeightSpec("int", 4, -1, False)
-    with pytest.raises(ValueError, match="need a method"):
+    with pytest.raises(ValueError, match="KV-cache quantization needs a method"):
         Recipe.build("none", kv_bits=4)
     with pytest.raises(ValueError):
         Recipe.build("rtn", kv_bits=1)

@@ -90,8 +90,10 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     plt, fig, axes = _figure(2)
     hist, position = axes[0]
+    every = [r for a in results.values() for r in a["rise"]]
+    bins = torch.linspace(min(every, default=0.0), max(every, default=1.0), 41).tolist()  # shared by all runs
     for (label, name), a in results.items():
-        hist.hist(a["rise"], bins=30, alpha=0.5, label=f"{label} ({name})")
+        hist.hist(a["rise"], bins=bins, alpha=0.5, label=f"{label} ({name})")
         b = a["position_bucket"]
         xs = [(i + 0.5) * b for i in range(len(a["rise_by_position"]))]
         position.plot(xs, a["rise_by_position"], marker=".", label=f"{label} ({name})")
