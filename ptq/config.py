@@ -92,6 +92,7 @@ class RunConfig:
     max_shard_size: str = "5GB"  # the largest safetensors file a saved checkpoint has
     seed: int = 0
     output_dir: str = "runs/latest"
+    overwrite: bool = False  # replace a finished run's result.json in output_dir (refused otherwise)
     assets: str | None = None  # paths.assets
 
     @property

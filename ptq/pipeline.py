@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptq.errors import UserError
 from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
 from ptq.quant.weight import QuantizedWeight
 
@@ -270,7 +271,9 @@ def run_blocks(
     blocks = get_blocks(model)
     needs_calibration = any(step.needs_calibration for step in steps)
     if needs_calibration and calib_ids is None:
-        raise ValueError(f"{'+'.join(s.name for s in steps)} needs calibration data (calib_ids)")
+        raise UserError(
+            f"{'+'.join(s.name for s in steps)} needs calibration data: pass calib=<token ids [nsamples, seqlen]>"
+        )
     if not offload:
         model.to(device)
     store = torch.device("cpu") if offload else device

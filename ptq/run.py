@@ -7,6 +7,7 @@ ptq/pipeline.py.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -45,10 +46,34 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> str | None:
+    """Why this run may not use ``output_dir`` (one sentence), or None: a finished run's record is never
+    replaced unless asked (overwrite=true), and the folder must be writable before any work starts."""
+    if (output_dir / "result.json").is_file() and not overwrite:
+        return (
+            f"output_dir={output_dir} holds a finished run (result.json); choose another output_dir, or set "
+            "overwrite=true to replace it"
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".ptq-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return f"output_dir={output_dir} is not writable ({err.strerror or err}); choose a folder you can write to"
+    return None
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(hydra_cfg: DictConfig) -> None:
     container = OmegaConf.to_container(hydra_cfg, resolve=True)
     output_dir = Path(container.get("output_dir") or ".")
+    refusal = check_output_dir(output_dir, bool(container.get("overwrite")))
+    if refusal:  # nothing is written or removed: the folder is someone's finished run, or not ours to write
+        print(f"error: {refusal}", file=sys.stderr)
+        if _in_multirun():
+            return
+        sys.exit(2)
     try:
         cfg = from_dict(container)
         record = run(cfg)

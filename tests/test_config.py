@@ -43,7 +43,7 @@ def test_paper_profile_is_one_setting_away():
         ("device=cuda:x", "device='cuda:x' is unknown"),
         ("calib.nsamples=0", "calib.nsamples=0 must be at least 1"),
         ("device=tpu", "device='tpu' is unknown"),
-        ("eval.ppl=[wikitext3]", "eval.ppl has unknown data sets"),
+        ("eval.ppl=[wikitext3]", "eval.ppl has an unknown data set 'wikitext3'"),
         ("model.dtype=float8", "model.dtype='float8' is unknown"),
     ],
 )
