@@ -252,10 +252,30 @@ def build_recipe(d: dict, method: str, options: dict) -> Recipe:
         raise ConfigError(str(err)) from None
 
 
+MISSING = "???"  # Hydra's mark of a value a preset leaves to the user
+MISSING_HINTS = {
+    "model.path": "model=custom needs model.path=<folder with config.json and weights>",
+    "calib.path": "calib=file needs calib.path=<.txt file, or .jsonl file with a 'text' field>",
+}
+
+
+def missing_settings(d: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            found += missing_settings(value, f"{prefix}{key}.")
+        elif value == MISSING:
+            found.append(f"{prefix}{key}")
+    return found
+
+
 def from_dict(d: dict) -> RunConfig:
     """Build a RunConfig from Hydra's resolved config (a plain dict) and validate it."""
     d = dict(d)
     d.pop("hydra", None)
+    missing = missing_settings(d)
+    if missing:
+        raise ConfigError(f"{missing[0]} is not set: {MISSING_HINTS.get(missing[0], f'set {missing[0]}=<value>')}")
     method = dict(d.pop("method", {}) or {})
     name = method.pop("name", None)
     if not name:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -103,3 +105,13 @@ def test_unknown_calibration_set_lists_the_valid_ones():
     d["calib"]["name"] = "books"
     with pytest.raises(ConfigError, match="calib='books' is unknown.*wikitext2"):
         from_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [("model=custom", "model.path is not set: model=custom needs model.path=<folder"),
+     ("calib=file", "calib.path is not set: calib=file needs calib.path=")],
+)  # fmt: skip
+def test_a_setting_a_preset_leaves_open_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(composed(overrides))

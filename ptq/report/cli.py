@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ptq.report.hurts import MissingPerExample, where_it_hurts, where_it_hurts_plots
 from ptq.report.plots import write_plots
 from ptq.report.records import find_records
 from ptq.report.table import markdown_table, write_csv
@@ -30,19 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     if not records:
         parser.error(f"no result.json or error.json found in {' '.join(args.paths)}")
     if args.where_it_hurts:
-        from ptq.report import hurts
-
         ok = [r for r in records if r.get("status", "ok") == "ok" and r.get("method") != "none"]
         try:
-            text, results = hurts.markdown(ok, args.top)
-        except hurts.MissingPerExample as err:
+            text, results = where_it_hurts(ok, args.top)
+        except MissingPerExample as err:
             parser.error(str(err))
         print(text)
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "where_it_hurts.md").write_text(text + "\n")
-            for path in [] if args.no_plots else hurts.plots(results, out):
+            for path in [] if args.no_plots else where_it_hurts_plots(results, out):
                 print(f"plot: {path}")
         return
     text = markdown_table(records)

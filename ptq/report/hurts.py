@@ -56,7 +56,7 @@ def analysis(quantized: dict, full: dict, top: int) -> dict:
     }
 
 
-def markdown(records: list[dict], top: int) -> tuple[str, dict]:
+def where_it_hurts(records: list[dict], top: int) -> tuple[str, dict]:
     lines, results = [], {}
     for record in records:
         label = run_label(record)
@@ -85,7 +85,7 @@ def markdown(records: list[dict], top: int) -> tuple[str, dict]:
     return "\n".join(lines), results
 
 
-def plots(results: dict, out: Path) -> list[Path]:
+def where_it_hurts_plots(results: dict, out: Path) -> list[Path]:
     from ptq.report.plots import _figure, _save
 
     plt, fig, axes = _figure(2)
