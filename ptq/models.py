@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,12 @@ def check_source(source: ModelSource) -> None:
             raise ModelLoadError("loading a GGUF file needs the 'gguf' package: pip install gguf")
         if source.origin != "hub" and not (Path(source.path) / source.gguf_file).is_file():
             raise ModelLoadError(f"model.gguf_file={source.gguf_file!r} is not in {source.path}")
+    if source.origin == "local" and Path(source.path).is_file() and source.path.endswith(".gguf"):
+        folder, name = Path(source.path).parent, Path(source.path).name
+        raise ModelLoadError(
+            f"model.path={source.path!r} is a GGUF file: give its folder and the file apart, "
+            f"model.path={folder} model.gguf_file={name}"
+        )
     if source.origin == "local" and not (Path(source.path) / "config.json").is_file() and not source.gguf_file:
         raise ModelLoadError(f"model.path={source.path!r} has no config.json (not a Hugging Face model folder)")
     looks_local = source.path.startswith(("/", ".", "~")) or os.sep + os.sep in source.path
@@ -326,6 +333,16 @@ def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
         if source.origin == "hub":
             raise ModelLoadError(f"{_hub_hint(source.path)}. ({err.__class__.__name__}: {err})") from err
         raise ModelLoadError(f"could not load the {what} from {source.path}: {err}") from err
+    except Exception as err:
+        corrupt_gguf = source.gguf_file and isinstance(err, (ValueError, KeyError, IndexError, struct.error))
+        if type(err).__name__ != "SafetensorError" and not corrupt_gguf:
+            raise
+        # A weight file that cannot be parsed (cut short by a failed download or copy, or not what it claims).
+        where = f"{source.path}/{source.gguf_file}" if source.gguf_file else source.path
+        raise ModelLoadError(
+            f"could not read the {what} from {where} ({err.__class__.__name__}: {str(err)[:200]}): the file is "
+            "incomplete or corrupt; copy or download it again"
+        ) from err
 
 
 def load_config(source: ModelSource):

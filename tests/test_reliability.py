@@ -43,3 +43,27 @@ def test_a_finished_run_is_never_replaced_unless_asked(tmp_path):
     assert proc.returncode == 0 and (out / "result.json").read_text() != finished
     proc = ptq_run(*QUICK, "method=rtn", "output_dir=/proc/ptq-cannot-write-here", cwd=tmp_path)
     assert proc.returncode == 2 and "is not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_broken_model_files_are_one_sentence(tmp_path):
+    from tests.conftest import require_assets
+    from tests.test_cli import ptq_run
+
+    assets = require_assets("models/stories260K", "models/smollm2-135m-instruct")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in (assets / "models" / "stories260K").iterdir():
+        data = f.read_bytes()
+        (cut / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    gguf = next((assets / "models" / "smollm2-135m-instruct").glob("*.gguf"))
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(gguf.read_bytes()[:200_000])
+    cases = {
+        "safetensors": ([f"model.path={cut}"], "incomplete or corrupt"),
+        "gguf": ([f"model.path={tmp_path}/g", "model.gguf_file=m.gguf"], "incomplete or corrupt"),
+        "gguf-as-path": ([f"model.path={gguf}"], f"model.path={gguf.parent} model.gguf_file={gguf.name}"),
+    }
+    for name, (args, message) in cases.items():
+        proc = ptq_run("model=custom", *args, "method=rtn", f"output_dir={tmp_path}/{name}", cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert not (tmp_path / name / "result.json").exists()
