@@ -237,6 +237,30 @@ class BlockContext:
                 handle.remove()
 
 
+class NonFiniteError(UserError):
+    """Infinities or NaNs in a weight or an activation: named by block and layer, before anything is kept."""
+
+
+def check_finite_weights(linears: dict[str, nn.Module], prefix: str) -> None:
+    for name, linear in linears.items():
+        weight = get_weight(linear)
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
+            raise NonFiniteError(
+                f"{prefix}.{name}.weight holds {bad} non-finite values (inf/NaN) before quantization: the checkpoint "
+                "is corrupt or overflowed when it was converted; check the model files (or model.dtype)"
+            )
+
+
+def check_finite_activations(chunks: list[torch.Tensor], where: str) -> None:
+    for chunk in chunks:
+        if not torch.isfinite(chunk).all():
+            raise NonFiniteError(
+                f"{where} produced non-finite activations (inf/NaN) on the calibration data: in fp16 this is often "
+                "an overflow; try model.dtype=bfloat16 or float32"
+            )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -287,6 +311,7 @@ def run_blocks(
     if needs_calibration:
         start = time.perf_counter()
         inputs = capture_block_inputs(model, calib_ids, device, batch_size, store)
+        check_finite_activations(inputs.chunks, "the embeddings")
         _sync(device)
         report["capture_s"] = time.perf_counter() - start
         if device.type == "cuda":
@@ -300,11 +325,13 @@ def run_blocks(
         home = next(block.parameters()).device
         block.to(device)
         ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
+        prefix = module_names[id(block)]
+        check_finite_weights(ctx.linears, prefix)
         for step in steps:
             step.quantize_block(ctx)
         if inputs is not None and index + 1 < len(blocks):
             inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
-        prefix = module_names[id(block)]
+            check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
         if on_quantized is not None:
             for name, qweight in ctx.quantized.items():
                 on_quantized(f"{prefix}.{name}", qweight)

@@ -67,3 +67,16 @@ def test_broken_model_files_are_one_sentence(tmp_path):
         proc = ptq_run("model=custom", *args, "method=rtn", f"output_dir={tmp_path}/{name}", cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
         assert not (tmp_path / name / "result.json").exists()
+
+
+def test_non_finite_weights_and_activations_are_named_by_block_and_layer():
+    from ptq.pipeline import NonFiniteError
+
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.data[3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 1 non-finite"):
+        ptq.quantize(model, method="rtn", device="cpu")
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.register_forward_hook(lambda _m, _i, out: out * float("inf"))  # an overflow
+    with pytest.raises(NonFiniteError, match=r"block 0 \(model\.layers\.0\) produced non-finite activations"):
+        ptq.quantize(model, method="gptq", calib=CALIB, device="cpu")
