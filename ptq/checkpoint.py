@@ -137,8 +137,7 @@ def load_quantized(path: str, dtype: torch.dtype) -> nn.Module:
         raise PackError(f"{path}: only GPTQ-format checkpoints with bits in {PACKED_BITS} load in ptq; got {qc}")
     spec = WeightSpec("int", qc["bits"], qc["group_size"], qc.get("sym", False))
     del config.quantization_config
-    shards = ShardedCheckpoint(path)
-    state = {key: shards.read(key) for key in shards.weight_map}
+    state = ShardedCheckpoint(path).read_all()
     model = skeleton(config, dtype)
     for name in sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")}):
         old = get_submodule(model, name)

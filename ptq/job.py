@@ -235,13 +235,14 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
     return report
 
 
-def save(cfg: RunConfig, loaded: Loaded, tokenizer, out: Path) -> dict:
+def save(cfg: RunConfig, loaded: Loaded, tokenizer) -> dict:
     """Finish the checkpoint whose blocks were written as they were quantized."""
     files = loaded.store.save(loaded.model, tokenizer)
-    saved = {"dir": str(out / "model"), "format": cfg.save_format, "files": files, "bytes": sum(files.values())}
+    folder = loaded.store.folder.out
+    saved = {"dir": str(folder), "format": cfg.save_format, "files": files, "bytes": sum(files.values())}
     if cfg.save_format == "compressed-tensors":  # a prediction from vLLM 0.33's rules (ptq/storage/vllm.py)
         saved["vllm_scheme"] = vllm_scheme(loaded.store.config)
-    log.info("saved the quantized model to %s (%.1f MiB)", out / "model", saved["bytes"] / 2**20)
+    log.info("saved the quantized model to %s (%.1f MiB)", folder, saved["bytes"] / 2**20)
     return saved
 
 
@@ -277,7 +278,7 @@ def quantize_evaluate_save(
     saved = None
     if loaded.store is not None:
         t = time.perf_counter()
-        saved = save(cfg, loaded, plan.tokenizer, Path(cfg.output_dir))
+        saved = save(cfg, loaded, plan.tokenizer)
         timings["save_s"] = time.perf_counter() - t
     return Outcome(metrics, baseline, report, saved)
 

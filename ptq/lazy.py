@@ -44,6 +44,16 @@ class ShardedCheckpoint:
                 self.weight_map = dict.fromkeys(f.keys(), SINGLE)
         self.bytes_read = 0
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor, each shard opened once (loading a whole quantized checkpoint)."""
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(set(self.weight_map.values())):
+            state |= load_file(str(self.folder / file))
+        self.bytes_read += sum(t.numel() * t.element_size() for t in state.values())
+        return state
+
     def read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 

@@ -254,6 +254,11 @@ def set_weight(linear: nn.Module, weight: torch.Tensor) -> None:
     target.copy_(weight.t() if type(linear).__name__ == "Conv1D" else weight)
 
 
+def head_dim_of(config) -> int:
+    """Features per attention head (configs state it, or it is hidden_size / num_attention_heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def max_context_of(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)

@@ -253,12 +253,11 @@ def check_finite_weights(linears: dict[str, nn.Module], prefix: str) -> None:
 
 
 def check_finite_activations(chunks: list[torch.Tensor], where: str) -> None:
-    for chunk in chunks:
-        if not torch.isfinite(chunk).all():
-            raise NonFiniteError(
-                f"{where} produced non-finite activations (inf/NaN) on the calibration data: in fp16 this is often "
-                "an overflow; try model.dtype=bfloat16 or float32"
-            )
+    if chunks and not torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all():  # one sync
+        raise NonFiniteError(
+            f"{where} produced non-finite activations (inf/NaN) on the calibration data: in fp16 this is often "
+            "an overflow; try model.dtype=bfloat16 or float32"
+        )
 
 
 def _sync(device: torch.device) -> None:

@@ -5,9 +5,8 @@
 #   bash scripts/formats_grid.sh OUT_DIR [extra settings, e.g. device=cuda model.path=...]
 # Sweeps run in parallel (JOBS at a time, default 1); each writes one record per job under OUT_DIR.
 set -euo pipefail
+source "$(dirname "$0")/sweeps.sh"
 out=$1; shift
-mkdir -p "$out"
-PY=${PYTHON:-python}
 common=(model=smollm2-135m-instruct model.dtype=float32 calib.nsamples=128 calib.seqlen=512 eval.max_windows=24 "$@")
 sweeps=(
   "method=none"
@@ -21,11 +20,4 @@ sweeps=(
   "method=rtn,gptq scheme=nvfp4,mxfp4"
   "method=rtn,gptq format=int bits=4 group_size=-1 sym=true act_format=int act_bits=4"
 )
-i=0
-for sweep in "${sweeps[@]}"; do
-  # shellcheck disable=SC2086
-  $PY -m ptq.run -m $sweep "${common[@]}" "hydra.sweep.dir=$out/sweep$i" > "$out/sweep$i.log" 2>&1 &
-  i=$((i + 1))
-  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do wait -n || true; done
-done
-wait
+run_sweeps "$out"

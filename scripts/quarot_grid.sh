@@ -6,9 +6,8 @@
 # Sweeps run JOBS at a time (default 1); each writes one record per job under OUT_DIR; then
 #   python -m ptq.report OUT_DIR --out OUT_DIR
 set -euo pipefail
+source "$(dirname "$0")/sweeps.sh"
 out=$1; shift
-mkdir -p "$out"
-PY=${PYTHON:-python}
 common=(model=smollm2-135m-instruct model.dtype=float32 calib.nsamples=128 calib.seqlen=512 eval.max_windows=24 "$@")
 sweeps=(
   "method=none"
@@ -20,11 +19,4 @@ sweeps=(
   "method=gptq scheme=w4a4,nvfp4,mxfp4"
   "method=rtn,quarot,quarot+gptq scheme=w4a4kv4"
 )
-i=0
-for sweep in "${sweeps[@]}"; do
-  # shellcheck disable=SC2086
-  $PY -m ptq.run -m $sweep "${common[@]}" "hydra.sweep.dir=$out/sweep$i" > "$out/sweep$i.log" 2>&1 &
-  i=$((i + 1))
-  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do wait -n || true; done
-done
-wait
+run_sweeps "$out"

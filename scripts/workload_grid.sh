@@ -5,10 +5,9 @@
 #   bash scripts/workload_grid.sh OUT_DIR [extra settings, e.g. device=cuda paths.assets=...]
 # then: python -m ptq.report OUT_DIR --out OUT_DIR; python -m ptq.report --where-it-hurts OUT_DIR --out OUT_DIR
 set -euo pipefail
+source "$(dirname "$0")/sweeps.sh"
 out=$1; shift
-mkdir -p "$out"
-PY=${PYTHON:-python}
 common=(model=smollm2-135m-instruct model.dtype=float32 calib.nsamples=128 calib.seqlen=512 eval.max_windows=24
         "eval.ppl=[wikitext2,ptb]" eval.per_example=true "$@")
-$PY -m ptq.run -m method=gptq,awq bits=4 "${common[@]}" "hydra.sweep.dir=$out/sweep0" > "$out/sweep0.log" 2>&1
-$PY -m ptq.run -m method=gptq bits=3 "${common[@]}" "hydra.sweep.dir=$out/sweep1" > "$out/sweep1.log" 2>&1
+sweeps=("method=gptq,awq bits=4" "method=gptq bits=3")
+run_sweeps "$out"

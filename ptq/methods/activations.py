@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ptq.errors import UserError
 from ptq.methods.base import Method
-from ptq.models import arch_for, get_submodule
+from ptq.models import arch_for, get_submodule, head_dim_of
 from ptq.pipeline import BlockContext
 from ptq.quant.activations import InputQuantizer, attach_input_quantizer
 from ptq.quant.hadamard import Rotation
@@ -56,14 +57,14 @@ class QuantizeKV(Method):
     def prepare(self, config) -> None:
         arch = arch_for(config.model_type)
         if arch.attention is None:
-            raise ValueError(
+            raise UserError(
                 f"kv_bits: KV-cache quantization needs the attention module of {config.model_type!r} in ptq's "
                 "architecture table (Arch.attention in ptq/models.py); it supports the Llama family"
             )
         self.attention = arch.attention
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_dim_of(config)
         if self.kv.group_size > 0 and head_dim % self.kv.group_size:
-            raise ValueError(
+            raise UserError(
                 f"kv_format={self.kv.format}: blocks of {self.kv.group_size} do not tile head_dim={head_dim}"
             )
         self.rotation = Rotation.build(head_dim) if self.rotate else None

@@ -25,17 +25,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptq.errors import UserError
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
-from ptq.models import ResidualStream, arch_for, get_submodule, get_weight, set_weight
+from ptq.models import ResidualStream, arch_for, get_submodule, get_weight, head_dim_of, set_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import WeightSpec
 from ptq.quant.activations import attach_input_rotation
 from ptq.quant.hadamard import Rotation
 
 
-class RotationError(ValueError):
-    pass
+class RotationError(UserError):
+    """The model cannot be rotated; the message names what can."""
 
 
 def _rotate_input_side(linear: nn.Module, rotation: Rotation, scale: torch.Tensor | None = None) -> None:
@@ -80,9 +81,8 @@ class QuaRot(Method):
                 "mistral, qwen2, qwen3)"
             )
         self.stream = arch.residual
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.residual = Rotation.build(config.hidden_size, seed=self.seed)  # random Hadamard (Sec. 4.1)
-        self.heads = Rotation.build(head_dim)
+        self.heads = Rotation.build(head_dim_of(config))
         self.mlp = Rotation.build(config.intermediate_size)
 
     @torch.no_grad()

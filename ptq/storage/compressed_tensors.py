@@ -234,7 +234,7 @@ def tensors_for(
     if fmt in (PACK_QUANTIZED, INT_QUANTIZED):
         tensors = int_tensors(qw, fmt == PACK_QUANTIZED, dtype)
     elif fmt in (FLOAT_QUANTIZED, NAIVE_QUANTIZED):
-        tensors = {"weight": qw.qweight, "weight_scale": scale_and_zero(qw)[0].to(dtype)}
+        tensors = {"weight": qw.qweight, "weight_scale": stored_scale(qw).to(dtype)}
     elif fmt == NVFP4_PACK_QUANTIZED:
         # The E4M3 block scales times the global scale g, which is stored as g itself: compressed-tensors
         # dequantizes with weight_scale / weight_global_scale (quantization/lifecycle/forward_helpers.py).
@@ -407,8 +407,7 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
     weights, act = specs_from_config(qc)
     fmt = qc.get("format") or next(iter(qc["config_groups"].values())).get("format")
     del config.quantization_config
-    shards = ShardedCheckpoint(path)
-    state = {key: shards.read(key) for key in shards.weight_map}
+    state = ShardedCheckpoint(path).read_all()
     quantized = {key.rpartition(".")[0] for key in state if key.endswith(".weight_scale")}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key in list(state):

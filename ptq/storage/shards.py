@@ -140,7 +140,7 @@ class BlockwiseStore:
         raise NotImplementedError
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
-        self.pending[name] = {key: own_storage(t) for key, t in self.linear_tensors(name, qw).items()}
+        self.pending[name] = self.linear_tensors(name, qw)  # copied to the CPU when written (``ShardedFolder.add``)
         self.quantized.append(name)
 
     def block_done(self, prefix: str, block: nn.Module) -> None:
