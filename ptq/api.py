@@ -50,6 +50,7 @@ def run_steps(
     on_quantized=None,
     lazy=None,
     on_block_done=None,
+    progress=None,
 ) -> dict:
     """Run prepared steps (``prepare_steps``) through the block pipeline; returns its report with
     the stored size of the result (``storage``)."""
@@ -62,7 +63,9 @@ def run_steps(
         if on_quantized is not None:
             on_quantized(name, qweight)
 
-    report = run_blocks(model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done)
+    report = run_blocks(
+        model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done, progress
+    )
     report["storage"] = storage.summary(model)
     return report
 

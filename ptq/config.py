@@ -93,6 +93,8 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/latest"
     overwrite: bool = False  # replace a finished run's result.json in output_dir (refused otherwise)
+    resume: bool = False  # continue the interrupted run in output_dir from its last finished block
+    progress: bool = True  # save each finished block to output_dir/progress/ (what resume continues from)
     assets: str | None = None  # paths.assets
 
     @property
@@ -124,8 +126,11 @@ def _require_int(name: str, value, minimum: int | None = None) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     if cfg.experiment is not None:
         check_experiment(cfg.experiment)
-    if not isinstance(cfg.save, bool):
-        raise ConfigError(f"save={cfg.save!r} must be true or false")
+    for name in ("save", "offload", "overwrite", "resume", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} must be true or false")
+    if cfg.resume and not cfg.progress:
+        raise ConfigError("resume=true continues from the blocks a run saves with progress=true: drop progress=false")
     if cfg.save and cfg.recipe.weights is None:
         raise ConfigError("save=true needs a quantized model: choose a method and bits below 16")
     if cfg.save and cfg.recipe.kv is not None:

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
 from ptq.results import environment, write_json
 from ptq.storage import compressed_tensors
+from ptq.storage.progress import Progress
 from ptq.storage.vllm import vllm_scheme
 
 log = logging.getLogger("ptq")
@@ -216,7 +219,9 @@ def full_precision_scores(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loade
     return batch.cache.json("fp_metrics", loaded.fp_deps, score)
 
 
-def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device) -> dict:
+def quantize(
+    cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device, progress: Progress | None = None
+) -> dict:
     report = run_steps(
         loaded.model,
         plan.steps,
@@ -227,7 +232,10 @@ def quantize(cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: to
         on_quantized=loaded.store.add if loaded.store else None,
         lazy=loaded.lazy,
         on_block_done=loaded.store.block_done if loaded.store else None,
+        progress=progress,
     )
+    if progress is not None:
+        report["resumed_from_block"] = progress.done or None
     if plan.loaded_checkpoint == "gptq":
         report["storage"] = checkpoint.loaded_storage(loaded.model)
     elif plan.loaded_checkpoint == "compressed-tensors":
@@ -255,7 +263,13 @@ class Outcome:
 
 
 def quantize_evaluate_save(
-    cfg: RunConfig, plan: Plan, batch: Data, loaded: Loaded, device: torch.device, timings: dict
+    cfg: RunConfig,
+    plan: Plan,
+    batch: Data,
+    loaded: Loaded,
+    device: torch.device,
+    timings: dict,
+    progress: Progress | None = None,
 ) -> Outcome:
     """The heavy part of a run: baseline scores, quantization (writing the checkpoint's blocks as they
     finish when saving), evaluation, and the rest of the checkpoint."""
@@ -266,7 +280,7 @@ def quantize_evaluate_save(
         timings["baseline_eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = quantize(cfg, plan, batch, loaded, device)
+    report = quantize(cfg, plan, batch, loaded, device, progress)
     timings["quantize_s"] = time.perf_counter() - t
 
     if cfg.full_precision and not plan.loaded_checkpoint:
@@ -296,6 +310,7 @@ def run(cfg: RunConfig) -> dict:
     timings = {}
 
     plan = check(cfg)
+    progress = start_progress(cfg, plan)
     t = time.perf_counter()
     batch = load_data(cfg, plan)
     timings["data_s"] = time.perf_counter() - t
@@ -306,7 +321,7 @@ def run(cfg: RunConfig) -> dict:
     log.info("loaded %s from %s (%s) in %.1f s", cfg.model.name or plan.source.path, plan.source.path,
              plan.source.origin, timings["load_s"])  # fmt: skip
     try:
-        outcome = quantize_evaluate_save(cfg, plan, batch, loaded, device, timings)
+        outcome = quantize_evaluate_save(cfg, plan, batch, loaded, device, timings, progress)
     except BaseException:
         if loaded.store is not None:
             loaded.store.discard()  # the blocks written so far: no half-written checkpoint is left
@@ -316,4 +331,28 @@ def run(cfg: RunConfig) -> dict:
     result = record.assemble(cfg, plan, batch, loaded, device, outcome.metrics, outcome.baseline, outcome.report,
                              timings, outcome.saved)  # fmt: skip
     write_json(out / "result.json", result)
+    if progress is not None:
+        progress.discard()  # the run is finished: its record and checkpoint are what stays
     return result
+
+
+# What decides a run's quantized weights: a run resumes only when these are the interrupted run's.
+RESUME_SETTINGS_IGNORED = ("eval", "cache", "output_dir", "overwrite", "resume", "progress", "save", "save_format",
+                           "max_shard_size", "experiment", "assets")  # fmt: skip
+
+
+def start_progress(cfg: RunConfig, plan: Plan) -> Progress | None:
+    """The run folder's record of finished blocks (None when nothing is quantized or progress=false);
+    with resume=true, the blocks an interrupted run left there with the same settings are kept."""
+    out = Path(cfg.output_dir)
+    for stale in out.glob(".model.*.partial"):  # a killed run's unfinished checkpoint: its blocks are rewritten
+        shutil.rmtree(stale, ignore_errors=True)
+    if not cfg.progress or not plan.steps or plan.loaded_checkpoint:
+        shutil.rmtree(out / "progress", ignore_errors=True)
+        return None
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_SETTINGS_IGNORED}
+    progress = Progress(out, json.loads(json.dumps(settings, default=str)))
+    restored = progress.start(cfg.resume)
+    if cfg.resume:
+        log.info("resume=true: %d finished block(s) in %s", restored, progress.folder)
+    return progress

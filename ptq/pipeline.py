@@ -276,6 +276,7 @@ def run_blocks(
     on_quantized=None,
     lazy=None,
     on_block_done=None,
+    progress=None,
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order (steps
     already prepared for this model: ``ptq.api.prepare_steps``).
@@ -286,7 +287,10 @@ def run_blocks(
     once its block is done (storage accounting, packing for saving), then ``on_block_done(prefix, block)``
     with the finished block (a checkpoint writes it there and then). ``lazy`` (``ptq.lazy.LazyModel``,
     with ``offload``): blocks start on the meta device, are read from the checkpoint just before they
-    are quantized and keep only packed integer weights afterwards.
+    are quantized and keep only packed integer weights afterwards. ``progress``
+    (``ptq.storage.progress.Progress``): each finished block is saved there, and its first ``done``
+    blocks are restored from it instead of quantized again (resume); they still run forward, which
+    recomputes the calibration inputs of the next block.
     """
     if lazy is not None and not offload:
         raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
@@ -325,9 +329,18 @@ def run_blocks(
         block.to(device)
         ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
         prefix = module_names[id(block)]
-        check_finite_weights(ctx.linears, prefix)
-        for step in steps:
-            step.quantize_block(ctx)
+        restored = progress is not None and index < progress.done
+        if restored:
+            quantized, entry = progress.restore_block(index, block, device)
+            ctx.stats = entry["layers"]
+            for name, qweight in quantized.items():
+                ctx.set_quantized(name, qweight)
+            for step in steps:
+                step.restore_block(ctx)
+        else:
+            check_finite_weights(ctx.linears, prefix)
+            for step in steps:
+                step.quantize_block(ctx)
         if inputs is not None and index + 1 < len(blocks):
             inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
             check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
@@ -336,12 +349,21 @@ def run_blocks(
                 on_quantized(f"{prefix}.{name}", qweight)
         if on_block_done is not None:
             on_block_done(prefix, block)
+        if progress is not None and not restored:
+            _sync(device)
+            entry = {"index": index, "seconds": time.perf_counter() - start, "timings": ctx.timings,
+                     "peak_gpu_bytes": ctx.peak_gpu_bytes, "layers": ctx.stats}  # fmt: skip
+            progress.save_block(index, block, ctx.quantized, entry)
         if lazy is not None:
             lazy.pack_block(block, ctx.quantized)
         if offload:
             block.to(home)
         _sync(device)
         seconds = time.perf_counter() - start
+        if restored:
+            report["blocks"].append({**entry, "restored_s": seconds})
+            log.info("block %d/%d restored from %s in %.2f s", index + 1, len(blocks), progress.folder, seconds)
+            continue
         report["blocks"].append(
             {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
              "layers": ctx.stats}

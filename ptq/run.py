@@ -20,6 +20,7 @@ from ptq.errors import UserError
 from ptq.job import run
 from ptq.report import console_table
 from ptq.results import write_json
+from ptq.storage.progress import Progress
 
 log = logging.getLogger("ptq")
 
@@ -46,13 +47,20 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> str | None:
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | None:
     """Why this run may not use ``output_dir`` (one sentence), or None: a finished run's record is never
-    replaced unless asked (overwrite=true), and the folder must be writable before any work starts."""
+    replaced, nor an interrupted run's finished blocks, unless asked (overwrite=true, resume=true), and the
+    folder must be writable before any work starts."""
     if (output_dir / "result.json").is_file() and not overwrite:
         return (
             f"output_dir={output_dir} holds a finished run (result.json); choose another output_dir, or set "
-            "overwrite=true to replace it"
+            "overwrite=true to replace it (resume=true continues only an interrupted run)"
+        )
+    saved = Progress.blocks_saved(output_dir)
+    if saved is not None and not (overwrite or resume):
+        return (
+            f"output_dir={output_dir} holds an interrupted run ({saved} finished block(s) in progress/); set "
+            "resume=true to continue it, or overwrite=true to start over"
         )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +76,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> str | None:
 def main(hydra_cfg: DictConfig) -> None:
     container = OmegaConf.to_container(hydra_cfg, resolve=True)
     output_dir = Path(container.get("output_dir") or ".")
-    refusal = check_output_dir(output_dir, bool(container.get("overwrite")))
+    refusal = check_output_dir(output_dir, bool(container.get("overwrite")), bool(container.get("resume")))
     if refusal:  # nothing is written or removed: the folder is someone's finished run, or not ours to write
         print(f"error: {refusal}", file=sys.stderr)
         if _in_multirun():

@@ -43,6 +43,12 @@ class QuantizeActivations(Method):
             if name in scales:
                 ctx.stats.setdefault(name, {})["act_scale"] = scales[name].item()
 
+    def restore_block(self, ctx: BlockContext) -> None:
+        for name, linear in ctx.linears.items():
+            scale = ctx.stats.get(name, {}).get("act_scale") if self.act.calibrated else None
+            scale = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=ctx.device)
+            attach_input_quantizer(linear, InputQuantizer(self.act, scale))
+
 
 class QuantizeKV(Method):
     """Fake-quantize keys (after RoPE) and values per head and token wherever attention reads them
@@ -76,3 +82,5 @@ class QuantizeKV(Method):
 
     def quantize_block(self, ctx: BlockContext) -> None:
         attach_kv_quantizer(get_submodule(ctx.block, self.attention), KVQuantizer(self.kv, self.rotation))
+
+    restore_block = quantize_block  # the quantizer holds no calibrated state

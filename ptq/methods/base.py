@@ -35,3 +35,7 @@ class Method:
 
     def quantize_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError
+
+    def restore_block(self, ctx: BlockContext) -> None:
+        """A resumed run: the block's tensors and report (``ctx.stats``) are back as this step left them;
+        reinstall what is not a tensor of the block (run-time quantizers, online rotations)."""

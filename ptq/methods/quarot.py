@@ -127,3 +127,6 @@ class QuaRot(Method):
         attach_input_rotation(down, self.mlp)
         if self.round_weights and self.spec is not None:
             round_linears(ctx, self.spec)
+
+    def restore_block(self, ctx: BlockContext) -> None:
+        attach_input_rotation(get_submodule(ctx.block, self.stream.mlp_out), self.mlp)
