@@ -11,7 +11,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
+	@echo "installing the pinned dependencies into $(VENV) (a few minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar off -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -7,6 +7,7 @@ neither local nor reachable is an error that says how to point at a local file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ptq import hub as ptq_hub
 from ptq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -121,16 +123,17 @@ def _read_local_rows(path: Path, field: str = "text") -> list[str]:
     return [text]
 
 
-def _read_hub_rows(name: str, hub: HubText) -> list[str]:
-    try:
-        import datasets
+def _read_hub_rows(name: str, hub: HubText, setting: str, alternatives: str) -> list[str]:
+    import datasets
 
-        ds = datasets.load_dataset(hub.path, hub.name, split=hub.split, data_files=hub.data_files)
+    try:
+        with contextlib.nullcontext() if ptq_hub.reachable() else ptq_hub.offline():
+            ds = datasets.load_dataset(hub.path, hub.name, split=hub.split, data_files=hub.data_files)
     except Exception as err:  # datasets raises many types for "offline" / "not found"
+        reached = "the hub could not give" if ptq_hub.reachable() else "the hub cannot be reached, nor its cache give"
         raise DataError(
-            f"data set {name!r} is not in the assets folder and the hub could not give "
-            f"{hub.path}/{hub.name or ''}:{hub.split} ({err.__class__.__name__}: {str(err)[:200]}). "
-            "Offline, set paths.assets (or PTQ_ASSETS) to the assets folder, or calib.path=<.txt|.jsonl file>"
+            f"{setting}: data set {name!r} has no local copy and {reached} {hub.path}/{hub.name or ''}:{hub.split} "
+            f"({err.__class__.__name__}: {str(err)[:160]}). Offline, use {alternatives}"
         ) from err
     if hub.max_rows is not None:
         ds = ds.select(range(min(hub.max_rows, len(ds))))
@@ -148,16 +151,22 @@ class Text:
         return self.join.join(self.rows)
 
 
-def load_text(name: str, sets: dict[str, TextSet], assets_root: Path) -> Text:
+def load_text(name: str, sets: dict[str, TextSet], assets_root: Path, setting: str) -> Text:
     if name not in sets:
-        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(sets))}")
+        raise DataError(f"{setting}: unknown data set {name!r}; choose one of: {', '.join(sorted(sets))}")
     spec = sets[name]
     if spec.local and (assets_root / spec.local).is_file():
         path = assets_root / spec.local
         return Text(_read_local_rows(path), str(path), spec.join)
+    local = [n for n, s in sets.items() if s.local and (assets_root / s.local).is_file()]
+    if setting == "calib":
+        alternatives = " or ".join([f"calib={n}" for n in local] + ["calib=file calib.path=<file>"])
+    else:
+        alternatives = " or ".join([f"eval.ppl=[{n}]" for n in local] + ["eval.ppl=[file:<path>]"])
+    alternatives += f" (sets with a local copy are read from paths.assets={assets_root})"
     if spec.hub is None:
-        raise DataError(f"data set {name!r} has no local copy under {assets_root} and no hub source")
-    rows = _read_hub_rows(name, spec.hub)
+        raise DataError(f"{setting}: data set {name!r} has no local copy under {assets_root}; use {alternatives}")
+    rows = _read_hub_rows(name, spec.hub, setting, alternatives)
     return Text(rows, f"hub:{spec.hub.path}/{spec.hub.name or ''}:{spec.hub.split}", spec.join)
 
 
@@ -165,7 +174,10 @@ def load_text_file(path: str) -> Text:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"calib.path={path!r} does not exist; give a .txt file or a .jsonl file with a 'text' field")
-    return Text(_read_local_rows(p), str(p), "\n\n")
+    rows = _read_local_rows(p)
+    if not any(row.strip() for row in rows):
+        raise DataError(f"calib.path={path!r} holds no text; give a file with the calibration text in it")
+    return Text(rows, str(p), "\n\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,11 +212,12 @@ def load_eval_text(source: str, assets_root: Path) -> Text:
     blank lines, files in sorted order."""
     check_eval_source(source)
     if source in EVAL_SETS:
-        return load_text(source, EVAL_SETS, assets_root)
+        return load_text(source, EVAL_SETS, assets_root, "eval.ppl")
     if source.startswith(HUB):
         parts = source[len(HUB) :].split(":")
         dataset, config, split, field = parts if len(parts) == 4 else (parts[0], None, *parts[1:])
-        return Text(_read_hub_rows(source, HubText(dataset, config, split, field)), source, "\n\n")
+        rows = _read_hub_rows(source, HubText(dataset, config, split, field), "eval.ppl", "eval.ppl=[file:<path>]")
+        return Text(rows, source, "\n\n")
     location, _, field = source[len(FILE) :].partition("#")
     path = Path(location).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
@@ -228,8 +241,9 @@ def eval_name(source: str, text: Text) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one row of token ids [1, T] (tokenized once, as in the GPTQ protocol)."""
-    return tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+    """The whole text as one row of token ids [1, T] (tokenized once, as in the GPTQ protocol; longer than
+    the model's context by design, hence no warning about it)."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=True, verbose=False).input_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +275,10 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     """``nsamples`` random windows of ``seqlen`` tokens from one long token row (GPTQ's sampling)."""
     total = ids.shape[1]
     if total <= seqlen:
-        raise DataError(f"the calibration text has {total} tokens, not more than calib.seqlen={seqlen}")
+        raise DataError(
+            f"the calibration text has {total} tokens, not more than one window of calib.seqlen={seqlen}: give a "
+            "longer text or lower calib.seqlen"
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen, (nsamples,), generator=generator)
     index = starts[:, None] + torch.arange(seqlen)[None, :]
@@ -276,19 +293,22 @@ def sample_document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: i
         if len(windows) == nsamples:
             break
         doc = int(torch.randint(0, len(rows), (1,), generator=generator))
-        ids = tokenizer(rows[doc], return_tensors="pt").input_ids
+        ids = tokenizer(rows[doc], return_tensors="pt", verbose=False).input_ids  # windows are cut from it
         if ids.shape[1] <= seqlen:
             continue
         start = int(torch.randint(0, ids.shape[1] - seqlen, (1,), generator=generator))
         windows.append(ids[0, start : start + seqlen])
         offsets.append([doc, start])
     if len(windows) < nsamples:
-        raise DataError(f"found only {len(windows)} calibration documents longer than {seqlen} tokens")
+        raise DataError(
+            f"found only {len(windows)} calibration documents longer than calib.seqlen={seqlen} tokens (of "
+            f"calib.nsamples={nsamples}): lower calib.seqlen or calib.nsamples, or give longer documents"
+        )
     return torch.stack(windows), offsets
 
 
 def calibration_text(name: str | None, path: str | None, assets_root: Path) -> Text:
-    return load_text_file(path) if path else load_text(name, CALIB_SETS, assets_root)
+    return load_text_file(path) if path else load_text(name, CALIB_SETS, assets_root, "calib")
 
 
 def sample_calibration(

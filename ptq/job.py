@@ -62,8 +62,9 @@ class Loaded:
     fp_deps: dict = field(default_factory=dict)  # what the full-precision scores depend on (cache key)
 
 
-def check(cfg: RunConfig) -> Plan:
-    """Read the model's config and tokenizer and check every setting against them."""
+def check(cfg: RunConfig, named: list[str] | tuple = ()) -> Plan:
+    """Read the model's config and tokenizer and check every setting against them; warn about the
+    settings the command line ``named`` that this run does not use."""
     m = cfg.model
     source = models.resolve_source(m.path, m.gguf_file, m.hub_id, m.assets_dir, m.assets_gguf_file, cfg.assets_root())
     config = models.load_config(source)
@@ -75,6 +76,9 @@ def check(cfg: RunConfig) -> Plan:
         )
     steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
     uses_calibration = any(step.needs_calibration for step in steps)
+    unused = [k for k in named if not uses_calibration and (k == "calib" or k.startswith("calib."))]
+    if unused:
+        log.warning("method=%s reads no calibration data: %s ignored", cfg.recipe.method, ", ".join(unused))
     context = models.max_context_of(config)
     check_context(cfg, context, uses_calibration)
     tasks = []
@@ -85,6 +89,34 @@ def check(cfg: RunConfig) -> Plan:
         )  # fmt: skip
     tokenizer = models.load_tokenizer(source)
     return Plan(source, config, steps, loaded_checkpoint, uses_calibration, context, tasks, tokenizer)
+
+
+def available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: no estimate, no refusal
+        return None
+
+
+def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -> None:
+    """Refuse, before sampling anything, calibration whose activations cannot fit: the pipeline keeps a
+    block's inputs and its outputs for every window (host memory when offloading or on the CPU)."""
+    if not plan.uses_calibration:
+        return
+    config = plan.config.get_text_config() if hasattr(plan.config, "get_text_config") else plan.config
+    element = torch.finfo(pick_dtype(cfg.model.dtype, device, plan.config)).bits // 8
+    need = 2 * cfg.calib.nsamples * cfg.calib.seqlen * config.hidden_size * element
+    on_host = cfg.offload or device.type == "cpu"
+    available = available_host_bytes() if on_host else torch.cuda.mem_get_info(device)[0]
+    if available is not None and need > available:
+        raise ConfigError(
+            f"calib.nsamples={cfg.calib.nsamples} windows of calib.seqlen={cfg.calib.seqlen} tokens need about "
+            f"{need / 2**30:.1f} GiB of {'host' if on_host else 'GPU'} memory for a block's inputs and outputs, more "
+            f"than the {available / 2**30:.1f} GiB available: lower calib.nsamples"
+            + ("" if on_host else " or set offload=true (activations in host memory)")
+        )
 
 
 def load_data(cfg: RunConfig, plan: Plan) -> Data:
@@ -297,8 +329,9 @@ def quantize_evaluate_save(
     return Outcome(metrics, baseline, report, saved)
 
 
-def run(cfg: RunConfig) -> dict:
-    """One run; returns the record (also written to <output_dir>/result.json)."""
+def run(cfg: RunConfig, named: list[str] | tuple = ()) -> dict:
+    """One run; returns the record (also written to <output_dir>/result.json). ``named``: the settings
+    the command line gave (warned about when this run does not use them)."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     for stale in ("result.json", "error.json"):  # a record in this folder must describe this run
@@ -309,7 +342,8 @@ def run(cfg: RunConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     timings = {}
 
-    plan = check(cfg)
+    plan = check(cfg, named)
+    check_calibration_memory(cfg, plan, device)
     progress = start_progress(cfg, plan)
     t = time.perf_counter()
     batch = load_data(cfg, plan)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptq import hub
 from ptq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -332,11 +333,14 @@ def _hub_hint(what: str) -> str:
 def _from_pretrained(loader, source: ModelSource, what: str, **kwargs):
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    if source.origin == "hub" and not hub.reachable():
+        kwargs["local_files_only"] = True  # the Hub's cache only: no half minute of retries
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except OSError as err:
         if source.origin == "hub":
-            raise ModelLoadError(f"{_hub_hint(source.path)}. ({err.__class__.__name__}: {err})") from err
+            first_line = str(err).splitlines()[0]
+            raise ModelLoadError(f"{_hub_hint(source.path)} ({err.__class__.__name__}: {first_line})") from err
         raise ModelLoadError(f"could not load the {what} from {source.path}: {err}") from err
     except Exception as err:
         corrupt_gguf = source.gguf_file and isinstance(err, (ValueError, KeyError, IndexError, struct.error))

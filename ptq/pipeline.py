@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptq.bars import Bar
 from ptq.errors import UserError
 from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
 from ptq.quant.weight import QuantizedWeight
@@ -321,54 +322,57 @@ def run_blocks(
             report["capture_peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
 
     module_names = {id(m): name for name, m in model.named_modules()}
-    for index, block in enumerate(blocks):
-        start = time.perf_counter()
-        if lazy is not None:
-            lazy.load(block)
-        home = next(block.parameters()).device
-        block.to(device)
-        ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
-        prefix = module_names[id(block)]
-        restored = progress is not None and index < progress.done
-        if restored:
-            quantized, entry = progress.restore_block(index, block, device)
-            ctx.stats = entry["layers"]
-            for name, qweight in quantized.items():
-                ctx.set_quantized(name, qweight)
-            for step in steps:
-                step.restore_block(ctx)
-        else:
-            check_finite_weights(ctx.linears, prefix)
-            for step in steps:
-                step.quantize_block(ctx)
-        if inputs is not None and index + 1 < len(blocks):
-            inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
-            check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
-        if on_quantized is not None:
-            for name, qweight in ctx.quantized.items():
-                on_quantized(f"{prefix}.{name}", qweight)
-        if on_block_done is not None:
-            on_block_done(prefix, block)
-        if progress is not None and not restored:
+    with Bar(len(blocks), "quantizing", "block") as bar:
+        for index, block in enumerate(blocks):
+            start = time.perf_counter()
+            if lazy is not None:
+                lazy.load(block)
+            home = next(block.parameters()).device
+            block.to(device)
+            ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
+            prefix = module_names[id(block)]
+            restored = progress is not None and index < progress.done
+            if restored:
+                quantized, entry = progress.restore_block(index, block, device)
+                ctx.stats = entry["layers"]
+                for name, qweight in quantized.items():
+                    ctx.set_quantized(name, qweight)
+                for step in steps:
+                    step.restore_block(ctx)
+            else:
+                check_finite_weights(ctx.linears, prefix)
+                for step in steps:
+                    step.quantize_block(ctx)
+            if inputs is not None and index + 1 < len(blocks):
+                inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+                check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
+            if on_quantized is not None:
+                for name, qweight in ctx.quantized.items():
+                    on_quantized(f"{prefix}.{name}", qweight)
+            if on_block_done is not None:
+                on_block_done(prefix, block)
+            if progress is not None and not restored:
+                _sync(device)
+                entry = {"index": index, "seconds": time.perf_counter() - start, "timings": ctx.timings,
+                         "peak_gpu_bytes": ctx.peak_gpu_bytes, "layers": ctx.stats}  # fmt: skip
+                progress.save_block(index, block, ctx.quantized, entry)
+            if lazy is not None:
+                lazy.pack_block(block, ctx.quantized)
+            if offload:
+                block.to(home)
             _sync(device)
-            entry = {"index": index, "seconds": time.perf_counter() - start, "timings": ctx.timings,
-                     "peak_gpu_bytes": ctx.peak_gpu_bytes, "layers": ctx.stats}  # fmt: skip
-            progress.save_block(index, block, ctx.quantized, entry)
-        if lazy is not None:
-            lazy.pack_block(block, ctx.quantized)
-        if offload:
-            block.to(home)
-        _sync(device)
-        seconds = time.perf_counter() - start
-        if restored:
-            report["blocks"].append({**entry, "restored_s": seconds})
-            log.info("block %d/%d restored from %s in %.2f s", index + 1, len(blocks), progress.folder, seconds)
-            continue
-        report["blocks"].append(
-            {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
-             "layers": ctx.stats}
-        )  # fmt: skip
-        log.info("block %d/%d quantized in %.2f s", index + 1, len(blocks), seconds)
+            seconds = time.perf_counter() - start
+            bar.step()
+            if restored:
+                report["blocks"].append({**entry, "restored_s": seconds})
+                log.info("block %d/%d restored from %s in %.2f s (%s)", index + 1, len(blocks), progress.folder,
+                         seconds, bar.eta())  # fmt: skip
+                continue
+            report["blocks"].append(
+                {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
+                 "layers": ctx.stats}
+            )  # fmt: skip
+            log.info("block %d/%d quantized in %.2f s (%s)", index + 1, len(blocks), seconds, bar.eta())
     return report
 
 
@@ -380,17 +384,20 @@ def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.de
     With ``lazy``, blocks still on the meta device are read from the checkpoint and released after use.
     """
     inputs = capture_block_inputs(model, input_ids, device, batch_size, torch.device("cpu"))
-    for block in get_blocks(model):
-        borrowed = lazy is not None and any(p.is_meta for p in block.parameters())
-        if borrowed:
-            lazy.load(block)
-        home = next(block.parameters()).device
-        block.to(device)
-        ctx = BlockContext(-1, block, {}, (), inputs, device)
-        inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
-        block.to(home)
-        if borrowed:
-            lazy.release(block)
+    blocks = get_blocks(model)
+    with Bar(len(blocks), "evaluating (offloaded)", "block", quarters=True) as bar:
+        for block in blocks:
+            borrowed = lazy is not None and any(p.is_meta for p in block.parameters())
+            if borrowed:
+                lazy.load(block)
+            home = next(block.parameters()).device
+            block.to(device)
+            ctx = BlockContext(-1, block, {}, (), inputs, device)
+            inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+            block.to(home)
+            if borrowed:
+                lazy.release(block)
+            bar.step()
     head = head_modules(model)
     with on_device(head, device):
         for chunk in inputs.chunks:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ptq.errors import disk_space_for
+
 
 def _version(package: str) -> str | None:
     try:
@@ -60,6 +62,7 @@ def write_json(path: Path, record: dict) -> Path:
     """Write atomically, so a crash never leaves a half-written record behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    with disk_space_for(path):
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path

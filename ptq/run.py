@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ptq.config import from_dict
-from ptq.errors import UserError
+from ptq.errors import DiskFullError, UserError
 from ptq.job import run
 from ptq.report import console_table
 from ptq.results import write_json
@@ -38,6 +38,9 @@ def tag(method: str, format: str, bits, group_size, act_format, act_bits) -> str
 
 
 OmegaConf.register_new_resolver("ptq.tag", tag, replace=True)
+
+
+FAILED_JOBS: list[str] = []  # a sweep's failed jobs (the basic launcher runs them all in this process)
 
 
 def _in_multirun() -> bool:
@@ -72,6 +75,90 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | N
     return None
 
 
+# Hydra flags after which the command line is not a list of overrides: Hydra itself deals with those.
+_HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve", "-cp", "--config-path",
+                "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--shell-completion", "-sc",
+                "--experimental-rerun", "--version")  # fmt: skip
+
+
+def _sweep_samples(overrides: list[str]) -> list[list[str]]:
+    """Override lists that together use every value of every swept setting once (not their product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]  # fmt: skip
+    longest = max((len(c) for c in choices), default=1)
+    return [[c[min(i, len(c) - 1)] for c in choices] for i in range(longest)]
+
+
+def _one_sentence(err: Exception, arg: str, known: list[str]) -> str:
+    import difflib
+
+    text = str(err)
+    first = text.splitlines()[0] if text else type(err).__name__
+    options = getattr(err, "options", None)
+    if options:  # an unknown preset in a config group: method=foo, hydra/launcher=joblib
+        group = first.split("Could not find '")[-1].rsplit("/", 1)[0].rstrip("'")
+        return f"{arg} is not a {group} preset; choose one of: {', '.join(options)}"
+    if first.startswith("Could not override '"):
+        key = first.split("'")[1]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"{key} is not a ptq setting; {hint}python -m ptq.run --cfg job lists them all"
+    if first.startswith("Ambiguous value for argument"):
+        return f"{arg}: a list of values needs -m (a sweep over them) or brackets ([a,b]) for a list setting"
+    return f"{arg} is not a valid override ({first})"
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """Hydra's composition errors (an unknown setting, ``bitz=4``; an unknown preset, ``method=foo``; a
+    malformed override) as one sentence, before Hydra runs, so that every refusal looks alike (exit 2)."""
+    if any(a.split("=")[0] in _HYDRA_FLAGS for a in args):
+        return None
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = [a for a in args if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    try:
+        jobs = _sweep_samples(overrides) if multirun else [overrides]
+    except HydraException as err:
+        return _one_sentence(err, " ".join(overrides), [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("ptq.conf", version_base=None):
+            known = _setting_names(OmegaConf.to_container(compose("config"), resolve=False))
+            for job in jobs:
+                for i in range(len(job)):  # one override at a time, to name the one at fault
+                    try:
+                        compose("config", overrides=job[: i + 1], return_hydra_config=True)
+                    except HydraException as err:
+                        return _one_sentence(err, job[i], known)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def _setting_names(cfg: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in cfg.items():
+        names.append(prefix + str(key))
+        if isinstance(value, dict):
+            names += _setting_names(value, f"{prefix}{key}.")
+    return names
+
+
+def named_settings() -> list[str]:
+    """The settings this job's command line names (``calib.path`` for ``calib.path=/x``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(hydra_cfg: DictConfig) -> None:
     container = OmegaConf.to_container(hydra_cfg, resolve=True)
@@ -80,27 +167,36 @@ def main(hydra_cfg: DictConfig) -> None:
     if refusal:  # nothing is written or removed: the folder is someone's finished run, or not ours to write
         print(f"error: {refusal}", file=sys.stderr)
         if _in_multirun():
+            FAILED_JOBS.append(str(output_dir))
             return
         sys.exit(2)
     try:
         cfg = from_dict(container)
-        record = run(cfg)
+        record = run(cfg, named_settings())
     except Exception as err:
         expected = isinstance(err, UserError)
         (output_dir / "result.json").unlink(missing_ok=True)  # no earlier success may stand beside this failure
-        write_json(
-            output_dir / "error.json",
-            {
-                "status": "failed",
-                "error": f"{type(err).__name__}: {err}",
-                "traceback": None if expected else traceback.format_exc(),
-                "config": container,
-            },
-        )
+        try:
+            write_json(
+                output_dir / "error.json",
+                {
+                    "status": "failed",
+                    "error": f"{type(err).__name__}: {err}",
+                    "traceback": None if expected else traceback.format_exc(),
+                    "config": container,
+                },
+            )
+        except OSError:  # a full disk may refuse error.json too: the message below still says what happened
+            pass
         if not expected:
             raise
         print(f"error: {err}", file=sys.stderr)
+        saved = Progress.blocks_saved(output_dir)
+        if saved and not isinstance(err, DiskFullError):  # DiskFullError says so itself
+            kept = output_dir / "progress"
+            print(f"{saved} finished block(s) are kept in {kept}: resume=true continues", file=sys.stderr)
         if _in_multirun():
+            FAILED_JOBS.append(str(output_dir / "error.json"))
             return  # keep the sweep going; the failure is recorded in error.json
         sys.exit(2)
     print(console_table(record))
@@ -108,4 +204,11 @@ def main(hydra_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        sys.exit(2)

@@ -145,6 +145,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_record_and_checkpoint(tmp_path
     layers = [b["layers"] for b in record["quantization"]["blocks"]]
     assert layers == [b["layers"] for b in expected["quantization"]["blocks"]]
     assert not (killed / "progress").exists() and not list(killed.glob(".model.*.partial"))
+    mode = (killed / "model" / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (killed / "model" / "config.json").stat().st_mode & 0o777  # not private like its siblings' files
     expected_tensors = load_file(whole / "model" / "model.safetensors")
     tensors = load_file(killed / "model" / "model.safetensors")
     assert expected_tensors.keys() == tensors.keys()

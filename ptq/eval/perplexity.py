@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptq.bars import Bar
 from ptq.pipeline import blockwise_logits
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ def token_nll(
             losses.append(_token_nll(logits, batch).cpu())
     else:
         model.to(device)
-        for i, batch in enumerate(windows.split(batch_size)):
-            logits = model(input_ids=batch.to(device), use_cache=False).logits
-            losses.append(_token_nll(logits, batch).cpu())
-            log.debug("window batch %d: nll %.4f", i, losses[-1].mean().item())
+        with Bar(windows.shape[0], "perplexity", "window", quarters=True) as bar:
+            for batch in windows.split(batch_size):
+                logits = model(input_ids=batch.to(device), use_cache=False).logits
+                losses.append(_token_nll(logits, batch).cpu())
+                bar.step(batch.shape[0])
     return torch.cat(losses)
 
 

@@ -14,12 +14,13 @@ import bz2
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptq import hub
+from ptq.bars import Bar
 from ptq.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -195,18 +196,6 @@ def task_files(name: str, data_dir: Path, chosen: dict | None = None) -> list[Pa
     return paths
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    import urllib.request
-
-    try:
-        urllib.request.urlopen("https://huggingface.co/api/datasets/baber/piqa", timeout=timeout)
-        return True
-    except Exception:  # no network, DNS failure, proxy refusal: all mean "offline" here
-        return False
-
-
 def included_tasks(include: str | None) -> dict[str, str]:
     """{task: its YAML file} defined in the user's folder ``eval.task_include`` (lm-eval's include_path)."""
     if not include:
@@ -229,7 +218,7 @@ def resolve_tasks(
     if include and not own:
         raise TaskError(f"eval.task_include={include!r} defines no lm-eval task (no YAML file with a 'task:' name)")
     if source == "auto" and any(name not in own for name in names):
-        source = "hub" if hub_reachable() else "local"
+        source = "hub" if hub.reachable() else "local"
         log.info("lm-eval tasks: %s data (eval.task_source=auto)", source)
     resolved = []
     for name in names:
@@ -328,44 +317,47 @@ def evaluate_tasks(
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
     scores = {}
-    for name, where in resolved:
-        files = task_files(name, data_dir, chosen) if where == "local" else []
-        spec = local_task_config(name, files) if where == "local" else name
-        start = time.perf_counter()
-        try:
-            out = simple_evaluate(
-                model=lm,
-                tasks=[spec],
-                num_fewshot=num_fewshot,
-                limit=limit,
-                log_samples=False,
-                bootstrap_iters=100000,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                task_manager=task_manager(str(Path(include).expanduser()) if include else None),
+    with Bar(len(resolved), "lm-eval tasks", "task") as bar:
+        for name, where in resolved:
+            files = task_files(name, data_dir, chosen) if where == "local" else []
+            spec = local_task_config(name, files) if where == "local" else name
+            start = time.perf_counter()
+            try:
+                out = simple_evaluate(
+                    model=lm,
+                    tasks=[spec],
+                    num_fewshot=num_fewshot,
+                    limit=limit,
+                    log_samples=False,
+                    bootstrap_iters=100000,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                    task_manager=task_manager(str(Path(include).expanduser()) if include else None),
+                )
+            except AssertionError as err:  # lm-eval asserts (without a message) when an answer outgrows the context
+                raise TaskError(
+                    f"lm-eval stopped on task {name!r} ({err!r}); the usual cause is an answer longer than the "
+                    f"model's context of {lm.max_length} tokens: set eval.max_length=<tokens> (positions beyond the "
+                    "trained context are extrapolated) or leave the task out"
+                ) from err
+            seconds = time.perf_counter() - start
+            result = out["results"][name]
+            entry = _metrics(result)
+            own = included_tasks(include) if where == "include" else {}
+            entry.update(
+                source=where,
+                data=[str(f) for f in files] if where == "local" else own.get(name, "hub"),
+                data_digest=[file_digest(f) for f in files] if where == "local" else None,
+                standard_definition=LOCAL_TASKS[name].standard if where == "local" else name,
+                note=LOCAL_TASKS[name].note if where == "local" else None,
+                samples=out.get("n-samples", {}).get(name, {}).get("effective"),
+                num_fewshot=num_fewshot or 0,
+                seconds=seconds,
             )
-        except AssertionError as err:  # lm-eval asserts (without a message) when an answer outgrows the context
-            raise TaskError(
-                f"lm-eval stopped on task {name!r} ({err!r}); the usual cause is an answer longer than the "
-                f"model's context of {lm.max_length} tokens: set eval.max_length=<tokens> (positions beyond the "
-                "trained context are extrapolated) or leave the task out"
-            ) from err
-        seconds = time.perf_counter() - start
-        result = out["results"][name]
-        entry = _metrics(result)
-        own = included_tasks(include) if where == "include" else {}
-        entry.update(
-            source=where,
-            data=[str(f) for f in files] if where == "local" else own.get(name, "hub"),
-            data_digest=[file_digest(f) for f in files] if where == "local" else None,
-            standard_definition=LOCAL_TASKS[name].standard if where == "local" else name,
-            note=LOCAL_TASKS[name].note if where == "local" else None,
-            samples=out.get("n-samples", {}).get(name, {}).get("effective"),
-            num_fewshot=num_fewshot or 0,
-            seconds=seconds,
-        )
-        scores[name] = entry
-        log.info("task %s: %s (%.1f s)", name, {k: v for k, v in entry.items() if k in ("acc", "acc_norm")}, seconds)
+            scores[name] = entry
+            bar.step()
+            accuracy = {k: v for k, v in entry.items() if k in ("acc", "acc_norm")}
+            log.info("task %d/%d %s: %s (%.1f s; %s)", bar.done, len(resolved), name, accuracy, seconds, bar.eta())
     return scores

@@ -290,4 +290,4 @@ class AWQ(Method):
             for name, stats in ctx.stats.items()
             if "awq_alpha" in stats
         )
-        log.info("block %d AWQ alphas: %s", ctx.index, alphas)
+        log.info("block %d AWQ alphas: %s", ctx.index + 1, alphas)

@@ -282,7 +282,7 @@ class GPTQ(Method):
             ctx.set_quantized(name, qweight.rows(row, row + rows))
             loss = losses[row : row + rows].sum().item()
             ctx.stats.setdefault(name, {}).update(loss=loss, **info)
-            log.debug("block %d %s: loss %.4f", ctx.index, name, loss)
+            log.debug("block %d %s: loss %.4f", ctx.index + 1, name, loss)
             row += rows
         if info["retries"]:
             log.warning("block %d %s: damping raised to percdamp=%g", ctx.index, "/".join(group), info["percdamp"])
@@ -301,4 +301,4 @@ class GPTQ(Method):
             for group in batch:
                 self._solve(ctx, group, hessians)
         losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
-        log.info("block %d GPTQ losses: %s", ctx.index, losses)
+        log.info("block %d GPTQ losses: %s", ctx.index + 1, losses)

@@ -201,8 +201,18 @@ def _full_precision_rows(ok: list[dict]) -> list[dict]:
 
 def successful_with_full_precision(records: list[dict]) -> list[dict]:
     """The successful records, sorted, plus a full-precision row taken from the baselines where no
-    method=none run exists for that model and those evaluation windows."""
-    ok = [r for r in records if r.get("status") == "ok"]
+    method=none run exists for that model and those evaluation windows; identical method=none records
+    appear once."""
+    ok, seen = [], set()
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        if r["method"] == "none":  # a sweep's method=none jobs differ only in settings they ignore (bits=3,4)
+            key = (r["model"], json.dumps(windows(r)), json.dumps(r.get("metrics"), sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+        ok.append(r)
     return sorted(ok + _full_precision_rows(ok), key=sort_key)
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ptq.errors import UserError
+from ptq.errors import UserError, disk_space_for
 from ptq.quant.spec import WeightSpec
 from ptq.quant.weight import QuantizedWeight
 from ptq.storage.shards import own_storage
@@ -100,7 +100,8 @@ class Progress:
                 if value is not None:
                     tensors[f"q/{name}/{field}"] = own_storage(value)
         metadata = {"entry": json.dumps(entry), "specs": json.dumps(specs)}
-        _write_atomically(_block_file(self.folder, index), lambda p: save_file(tensors, str(p), metadata=metadata))
+        with disk_space_for(self.folder):
+            _write_atomically(_block_file(self.folder, index), lambda p: save_file(tensors, str(p), metadata=metadata))
 
     def restore_block(self, index: int, block: torch.nn.Module, device: torch.device) -> tuple[dict, dict]:
         """Put block ``index`` back as it was saved; returns (its quantized weights by linear name, its

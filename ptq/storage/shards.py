@@ -22,13 +22,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from ptq.errors import UserError
+from ptq.errors import UserError, disk_space_for
 from ptq.quant.weight import QuantizedWeight
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # the process's file-creation mask (reading it means setting it)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
@@ -83,11 +86,12 @@ class ShardedFolder:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.buffer:
             return
-        save_file(self.buffer, self._folder() / f"part-{len(self.shards)}.safetensors", metadata={"format": "pt"})
+        path = self._folder() / f"part-{len(self.shards)}.safetensors"
+        with disk_space_for(self.out):
+            save_file(self.buffer, path, metadata={"format": "pt"})
+        path.chmod(0o666 & ~UMASK)  # as any other file the run writes (safetensors' own is private)
         self.shards.append(list(self.buffer))
         self.buffer, self.buffer_bytes = {}, 0
 
@@ -105,7 +109,8 @@ class ShardedFolder:
             if n > 1:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
                 (folder / INDEX).write_text(json.dumps(index, indent=2))
-            write_files(folder)
+            with disk_space_for(self.out):
+                write_files(folder)
             if self.out.exists():
                 self.out.rmdir()
             os.replace(folder, self.out)
