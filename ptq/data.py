@@ -151,7 +151,7 @@ class Text:
         return self.join.join(self.rows)
 
 
-def load_text(name: str, sets: dict[str, TextSet], assets_root: Path, setting: str) -> Text:
+def load_text(name: str, sets: dict[str, TextSet], assets_root: Path, setting: str = "eval.ppl") -> Text:
     if name not in sets:
         raise DataError(f"{setting}: unknown data set {name!r}; choose one of: {', '.join(sorted(sets))}")
     spec = sets[name]

@@ -24,7 +24,7 @@ def test_calibration_windows_are_seeded_and_recorded():
 
 
 def test_missing_local_data_without_hub_source_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="'c4'.*hub could not give|'c4' is not in the assets"):
+    with pytest.raises(DataError, match="'c4' has no local copy and the hub (could not give|cannot be reached)"):
         load_text("c4", {"c4": __import__("ptq.data").data.EVAL_SETS["c4"]}, tmp_path)
 
 
