@@ -94,6 +94,7 @@ BAD_INPUT = [
     (["method=gptq", "calib=file", "calib.path={short}"], "not more than one window of calib.seqlen=64"),
     (["method=gptq", "calib.nsamples=100000000"], "GiB of host memory for a block's inputs and outputs"),
     (["eval.tasks=[piqa,no_such_task]"], "eval.tasks: 'no_such_task' has no local data"),
+    (["device=cuda:7"], "device=cuda:7"),
     (["method=gptq", "calib=wikitext2"], "Offline, use calib=wikitext2_valid"),
 ]  # fmt: skip
 
@@ -211,7 +212,8 @@ def test_the_same_command_twice_gives_the_same_record(tmp_path):
     records = []
     for name in ("a", "b"):
         args = [*QUICK, "method=gptq", "group_size=-1", "cache.enabled=false", f"output_dir={tmp_path / name}"]
-        assert ptq_run(*args, cwd=tmp_path).returncode == 0
+        proc = ptq_run(*args, cwd=tmp_path)
+        assert proc.returncode == 0 and "Token indices sequence length" not in proc.stderr  # windows are cut later
         records.append(json.loads((tmp_path / name / "result.json").read_text()))
     a, b = records
     assert a["metrics"] == b["metrics"] and a["baseline"]["metrics"] == b["baseline"]["metrics"]

@@ -309,3 +309,14 @@ def test_gptq_rows_name_a_non_default_column_order():
     assert method_label(record(act_order=True, static_groups=True)) == "gptq"
     assert method_label(record(act_order=False, static_groups=False)) == "gptq (ref. order)"
     assert method_label(record(act_order=True, static_groups=False)) == "gptq (act-order, dynamic groups)"
+
+
+def test_a_sweeps_identical_full_precision_runs_are_one_row():
+    from ptq.report.records import successful_with_full_precision
+
+    fp = {"wikitext2": 20.0}
+    records = [record("none", 16, fp), record("none", 16, fp), record("none", 16, {"wikitext2": 21.0}),
+               record("rtn", 4, {"wikitext2": 25.0})]  # fmt: skip
+    ordered = successful_with_full_precision(records)
+    assert [(r["method"], r["metrics"]["ppl"]["wikitext2"]) for r in ordered].count(("none", 20.0)) == 1
+    assert len(ordered) == 3  # a full-precision run with other scores is not a duplicate
