@@ -51,6 +51,7 @@ def run_steps(
     lazy=None,
     on_block_done=None,
     progress=None,
+    experts=None,
 ) -> dict:
     """Run prepared steps (``prepare_steps``) through the block pipeline; returns its report with
     the stored size of the result (``storage``)."""
@@ -64,7 +65,7 @@ def run_steps(
             on_quantized(name, qweight)
 
     report = run_blocks(
-        model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done, progress
+        model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done, progress, experts
     )
     report["storage"] = storage.summary(model)
     return report
@@ -80,6 +81,7 @@ def quantize(
     on_quantized=None,
     lazy=None,
     on_block_done=None,
+    experts=None,
     **settings,
 ) -> dict:
     """Quantize a Hugging Face causal LM in place, block by block; returns the pipeline's report.
@@ -94,11 +96,14 @@ def quantize(
     ``on_block_done(prefix, block)`` each finished block: a store (``CompressedStore``, ``PackedStore``)
     takes both (``store.add``, ``store.block_done``) and writes the checkpoint as blocks finish, then
     ``store.save(model, tokenizer)`` writes the rest. ``lazy``: a ``ptq.lazy.LazyModel`` whose blocks
-    are read from the checkpoint one at a time (needs ``offload``).
+    are read from the checkpoint one at a time (needs ``offload``). ``experts``: a ``ptq.moe.MoEPolicy``
+    for mixture-of-experts models (``calibrate_all_experts``, ``min_tokens``).
     """
     if recipe is None:
         recipe = Recipe.build(**settings)
     elif settings:
         raise UserError(f"give either a recipe or settings, not both (got a recipe and {sorted(settings)})")
     steps = prepare_steps(recipe, model.config)
-    return run_steps(model, steps, calib, device, offload, batch_size, on_quantized, lazy, on_block_done)
+    return run_steps(
+        model, steps, calib, device, offload, batch_size, on_quantized, lazy, on_block_done, experts=experts
+    )

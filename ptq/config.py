@@ -13,6 +13,7 @@ from pathlib import Path
 from ptq.data import CALIB_SETS, check_eval_source
 from ptq.errors import UserError
 from ptq.methods import METHODS
+from ptq.moe import MoEPolicy
 from ptq.quant.pack import PACKED_BITS
 from ptq.recipe import Recipe
 from ptq.storage import compressed_tensors
@@ -84,6 +85,7 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    moe: MoEPolicy = field(default_factory=MoEPolicy)  # how a mixture-of-experts model's experts are calibrated
     experiment: dict | None = None  # experiment=<preset>: name, source, metric, published numbers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     offload: bool = False
@@ -299,6 +301,7 @@ def from_dict(d: dict) -> RunConfig:
             "calib": _build(CalibConfig, d.get("calib", {}), "calib"),
             "eval": _build(EvalConfig, d.get("eval", {}), "eval"),
             "cache": _build(CacheConfig, d.get("cache", {}) or {}, "cache"),
+            "moe": _build(MoEPolicy, d.get("moe", {}) or {}, "moe"),
             "recipe": recipe,
             "assets": paths.get("assets"),
         },

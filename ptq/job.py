@@ -75,6 +75,11 @@ def check(cfg: RunConfig, named: list[str] | tuple = ()) -> Plan:
             "method=none, or quantize the full-precision model it came from"
         )
     steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
+    if cfg.save and models.arch_for(config.model_type).experts is not None:
+        raise ConfigError(
+            f"save=true: ptq cannot write {config.model_type} (mixture-of-experts) checkpoints yet; evaluate with "
+            "save=false"
+        )
     uses_calibration = any(step.needs_calibration for step in steps)
     unused = [k for k in named if not uses_calibration and (k == "calib" or k.startswith("calib."))]
     if unused:
@@ -178,7 +183,9 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
         model = checkpoint.load_quantized(source.path, dtype)
     elif plan.loaded_checkpoint == "compressed-tensors":
         model = compressed_tensors.load(source.path, dtype)
-    elif cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path):
+    elif (cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path)
+          and models.arch_for(plan.config.model_type).experts is None):  # fmt: skip
+        # (a MoE checkpoint stores its experts one by one, the model fused: not read lazily yet)
         # One block in host memory at a time: the rest of the model stays on the meta device until
         # the pipeline reaches it (ptq/lazy.py).
         lazy = load_skeleton(source.path, dtype)
@@ -265,6 +272,7 @@ def quantize(
         lazy=loaded.lazy,
         on_block_done=loaded.store.block_done if loaded.store else None,
         progress=progress,
+        experts=cfg.moe,
     )
     if progress is not None:
         report["resumed_from_block"] = progress.done or None

@@ -58,6 +58,21 @@ class ResidualStream:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A block's routed experts, which transformers stores fused: every expert's matrices in one 3-D
+    ``gate_up_proj`` and one ``down_proj`` parameter (``ptq.moe`` unfuses them while the block is
+    quantized). ``layout``: ``gate_up`` ([E, 2I, H], gate rows then up rows; down [E, H, I]: nn.Linear's
+    [out, in]) or ``gpt_oss`` ([E, H, 2I] multiplied as x @ W, gate and up interleaved in the columns;
+    down [E, I, H]; with biases and a clamped SwiGLU). ``router``: never quantized. ``shared``: an
+    ordinary MLP (gate_proj, up_proj, down_proj) beside the routed experts, where the model has one."""
+
+    path: str
+    router: str
+    layout: str = "gate_up"
+    shared: str | None = None
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where things are in one model family (paths are dotted attribute names)."""
 
@@ -73,6 +88,9 @@ class Arch:
     no_clip: tuple[str, ...] = ()  # linears AWQ does not clip (q/k: the reference skips them)
     residual: ResidualStream | None = None  # for rotations (QuaRot); None where not described
     attention: str | None = None  # a block's attention module (KV-cache quantization); None where not described
+    # Mixture-of-experts models: the routed experts of a MoE block. Their blocks differ (dense layers
+    # beside MoE ones, optional projections), so names in ``sequential`` a block lacks are skipped.
+    experts: Experts | None = None
 
 
 _LLAMA_LIKE = Arch(
@@ -107,6 +125,30 @@ _LLAMA_LIKE = Arch(
     attention="self_attn",
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
+
+_LLAMA_ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+_DENSE_MLP = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))  # the dense layers of MoE models
+_ATTENTION_SCALING = _LLAMA_LIKE.scaling[:2]
+
+
+def _moe(sequential: tuple, experts: Experts, scaling: tuple = _ATTENTION_SCALING, attention: str | None = "self_attn"):
+    return Arch(
+        layers="model.layers", embeddings=("model.embed_tokens", "model.rotary_emb"), head=("model.norm", "lm_head"),
+        sequential=sequential, scaling=scaling, no_clip=("self_attn.q_proj", "self_attn.k_proj"), attention=attention,
+        experts=experts,
+    )  # fmt: skip
+
+
+# DeepSeek's multi-head latent attention: q (or its low-rank pair q_a -> q_b) and the compressed kv read the
+# block's input; q_b and kv_b read their own normalized projections.
+_MLA = (
+    ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.q_b_proj",),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
+
+_DEEPSEEK = _moe((*_MLA, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate", shared="mlp.shared_experts"), (), None)
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA_LIKE,
@@ -155,6 +197,12 @@ ARCHITECTURES: dict[str, Arch] = {
         ),
         no_clip=("attention.query_key_value",),
     ),
+    "mixtral": _moe(_LLAMA_ATTENTION, Experts("mlp.experts", "mlp.gate")),
+    "qwen2_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert")),
+    "qwen3_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate")),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
+    "gpt_oss": _moe(_LLAMA_ATTENTION, Experts("mlp.experts", "mlp.router", layout="gpt_oss"), attention=None),
     "gpt2": Arch(
         layers="transformer.h",
         embeddings=("transformer.wte", "transformer.wpe"),
@@ -232,16 +280,42 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Module]:
-    """The quantizable linears of one block, by name, in true-sequential order."""
-    linears = {}
-    for group in get_arch(model).sequential:
+Stages = tuple[tuple[tuple[str, ...], ...], ...]
+
+
+def block_layout(model: nn.Module, block: nn.Module) -> tuple[dict[str, nn.Module], Stages]:
+    """The quantizable linears of one block, by name in true-sequential order, and their stages: groups
+    of linears that read the same input, and the groups whose inputs one forward pass yields together
+    (one group per stage in a dense block; every expert's gate/up, then every expert's down, in a MoE
+    block whose experts ``ptq.moe.unfuse`` has split into linears)."""
+    arch = get_arch(model)
+    linears, stages = {}, []
+    for group in arch.sequential:
+        present = []
         for name in group:
             module = get_submodule(block, name)
+            if module is None and arch.experts is not None:
+                continue  # a MoE model's layers differ (dense vs MoE MLP, optional projections)
             if module is None or not is_linear(module):
                 raise ModelLoadError(f"expected a linear layer at {name!r} in {type(block).__name__}")
             linears[name] = module
-    return linears
+            present.append(name)
+        if present:
+            stages.append((tuple(present),))
+    experts = get_submodule(block, arch.experts.path) if arch.experts else None
+    if isinstance(experts, nn.ModuleList):  # unfused: one linear per matrix of every expert
+        from ptq.moe import expert_stages
+
+        for stage in expert_stages(arch.experts, block, len(experts)):
+            for group in stage:
+                linears.update((name, get_submodule(block, name)) for name in group)
+            stages.append(stage)
+    return linears, tuple(stages)
+
+
+def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Module]:
+    """The quantizable linears of one block, by name, in true-sequential order (``block_layout``)."""
+    return block_layout(model, block)[0]
 
 
 def get_weight(linear: nn.Module) -> torch.Tensor:

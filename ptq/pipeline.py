@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptq import moe
 from ptq.bars import Bar
 from ptq.errors import UserError
-from ptq.models import block_linears, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
+from ptq.models import block_layout, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
 from ptq.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,20 @@ class BlockContext:
     index: int
     block: nn.Module
     linears: dict[str, nn.Module]  # name -> linear, in true-sequential order
-    sequential: tuple[tuple[str, ...], ...]  # names grouped by the input they share, in data-flow order
+    stages: tuple[tuple[tuple[str, ...], ...], ...]  # groups sharing an input, by forward pass (models.block_layout)
     inputs: BlockInputs | None  # None when no step needs calibration data
     device: torch.device
+    min_tokens: int = 1  # a linear whose statistics saw fewer tokens is rounded to nearest (MoE experts)
     stats: dict = field(default_factory=dict)  # what the steps report, per layer
     timings: dict = field(default_factory=dict)  # seconds per phase (e.g. hessian_s, solve_s), summed
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # integer weights, by linear name
     peak_gpu_bytes: dict = field(default_factory=dict)  # CUDA: highest allocation so far, at each phase's end
+    moe: dict | None = None  # a MoE block's expert accounting (ptq.moe.summary)
+
+    @property
+    def sequential(self) -> tuple[tuple[str, ...], ...]:
+        """Names grouped by the input they share, in data-flow order."""
+        return tuple(group for stage in self.stages for group in stage)
 
     def set_quantized(self, name: str, qweight: QuantizedWeight) -> None:
         """Give linear ``name`` its quantized weight: the dequantized values (in the weight's dtype)
@@ -261,6 +269,14 @@ def check_finite_activations(chunks: list[torch.Tensor], where: str) -> None:
         )
 
 
+def check_all_quantized(ctx: BlockContext, prefix: str) -> None:
+    """Once any linear of a block is quantized, all are: none (an expert that saw no token, say) may stay
+    in full precision unnoticed."""
+    left = [name for name in ctx.linears if name not in ctx.quantized]
+    if ctx.quantized and left:
+        raise RuntimeError(f"{prefix}: the steps left {len(left)} linear(s) unquantized, e.g. {left[0]}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -278,6 +294,7 @@ def run_blocks(
     lazy=None,
     on_block_done=None,
     progress=None,
+    experts: moe.MoEPolicy | None = None,
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order (steps
     already prepared for this model: ``ptq.api.prepare_steps``).
@@ -291,11 +308,13 @@ def run_blocks(
     are quantized and keep only packed integer weights afterwards. ``progress``
     (``ptq.storage.progress.Progress``): each finished block is saved there, and its first ``done``
     blocks are restored from it instead of quantized again (resume); they still run forward, which
-    recomputes the calibration inputs of the next block.
+    recomputes the calibration inputs of the next block. ``experts``: how a mixture-of-experts model's
+    experts are calibrated (``ptq.moe.MoEPolicy``; its defaults when None).
     """
     if lazy is not None and not offload:
         raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
     arch = get_arch(model)
+    experts = experts or moe.MoEPolicy()
     blocks = get_blocks(model)
     needs_calibration = any(step.needs_calibration for step in steps)
     if needs_calibration and calib_ids is None:
@@ -329,20 +348,28 @@ def run_blocks(
                 lazy.load(block)
             home = next(block.parameters()).device
             block.to(device)
-            ctx = BlockContext(index, block, block_linears(model, block), arch.sequential, inputs, device)
             prefix = module_names[id(block)]
             restored = progress is not None and index < progress.done
+            stack = None if restored else moe.unfuse(block, arch.experts, experts)  # restored: fused as saved
+            ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
             if restored:
                 quantized, entry = progress.restore_block(index, block, device)
                 ctx.stats = entry["layers"]
                 for name, qweight in quantized.items():
-                    ctx.set_quantized(name, qweight)
+                    if name in ctx.linears:
+                        ctx.set_quantized(name, qweight)
+                    else:  # an expert, restored in the model's fused parameters
+                        ctx.quantized[name] = qweight
                 for step in steps:
                     step.restore_block(ctx)
             else:
                 check_finite_weights(ctx.linears, prefix)
                 for step in steps:
                     step.quantize_block(ctx)
+                check_all_quantized(ctx, prefix)
+                if stack is not None:
+                    ctx.moe = moe.summary(stack, arch.experts, ctx.stats)
+                    moe.fuse(block, arch.experts, stack)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
                 check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
@@ -354,7 +381,7 @@ def run_blocks(
             if progress is not None and not restored:
                 _sync(device)
                 entry = {"index": index, "seconds": time.perf_counter() - start, "timings": ctx.timings,
-                         "peak_gpu_bytes": ctx.peak_gpu_bytes, "layers": ctx.stats}  # fmt: skip
+                         "peak_gpu_bytes": ctx.peak_gpu_bytes, "layers": ctx.stats, "moe": ctx.moe}  # fmt: skip
                 progress.save_block(index, block, ctx.quantized, entry)
             if lazy is not None:
                 lazy.pack_block(block, ctx.quantized)
@@ -370,7 +397,7 @@ def run_blocks(
                 continue
             report["blocks"].append(
                 {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
-                 "layers": ctx.stats}
+                 "layers": ctx.stats, "moe": ctx.moe}
             )  # fmt: skip
             log.info("block %d/%d quantized in %.2f s (%s)", index + 1, len(blocks), seconds, bar.eta())
     return report

@@ -47,6 +47,48 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+
+
+def tiny_moe(kind: str, seed: int = 0, vocab_size: int = 96, experts: int = 4) -> torch.nn.Module:
+    """A randomly initialised mixture-of-experts model (transformers' fused expert parameters) with a
+    handful of experts, two blocks; the first is dense where the architecture allows dense layers."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2)  # fmt: skip
+    if kind == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=48, num_local_experts=experts, **common))
+    elif kind == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                   num_experts=experts, mlp_only_layers=[0], **common)  # fmt: skip
+        model = tf.Qwen2MoeForCausalLM(config)
+    elif kind == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=24, num_experts=experts, head_dim=8,
+                                   **common)  # fmt: skip
+        model = tf.Qwen3MoeForCausalLM(config)
+    elif kind == "deepseek_v3":
+        config = tf.DeepseekV3Config(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=experts, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, **{**common, "num_key_value_heads": 4},
+        )  # fmt: skip
+        model = tf.DeepseekV3ForCausalLM(config)
+    elif kind == "gpt_oss":
+        config = tf.GptOssConfig(intermediate_size=24, num_local_experts=experts, head_dim=8,
+                                 layer_types=["full_attention"] * 2, rope_parameters={"rope_type": "default",
+                                 "rope_theta": 10000.0}, **common)  # fmt: skip
+        model = tf.GptOssForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    for param in model.parameters():  # fused expert parameters start empty (torch.empty): give them values
+        if param.dim() == 3:
+            torch.nn.init.normal_(param, std=0.05)
+    model.config.use_cache = False
+    return model.eval().requires_grad_(False)
+
+
 ARCHS = ["llama", "opt", "gpt_neox", "gpt2"]
 
 

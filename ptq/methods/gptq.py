@@ -24,6 +24,7 @@ import torch
 
 from ptq.methods import gptq_kernel
 from ptq.methods.base import Method
+from ptq.methods.rtn import round_group
 from ptq.methods.stats import GRAM_PRODUCTS, add_gram
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
@@ -244,8 +245,10 @@ class GPTQ(Method):
         self.static_groups = static_groups
         self.true_sequential = true_sequential
 
-    def _hessians(self, ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
-        """H = 2/n * X^T X for the input of each group (read at the group's first linear), fp32."""
+    def _hessians(self, ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor | None]:
+        """H = 2/n * X^T X for the input of each group (read at the group's first linear), fp32; None for
+        a group whose input saw fewer than ``ctx.min_tokens`` tokens (an expert the router rarely chose).
+        The tokens each group saw go into its stats."""
         readers = {group[0]: ctx.linears[group[0]] for group in groups}
         sums: dict[str, torch.Tensor] = {}
         tokens = dict.fromkeys(readers, 0)
@@ -258,12 +261,23 @@ class GPTQ(Method):
             tokens[name] += x.shape[0]
 
         ctx.forward_with_input_hooks(readers, accumulate)
-        return {name: sums[name].mul_(2 / tokens[name]) for name in readers}
+        for group in groups:
+            for name in group:
+                ctx.stats.setdefault(name, {})["tokens"] = tokens[group[0]]
+        return {name: sums[name].mul_(2 / n) if n >= ctx.min_tokens else None for name, n in tokens.items()}
 
     def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessians: dict[str, torch.Tensor]) -> None:
         """Solve ``group``, consuming its Hessian: popped here, so that the solver can free its memory
         as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB)."""
         start = time.perf_counter()
+        if hessians[group[0]] is None:  # too few tokens for a Hessian: round to nearest, and say so
+            hessians.pop(group[0])
+            round_group(ctx, group, self.spec)
+            for name in group:
+                ctx.stats[name].update(fallback="rtn")
+            log.info("block %d %s: %d calibration tokens, fewer than min_tokens=%d: rounded to nearest",
+                     ctx.index + 1, "/".join(group), ctx.stats[group[0]]["tokens"], ctx.min_tokens)  # fmt: skip
+            return
         weights = [get_weight(ctx.linears[name]) for name in group]
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
         qweight, losses, info = gptq_quantize(
@@ -285,13 +299,14 @@ class GPTQ(Method):
             log.debug("block %d %s: loss %.4f", ctx.index + 1, name, loss)
             row += rows
         if info["retries"]:
-            log.warning("block %d %s: damping raised to percdamp=%g", ctx.index, "/".join(group), info["percdamp"])
+            log.warning("block %d %s: damping raised to percdamp=%g", ctx.index + 1, "/".join(group), info["percdamp"])
 
     def quantize_block(self, ctx: BlockContext) -> None:
         groups = list(ctx.sequential)
-        # true_sequential: each group's statistics come from a forward pass in which the groups
-        # before it are already quantized. Otherwise one pass collects every group's statistics.
-        schedule = [[group] for group in groups] if self.true_sequential else [groups]
+        # true_sequential: each stage's statistics come from a forward pass in which the stages before
+        # it are already quantized (a stage: one group, or all the experts of a MoE block, which one pass
+        # reaches together). Otherwise one pass collects every group's statistics.
+        schedule = [list(stage) for stage in ctx.stages] if self.true_sequential else [groups]
         for batch in schedule:
             start = time.perf_counter()
             hessians = self._hessians(ctx, batch)
@@ -300,5 +315,13 @@ class GPTQ(Method):
             ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
             for group in batch:
                 self._solve(ctx, group, hessians)
-        losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for g in groups for name in g)
+        solved = [name for g in groups for name in g if "loss" in ctx.stats[name]]
+        if len(solved) > 16:  # a MoE block: the sum per linear kind instead of hundreds of numbers
+            kinds: dict[str, float] = {}
+            for name in solved:
+                kind = name.split(".")[-1]
+                kinds[kind] = kinds.get(kind, 0.0) + ctx.stats[name]["loss"]
+            losses = ", ".join(f"{kind} {loss:.3g} (sum)" for kind, loss in kinds.items())
+        else:
+            losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for name in solved)
         log.info("block %d GPTQ losses: %s", ctx.index + 1, losses)

@@ -13,14 +13,18 @@ def round_linears(ctx: BlockContext, spec: WeightSpec) -> None:
     (q/k/v, gate/up) share one NVFP4 global scale, as GPTQ's stacked solve does and as inference engines
     need for the fused layer they make of them (vLLM keeps one global scale per fused layer)."""
     grouped = {name for group in ctx.sequential for name in group}
-    groups = [*ctx.sequential, *((name,) for name in ctx.linears if name not in grouped)]
-    for group in groups:
-        weights = {name: get_weight(ctx.linears[name]) for name in group if name in ctx.linears}
-        shared = None
-        if spec.fmt.has_tensor_scale and weights:
-            shared = torch.stack([spec.tensor_scale(w) for w in weights.values()]).min()  # the largest amax
-        for name, weight in weights.items():
-            ctx.set_quantized(name, quantize_weight(weight, spec, shared))
+    for group in [*ctx.sequential, *((name,) for name in ctx.linears if name not in grouped)]:
+        round_group(ctx, group, spec)
+
+
+def round_group(ctx: BlockContext, group: tuple[str, ...], spec: WeightSpec) -> None:
+    """Round the linears of one group (one input), with one NVFP4 global scale between them."""
+    weights = {name: get_weight(ctx.linears[name]) for name in group if name in ctx.linears}
+    shared = None
+    if spec.fmt.has_tensor_scale and weights:
+        shared = torch.stack([spec.tensor_scale(w) for w in weights.values()]).min()  # the largest amax
+    for name, weight in weights.items():
+        ctx.set_quantized(name, quantize_weight(weight, spec, shared))
 
 
 class RTN(Method):

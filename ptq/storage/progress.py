@@ -121,8 +121,8 @@ class Progress:
             fields = {f: tensors.get(f"q/{name}/{f}") for f in _FIELDS}
             quantized[name] = QuantizedWeight(**fields, spec=WeightSpec(**spec))
         state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+        expected_missing = {f"{name}.weight" for name in quantized} & set(block.state_dict())  # not MoE experts
         missing, unexpected = block.load_state_dict(state, strict=False)
-        expected_missing = {f"{name}.weight" for name in quantized}
         if unexpected or set(missing) != expected_missing:
             raise ResumeError(
                 f"resume=true: {path} does not match block {index} of this model; rerun with overwrite=true"

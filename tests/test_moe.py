@@ -1,0 +1,149 @@
+"""Mixture-of-experts models: every expert calibrated and quantized, in the model's own fused layout."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ptq
+from ptq.models import arch_for, get_blocks, get_submodule
+from ptq.moe import ExpertStack, MoEPolicy
+from tests.conftest import MOE_ARCHS, tiny_moe
+
+CALIB = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(0))
+TOKENS = CALIB.numel()
+
+
+def moe_blocks(model):
+    experts = arch_for(model.config.model_type).experts
+    for index, block in enumerate(get_blocks(model)):
+        fused = get_submodule(block, experts.path)
+        if fused is not None:
+            yield index, block, fused, experts
+
+
+def expert_matrices(fused, layout: str, e: int) -> dict[str, torch.Tensor]:
+    """Expert ``e``'s gate, up and down weights as [out, in], read from the fused parameters."""
+    if layout == "gate_up":
+        half = fused.gate_up_proj.shape[1] // 2
+        return {"gate_proj": fused.gate_up_proj[e, :half], "up_proj": fused.gate_up_proj[e, half:],
+                "down_proj": fused.down_proj[e]}  # fmt: skip
+    return {"gate_proj": fused.gate_up_proj[e][:, ::2].t(), "up_proj": fused.gate_up_proj[e][:, 1::2].t(),
+            "down_proj": fused.down_proj[e].t()}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", MOE_ARCHS)
+def test_unfused_experts_compute_what_the_fused_module_computes(kind):
+    model = tiny_moe(kind)
+    _, _, fused, experts = next(moe_blocks(model))
+    hidden = torch.randn(40, model.config.hidden_size)
+    top_k_index = torch.stack([torch.randperm(4)[:2] for _ in range(40)])
+    top_k_weights = torch.rand(40, 2)
+    expected = fused(hidden, top_k_index, top_k_weights)
+    for calibrate_all in (False, True):  # sending every token through every expert leaves the output alone
+        stack = ExpertStack(fused, experts.layout, calibrate_all)
+        torch.testing.assert_close(stack(hidden, top_k_index, top_k_weights), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", MOE_ARCHS)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_expert_is_quantized_on_the_grid_in_the_fused_parameters(kind, method):
+    model = tiny_moe(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = {}
+    report = ptq.quantize(model, method=method, bits=4, group_size=8, calib=CALIB, device="cpu",
+                          on_quantized=lambda name, q: quantized.__setitem__(name, q))  # fmt: skip
+    for index, _block, fused, experts in moe_blocks(model):
+        prefix = f"model.layers.{index}.{experts.path}"
+        for e in range(4):
+            for name, weight in expert_matrices(fused, experts.layout, e).items():
+                q = quantized[f"{prefix}.{e}.{name}"]
+                assert torch.equal(weight, q.dequantize().to(weight.dtype)), (e, name)  # what the model runs
+            saved = SimpleNamespace(**{p: before[f"{prefix}.{p}"] for p in ("gate_up_proj", "down_proj")})
+            original = expert_matrices(saved, experts.layout, e)
+            assert all(not torch.equal(original[n], w) for n, w in expert_matrices(fused, experts.layout, e).items())
+        router = f"model.layers.{index}.{experts.router}.weight"
+        assert torch.equal(model.state_dict()[router], before[router])  # routers are never quantized
+        summary = report["blocks"][index]["moe"]
+        assert summary["experts"] == 4 and summary["fallback"] == []
+        if method == "gptq":  # top-2 of 4 experts: every token counted twice over the experts
+            assert sum(summary["tokens"]) == 2 * TOKENS and min(summary["tokens"]) > 0
+        else:
+            assert summary["tokens"] == [None] * 4  # RTN reads no calibration data
+    assert isinstance(get_submodule(get_blocks(model)[-1], experts.path), type(fused))  # the model's own module
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_calibrate_all_experts_counts_every_token_for_every_expert(kind):
+    model = tiny_moe(kind)
+    report = ptq.quantize(model, method="gptq", bits=4, group_size=8, calib=CALIB, device="cpu",
+                          experts=MoEPolicy(calibrate_all_experts=True))  # fmt: skip
+    for index, *_ in moe_blocks(model):
+        assert report["blocks"][index]["moe"]["tokens"] == [TOKENS] * 4
+
+
+def _never_route_to(model, expert: int) -> None:
+    """Make every router send its tokens elsewhere (expert 0 instead of ``expert``)."""
+    for _, block, _, experts in moe_blocks(model):
+        router = get_submodule(block, experts.router)
+
+        def reroute(_module, _args, output):
+            logits, scores, indices = output
+            return logits, scores, torch.where(indices == expert, torch.zeros_like(indices), indices)
+
+        router.register_forward_hook(reroute)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
+def test_an_expert_without_tokens_is_rounded_to_nearest_and_named(kind):
+    model = tiny_moe(kind)
+    _never_route_to(model, 3)
+    quantized = {}
+    report = ptq.quantize(model, method="gptq", bits=4, group_size=8, calib=CALIB, device="cpu",
+                          on_quantized=lambda name, q: quantized.__setitem__(name, q))  # fmt: skip
+    for index, _block, fused, experts in moe_blocks(model):
+        summary = report["blocks"][index]["moe"]
+        assert summary["tokens"][3] == 0 and summary["fallback"] == [f"{experts.path}.3"]
+        stats = report["blocks"][index]["layers"][f"{experts.path}.3.gate_proj"]
+        assert stats["fallback"] == "rtn" and "loss" not in stats
+        for name, weight in expert_matrices(fused, experts.layout, 3).items():
+            assert torch.isfinite(weight).all()
+            q = quantized[f"model.layers.{index}.{experts.path}.3.{name}"]
+            assert torch.equal(weight, q.dequantize().to(weight.dtype))
+
+
+def test_min_tokens_sends_rarely_chosen_experts_to_the_fallback():
+    model = tiny_moe("mixtral")
+    report = ptq.quantize(model, method="gptq", bits=4, group_size=8, calib=CALIB, device="cpu",
+                          experts=MoEPolicy(min_tokens=10 * TOKENS))  # fmt: skip
+    summary = report["blocks"][1]["moe"]
+    assert summary["fallback"] == [f"mlp.experts.{e}" for e in range(4)]
+
+
+def test_moe_policy_settings_are_checked():
+    with pytest.raises(ValueError, match="moe.min_tokens=0 must be a whole number of at least 1"):
+        MoEPolicy(min_tokens=0)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_tiny_moe_folder_runs_from_the_command_line(tmp_path, kind, method):
+    from tests.conftest import require_assets
+    from tests.test_cli import ptq_run
+
+    assets = require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl")
+    folder = tmp_path / kind
+    tiny_moe(kind, vocab_size=512).save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # stories260K's 512-token tokenizer
+        shutil.copy(assets / "models" / "stories260K" / name, folder / name)
+    out = tmp_path / "run"
+    proc = ptq_run("model=custom", f"model.path={folder}", f"method={method}", "bits=4", "group_size=8",
+                   "calib.nsamples=4", "calib.seqlen=64", "eval.max_windows=2", "eval.seqlen=64",
+                   f"output_dir={out}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "result.json").read_text())
+    summary = record["quantization"]["blocks"][-1]["moe"]
+    assert summary["experts"] == 4 and len(summary["tokens"]) == 4
+    assert record["metrics"]["ppl"]["wikitext2"] < 2 * record["baseline"]["metrics"]["ppl"]["wikitext2"]
