@@ -37,6 +37,10 @@ class ScaleGroup:
     prev: str
     linears: tuple[str, ...]
     inspect: str
+    # Modules that read the same input but are never quantized (a MoE block's router): their input
+    # columns are scaled with the linears' so that the block's function is kept.
+    also_scaled: tuple[str, ...] = ()
+    reader: str | None = None  # whose input stands for the group's (default: the first linear's)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class Experts:
     router: str
     layout: str = "gate_up"
     shared: str | None = None
+    shared_gate: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert (a linear; never quantized)
+    norm: str = "post_attention_layernorm"  # what feeds the router and the experts
+    block: str = "mlp"  # the MoE module: router, experts and shared expert inside
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,7 @@ _MLA = (
     ("self_attn.o_proj",),
 )
 
+_QWEN2_MOE = Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")
 _DEEPSEEK = _moe((*_MLA, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate", shared="mlp.shared_experts"), (), None)
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -198,7 +206,10 @@ ARCHITECTURES: dict[str, Arch] = {
         no_clip=("attention.query_key_value",),
     ),
     "mixtral": _moe(_LLAMA_ATTENTION, Experts("mlp.experts", "mlp.gate")),
-    "qwen2_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert")),
+    "qwen2_moe": _moe(
+        (*_LLAMA_ATTENTION, *_DENSE_MLP),
+        Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
+    ),
     "qwen3_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate")),
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
@@ -235,12 +246,13 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def scale_groups(config) -> tuple[ScaleGroup, ...]:
-    """The scaling groups of a model's blocks, from its HF config; an error if the table has none."""
+    """The scaling groups of a model's blocks, from its HF config; an error if the table has none
+    (a MoE block's expert groups are added per block: ``block_scale_groups``)."""
     arch = arch_for(config.model_type)
-    if not arch.scaling:
+    if not arch.scaling and arch.experts is None:
         raise ModelLoadError(
             f"architecture {config.model_type!r} has no scaling groups (needed by AWQ and SmoothQuant); "
-            f"supported: {', '.join(sorted(k for k, a in ARCHITECTURES.items() if a.scaling))}. "
+            f"supported: {', '.join(sorted(k for k, a in ARCHITECTURES.items() if a.scaling or a.experts))}. "
             "Add `scaling=` to its entry in ARCHITECTURES (ptq/models.py), or use method=rtn or gptq."
         )
     if config.model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
@@ -249,6 +261,29 @@ def scale_groups(config) -> tuple[ScaleGroup, ...]:
             "layer norms do not feed the linears and scales cannot be folded into them; use method=rtn or gptq"
         )
     return arch.scaling
+
+
+def block_scale_groups(arch: Arch, block: nn.Module) -> tuple[ScaleGroup, ...]:
+    """The scaling groups of one block. A MoE block (its experts unfused, ``ptq.moe``) adds: the norm
+    before it -> every expert's gate and up and the shared expert's (the router scaled alongside, never
+    quantized), and each expert's up -> down (SwiGLU experts: act(gate) * up commutes with a scale on up;
+    gpt-oss clamps up and adds 1, so its experts have none)."""
+    if arch.experts is None:
+        return arch.scaling
+    groups = [g for g in arch.scaling if all(get_submodule(block, m) is not None for m in (g.prev, *g.linears))]
+    x = arch.experts
+    experts = get_submodule(block, x.path)
+    if not isinstance(experts, nn.ModuleList):
+        return tuple(groups)
+    members = [f"{x.path}.{e}" for e in range(len(experts))]
+    if x.shared and get_submodule(block, x.shared) is not None:
+        members.append(x.shared)
+    readers = tuple(m for m in (x.router, x.shared_gate) if m and get_submodule(block, m) is not None)
+    into = tuple(f"{m}.{proj}" for m in members for proj in ("gate_proj", "up_proj"))
+    groups.append(ScaleGroup(x.norm, into, x.block, also_scaled=readers, reader=x.router))
+    if x.layout == "gate_up":
+        groups += [ScaleGroup(f"{m}.up_proj", (f"{m}.down_proj",), f"{m}.down_proj") for m in members]
+    return tuple(groups)
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:

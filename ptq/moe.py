@@ -177,8 +177,11 @@ def expert_stages(experts: Experts, block: nn.Module, count: int) -> tuple[tuple
 def summary(stack: ExpertStack, experts: Experts, stats: dict) -> dict:
     """What the record keeps of one MoE block: the tokens each expert's statistics saw (null when the
     method reads none) and the experts quantized by the fallback."""
-    names = [f"{experts.path}.{e}.gate_proj" for e in range(len(stack))]
-    tokens = [stats.get(name, {}).get("tokens") for name in names]
+    tokens = []
+    for e in range(len(stack)):  # the tokens of its first linear with a count (AWQ counts at down_proj)
+        counts = [stats.get(f"{experts.path}.{e}.{proj}", {}).get("tokens") for proj in ("gate_proj", "up_proj",
+                                                                                       "down_proj")]  # fmt: skip
+        tokens.append(next((n for n in counts if n is not None), None))
     routed = [name for name in stats if name.startswith(experts.path + ".")]
     fallback = sorted({name.rsplit(".", 1)[0] for name in routed if stats[name].get("fallback")})
     return {"experts": len(stack), "calibrate_all_experts": stack.calibrate_all, "tokens": tokens,

@@ -226,7 +226,7 @@ def test_awq_is_deterministic():
 
 
 def test_architecture_without_scaling_groups_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="no scaling groups.*supported: gpt_neox, llama"):
+    with pytest.raises(ModelLoadError, match="no scaling groups.*supported: .*gpt_neox, gpt_oss, llama"):
         ptq.quantize(tiny_model("gpt2"), method="awq", calib=torch.zeros(2, 8, dtype=torch.long), device="cpu")
 
 

@@ -147,3 +147,50 @@ def test_a_tiny_moe_folder_runs_from_the_command_line(tmp_path, kind, method):
     summary = record["quantization"]["blocks"][-1]["moe"]
     assert summary["experts"] == 4 and len(summary["tokens"]) == 4
     assert record["metrics"]["ppl"]["wikitext2"] < 2 * record["baseline"]["metrics"]["ppl"]["wikitext2"]
+
+
+@pytest.mark.parametrize("kind", MOE_ARCHS)
+def test_moe_scaling_groups_keep_the_blocks_function(kind):
+    """Folding any positive scales into a MoE block's groups (norm -> router, experts' and shared gate/up;
+    each expert's up -> down) leaves its output as it was: the router is scaled with the experts."""
+    from ptq import moe
+    from ptq.methods.scaling import fold_scales, resolve_groups
+    from ptq.models import block_scale_groups
+
+    model = tiny_moe(kind)
+    index, block, _, experts = next(moe_blocks(model))
+    arch = arch_for(kind)
+    moe.unfuse(block, experts, MoEPolicy())
+    hidden = torch.randn(2, 12, model.config.hidden_size)
+    position_ids = torch.arange(12)[None].expand(2, -1)
+    embeddings = model.model.rotary_emb(hidden, position_ids)
+    expected = block(hidden, position_embeddings=embeddings, attention_mask=None)
+    groups = resolve_groups(block, block_scale_groups(arch, block), index)
+    moe_groups = [g for g in groups if g.group.linears[0].startswith(experts.block + ".")]
+    assert moe_groups[0].group.also_scaled[0] == experts.router
+    assert len(moe_groups) == (1 + 4 + bool(experts.shared) if experts.layout == "gate_up" else 1)
+    for group in moe_groups:
+        fold_scales(block, group, torch.rand(group.channels) + 0.5)
+    out = block(hidden, position_embeddings=embeddings, attention_mask=None)
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    torch.testing.assert_close(first(out), first(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MOE_ARCHS)
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_scaling_methods_quantize_every_expert(kind, method):
+    settings = {"act_bits": 8, "group_size": -1, "sym": True} if method == "smoothquant" else {"group_size": 8}
+    model = tiny_moe(kind)
+    quantized = {}
+    report = ptq.quantize(model, method=method, bits=4 if method == "awq" else 8, calib=CALIB, device="cpu",
+                          on_quantized=lambda name, q: quantized.__setitem__(name, q), **settings)  # fmt: skip
+    for index, _block, fused, experts in moe_blocks(model):
+        for e in range(4):
+            for name, weight in expert_matrices(fused, experts.layout, e).items():
+                q = quantized[f"model.layers.{index}.{experts.path}.{e}.{name}"]
+                assert torch.equal(weight, q.dequantize().to(weight.dtype))
+        layers = report["blocks"][index]["layers"]
+        key = "awq_alpha" if method == "awq" else "smooth_scale_max"
+        assert key in layers[f"{experts.path}.0.gate_proj"]  # the norm -> experts group was scaled
+        if method == "awq" and experts.layout == "gate_up":  # each expert's up -> down group saw its tokens
+            assert sum(report["blocks"][index]["moe"]["tokens"]) == 2 * TOKENS

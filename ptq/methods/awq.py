@@ -38,7 +38,7 @@ from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
 from ptq.methods.stats import add_gram, half_precision_products, quadratic_form_sum, split_bf16
-from ptq.models import arch_for, get_weight, scale_groups, set_weight
+from ptq.models import arch_for, block_scale_groups, get_weight, scale_groups, set_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import WeightSpec, fake_quantize_weight, group_rows, row_params
 
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
+
+
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def weight_channel_mean(weights: list[torch.Tensor], spec: WeightSpec) -> torch.Tensor:
@@ -171,7 +175,8 @@ class AWQ(Method):
 
     def prepare(self, config) -> None:
         self.groups = scale_groups(config)
-        self.no_clip = arch_for(config.model_type).no_clip
+        self.arch = arch_for(config.model_type)
+        self.no_clip = self.arch.no_clip
 
     # -- scale search ------------------------------------------------------------------------
 
@@ -179,7 +184,7 @@ class AWQ(Method):
         self, group: BlockGroup, calls: list[tuple[tuple, dict]]
     ) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Best scales for ``group`` given the calls of its compared module; also alpha and all losses."""
-        inputs = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
+        inputs = [_input(args, kwargs) for args, kwargs in calls]
         channels = group.channels
         x_mean = torch.zeros(channels, device=inputs[0].device)
         tokens = 0
@@ -258,6 +263,9 @@ class AWQ(Method):
 
         ctx.forward_with_input_hooks(targets, keep, self.search_tokens)
         for name, linear in targets.items():
+            if sum(x.shape[0] for x in samples[name]) * step < ctx.min_tokens:  # an expert without tokens
+                ctx.stats.setdefault(name, {})["fallback"] = "rtn"
+                continue
             weight = get_weight(linear)
             x = torch.cat(samples[name])[: self.clip_tokens]
             max_val, ratio = search_clip(weight, x, self.spec, self.clip_grid, self.clip_max_shrink)
@@ -267,9 +275,16 @@ class AWQ(Method):
     def quantize_block(self, ctx: BlockContext) -> None:
         if self.groups is None:
             raise RuntimeError("AWQ.prepare(config) must run before quantize_block")
-        for group in resolve_groups(ctx.block, self.groups, ctx.index):
+        for group in resolve_groups(ctx.block, block_scale_groups(self.arch, ctx.block), ctx.index):
             start = time.perf_counter()
             calls = ctx.capture_calls(group.inspect, self.search_tokens)
+            tokens = sum(_input(args, kwargs).shape[:-1].numel() for args, kwargs in calls)
+            if len(group.linears) == 1:  # a lone linear (an expert's down_proj): the tokens it was sent
+                ctx.stats.setdefault(next(iter(group.linears)), {})["tokens"] = tokens
+            if tokens < ctx.min_tokens:  # an expert the router (almost) never chose: no scales, and say so
+                for name in group.linears:
+                    ctx.stats.setdefault(name, {})["fallback"] = "rtn"
+                continue
             scales, alpha, losses = self.search_scale(group, calls)
             del calls
             fold_scales(ctx.block, group, scales)

@@ -13,7 +13,7 @@ The folding arithmetic is done in fp32 and written back in each parameter's own 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class BlockGroup:
     prev: nn.Module
     linears: dict[str, nn.Module]
     inspect: nn.Module
+    also_scaled: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -68,7 +69,8 @@ def resolve_groups(block: nn.Module, groups: tuple[ScaleGroup, ...], block_index
                 "block %d: scaling group %s -> %s skipped (shapes differ)", block_index, group.prev, group.linears
             )
             continue
-        resolved.append(BlockGroup(group, prev, linears, inspect))
+        also_scaled = {name: get_submodule(block, name) for name in group.also_scaled}
+        resolved.append(BlockGroup(group, prev, linears, inspect, also_scaled))
     return resolved
 
 
@@ -94,6 +96,6 @@ def fold_scales(block: nn.Module, group: BlockGroup, scales: torch.Tensor) -> No
         group.prev = wrapped
     else:
         raise ModelLoadError(f"cannot fold scales into {group.group.prev} ({type(prev).__name__})")
-    for linear in group.linears.values():
+    for linear in (*group.linears.values(), *group.also_scaled.values()):
         weight = get_weight(linear)
         set_weight(linear, (weight.float() * s[None, :].to(weight.device)).to(weight.dtype))

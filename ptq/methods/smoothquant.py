@@ -25,13 +25,18 @@ import torch
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import fold_scales, resolve_groups
-from ptq.models import get_weight, is_linear, scale_groups
+from ptq.models import arch_for, block_scale_groups, get_submodule, get_weight, is_linear, scale_groups
 from ptq.pipeline import BlockContext
 from ptq.quant import WeightSpec
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("norms", "all")
+
+
+def _reader(group) -> str:
+    """The module whose input is the group's (a MoE block's router: the experts each see only their tokens)."""
+    return group.group.reader or group.group.linears[0]
 
 
 def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -59,15 +64,15 @@ class SmoothQuant(Method):
 
     def prepare(self, config) -> None:
         self.groups = scale_groups(config)
+        self.arch = arch_for(config.model_type)
 
     def quantize_block(self, ctx: BlockContext) -> None:
         if self.groups is None:
             raise RuntimeError("SmoothQuant.prepare(config) must run before quantize_block")
         start = time.perf_counter()
-        groups = [
-            g for g in resolve_groups(ctx.block, self.groups, ctx.index) if self.scope == "all" or not is_linear(g.prev)
-        ]
-        readers = {g.group.linears[0]: next(iter(g.linears.values())) for g in groups}
+        resolved = resolve_groups(ctx.block, block_scale_groups(self.arch, ctx.block), ctx.index)
+        groups = [g for g in resolved if self.scope == "all" or not is_linear(g.prev)]
+        readers = {_reader(g): get_submodule(ctx.block, _reader(g)) for g in groups}
         act_max: dict[str, torch.Tensor] = {}
 
         def track(name: str, x: torch.Tensor) -> None:
@@ -76,8 +81,10 @@ class SmoothQuant(Method):
 
         ctx.forward_with_input_hooks(readers, track)
         for group in groups:
+            if _reader(group) not in act_max:  # an expert the router never chose: nothing to smooth
+                continue
             scales = smoothing_scales(
-                act_max[group.group.linears[0]], [get_weight(m) for m in group.linears.values()], self.alpha
+                act_max[_reader(group)], [get_weight(m) for m in group.linears.values()], self.alpha
             )
             fold_scales(ctx.block, group, scales)
             for name in group.linears:
