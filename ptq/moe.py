@@ -109,11 +109,19 @@ class ExpertStack(nn.ModuleList):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
-        for e, expert in enumerate(self):
-            tokens, slot = torch.where(top_k_index == e)
+        # The (token, slot) pairs sorted by expert, and how many each expert got: one host sync per call,
+        # not one per expert.
+        k = top_k_index.shape[-1]
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=len(self)).tolist()
+        start = 0
+        for expert, count in zip(self, counts[: len(self)], strict=True):
+            pairs = order[start : start + count]
+            start += count
+            tokens, slot = pairs // k, pairs % k
             if self.calibrate_all:  # every token through the expert (its hooks see them all); the routed ones count
                 y = expert(hidden)[tokens]
-            elif tokens.numel():
+            elif count:
                 y = expert(hidden[tokens])
             else:
                 continue

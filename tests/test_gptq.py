@@ -209,3 +209,27 @@ def test_consumed_hessian_is_released_and_results_are_unchanged():
     assert H_given.untyped_storage().size() == 0  # the caller's Hessian no longer holds memory
     assert torch.equal(consumed.qweight, kept.qweight) and torch.equal(consumed.scale, kept.scale)
     assert H.untyped_storage().size() > 0  # without consume nothing of the caller's is touched
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_batched_factorizations_give_the_one_by_one_result(act_order, static_groups):
+    """A MoE stage factors its experts' Hessians in one stack (factor_hessians): the same codes and losses
+    as factoring each alone, dead inputs included."""
+    from ptq.methods.gptq import factor_hessians, gptq_quantize
+    from ptq.quant import WeightSpec
+
+    torch.manual_seed(0)
+    spec = WeightSpec("int", 4, 16, False)
+    weights, hessians = [], []
+    for _ in range(5):
+        x = torch.randn(200, 64)
+        x[:, 3] = 0  # an input that is always zero
+        weights.append(torch.randn(24, 64))
+        hessians.append(2 / 200 * x.T @ x)
+    factors = factor_hessians([h.clone() for h in hessians], 0.01, act_order)
+    for w, h, factor in zip(weights, hessians, factors, strict=True):
+        q1, loss1, info1 = gptq_quantize(w, h, spec, 128, 0.01, act_order, static_groups)
+        q2, loss2, info2 = gptq_quantize(w, torch.empty(0), spec, 128, 0.01, act_order, static_groups, factor=factor)
+        assert torch.equal(q1.qweight, q2.qweight) and torch.equal(q1.g_idx, q2.g_idx)
+        assert torch.allclose(loss1, loss2) and info1 == info2

@@ -40,6 +40,22 @@ SHAPES = {
         vocab_size=32000,
         max_position_embeddings=4096,
     ),
+    # Qwen3-30B-A3B: 48 blocks of 128 routed experts (8 active), no shared expert; about 61 GB in bf16.
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+    ),
     "smollm2-135m": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -58,14 +74,18 @@ def command_line(program: str, argv: list[str] | None) -> str:
 
 
 def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(SHAPES[shape])
     if layers:
         kwargs["num_hidden_layers"] = layers
-    config = LlamaConfig(**kwargs, use_cache=False)
+    config = AutoConfig.for_model(kwargs.pop("model_type", "llama"), **kwargs, use_cache=False)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # fused expert parameters (3-D) may be left uninitialized: give them values
+        for param in model.parameters():
+            if param.dim() == 3:
+                param.normal_(std=config.initializer_range)
     return model.eval()
 
 

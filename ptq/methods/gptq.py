@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,7 @@ from ptq.quant import QuantizedWeight, WeightSpec, group_qparams
 
 log = logging.getLogger(__name__)
 LOOPS = ("auto", "torch")  # the column loop: the Triton kernel where it applies, or always PyTorch
+FACTOR_BATCH_BYTES = 2**31  # the largest stack of Hessians factored at once (a MoE stage's experts)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -63,6 +65,49 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 
         )
         damp_fraction *= 10
     raise FloatingPointError(f"Hessian stayed non-positive-definite up to percdamp={damp_fraction / 10:g}")
+
+
+@dataclass
+class Factor:
+    """What GPTQ needs of a Hessian before the column loop: the upper Cholesky factor of the damped
+    inverse (in ``perm`` order), the permutation (act-order; None without), the inputs that were always
+    zero (``dead``) and the solver info (damping used)."""
+
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    info: dict
+
+
+def factor_hessians(hessians: list[torch.Tensor], percdamp: float, act_order: bool) -> list[Factor] | None:
+    """``inverse_hessian_cholesky`` for many Hessians of one size at once (a MoE block's experts): a
+    few batched factorizations instead of hundreds of small ones, each with its own host syncs. The
+    Hessians are consumed on success. None if any needs more damping than ``percdamp`` (the caller then
+    factors them one by one, with the retries; the Hessians are left as they were)."""
+    H = torch.stack(hessians)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1)
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True)
+        n = H.shape[-1]
+        H = torch.gather(H, 1, perm[:, :, None].expand(-1, -1, n))
+        H = torch.gather(H, 2, perm[:, None, :].expand(-1, n, -1))
+        diag = H.diagonal(dim1=-2, dim2=-1)
+    diag.add_(percdamp * diag.mean(dim=-1, keepdim=True))
+    L, info = torch.linalg.cholesky_ex(H)
+    del H
+    if info.any():
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    del L
+    if info.any() or not torch.isfinite(U.sum()):
+        return None
+    for h in hessians:  # consumed: their memory goes now, not when the last expert is solved
+        h.untyped_storage().resize_(0)
+    solver = {"percdamp": percdamp, "retries": 0}
+    return [Factor(U[i], None if perm is None else perm[i], dead[i], solver) for i in range(U.shape[0])]
 
 
 def _lazy_block_loop(
@@ -106,6 +151,7 @@ def gptq_quantize(
     static_groups: bool = False,
     consume: bool = False,
     loop: str = "auto",
+    factor: Factor | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, dict]:
     """Quantize a [rows, columns] weight with the GPTQ solver given its input Hessian [columns, columns].
 
@@ -116,15 +162,18 @@ def gptq_quantize(
     and its memory is released (its storage emptied) as soon as the inverse factor exists. W is never
     modified; its fp32 working copy is made only after the factorization, so the two are not alive
     together at the solve's memory peak (Llama-3-8B's down_proj: H and each factorization temporary).
+    ``factor``: H already factored (``factor_hessians``); H is then not read.
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    given = H
-    H = H.to(work) if consume else H.to(work).clone()
     rows, columns = W.shape
     group = spec.group_size_for(columns)
-
-    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
-    H[dead, dead] = 1
+    if factor is None:
+        given = H
+        H = H.to(work) if consume else H.to(work).clone()
+        dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
+        H[dead, dead] = 1
+    else:
+        dead = factor.dead
 
     # NVFP4's global scale, and a per-tensor scale, come from the original weights: GPTQ's updates
     # must not move the range every group's scale is expressed in.
@@ -134,13 +183,16 @@ def gptq_quantize(
     if static_groups:  # group parameters from the original weights, before any column is updated
         static_scale, static_zero = group_qparams(original, spec, tensor_scale)
     del original
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
-    if perm is not None:
-        H = H[perm][:, perm]
-    Hinv, info = inverse_hessian_cholesky(H, percdamp)
-    del H
-    if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
-        given.untyped_storage().resize_(0)
+    if factor is None:
+        perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+        if perm is not None:
+            H = H[perm][:, perm]
+        Hinv, info = inverse_hessian_cholesky(H, percdamp)
+        del H
+        if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
+            given.untyped_storage().resize_(0)
+    else:
+        Hinv, perm, info = factor.hinv.to(work), factor.perm, dict(factor.info)
     W = W.to(work, copy=True).masked_fill_(dead, 0)
     if perm is not None:
         W = W[:, perm]
@@ -266,7 +318,28 @@ class GPTQ(Method):
                 ctx.stats.setdefault(name, {})["tokens"] = tokens[group[0]]
         return {name: sums[name].mul_(2 / n) if n >= ctx.min_tokens else None for name, n in tokens.items()}
 
-    def _solve(self, ctx: BlockContext, group: tuple[str, ...], hessians: dict[str, torch.Tensor]) -> None:
+    def _factor_stage(self, hessians: dict[str, torch.Tensor | None]) -> dict[str, Factor]:
+        """Batched factorizations for a stage with many Hessians of one size (a MoE block's experts), in
+        stacks of at most ``FACTOR_BATCH_BYTES``; {} for a dense block's single group."""
+        by_size: dict[int, list[str]] = {}
+        for name, H in hessians.items():
+            if H is not None:
+                by_size.setdefault(H.shape[0], []).append(name)
+        factors: dict[str, Factor] = {}
+        for n, names in by_size.items():
+            if len(names) < 2:
+                continue
+            per_stack = max(1, FACTOR_BATCH_BYTES // (n * n * 4))
+            for i in range(0, len(names), per_stack):
+                chunk = names[i : i + per_stack]
+                done = factor_hessians([hessians[name] for name in chunk], self.percdamp, self.act_order)
+                if done is not None:  # else some need more damping: ``_solve`` factors them one by one, with retries
+                    factors.update(zip(chunk, done, strict=True))
+        return factors
+
+    def _solve(
+        self, ctx: BlockContext, group: tuple[str, ...], hessians: dict[str, torch.Tensor], factor: Factor | None = None
+    ) -> None:
         """Solve ``group``, consuming its Hessian: popped here, so that the solver can free its memory
         as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB)."""
         start = time.perf_counter()
@@ -282,7 +355,7 @@ class GPTQ(Method):
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
         qweight, losses, info = gptq_quantize(
             stacked, hessians.pop(group[0]), self.spec, self.block_size, self.percdamp, self.act_order,
-            self.static_groups, consume=True, loop=self.loop,
+            self.static_groups, consume=True, loop=self.loop, factor=factor,
         )  # fmt: skip
         del stacked
         if not torch.isfinite(qweight.scale).all():
@@ -313,8 +386,9 @@ class GPTQ(Method):
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
+            factors = self._factor_stage(hessians) if len(batch) > 1 else {}
             for group in batch:
-                self._solve(ctx, group, hessians)
+                self._solve(ctx, group, hessians, factors.pop(group[0], None))
         solved = [name for g in groups for name in g if "loss" in ctx.stats[name]]
         if len(solved) > 16:  # a MoE block: the sum per linear kind instead of hundreds of numbers
             kinds: dict[str, float] = {}
