@@ -176,21 +176,25 @@ def test_moe_scaling_groups_keep_the_blocks_function(kind):
     torch.testing.assert_close(first(out), first(expected), rtol=1e-4, atol=1e-5)
 
 
+def test_activation_quantization_of_moe_models_is_refused_before_work():
+    with pytest.raises(ValueError, match=r"activation quantization of mixtral \(mixture-of-experts\) models is not"):
+        ptq.quantize(tiny_moe("mixtral"), method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8,
+                     calib=CALIB, device="cpu")  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", MOE_ARCHS)
-@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_scaling_methods_quantize_every_expert(kind, method):
-    settings = {"act_bits": 8, "group_size": -1, "sym": True} if method == "smoothquant" else {"group_size": 8}
     model = tiny_moe(kind)
     quantized = {}
-    report = ptq.quantize(model, method=method, bits=4 if method == "awq" else 8, calib=CALIB, device="cpu",
-                          on_quantized=lambda name, q: quantized.__setitem__(name, q), **settings)  # fmt: skip
+    report = ptq.quantize(model, method=method, bits=4, group_size=8, calib=CALIB, device="cpu",
+                          on_quantized=lambda name, q: quantized.__setitem__(name, q))  # fmt: skip
     for index, _block, fused, experts in moe_blocks(model):
         for e in range(4):
             for name, weight in expert_matrices(fused, experts.layout, e).items():
                 q = quantized[f"model.layers.{index}.{experts.path}.{e}.{name}"]
                 assert torch.equal(weight, q.dequantize().to(weight.dtype))
         layers = report["blocks"][index]["layers"]
-        key = "awq_alpha" if method == "awq" else "smooth_scale_max"
-        assert key in layers[f"{experts.path}.0.gate_proj"]  # the norm -> experts group was scaled
-        if method == "awq" and experts.layout == "gate_up":  # each expert's up -> down group saw its tokens
+        assert "awq_alpha" in layers[f"{experts.path}.0.gate_proj"]  # the norm -> experts group was scaled
+        if experts.layout == "gate_up":  # each expert's up -> down group saw its tokens
             assert sum(report["blocks"][index]["moe"]["tokens"]) == 2 * TOKENS
