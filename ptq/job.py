@@ -75,11 +75,6 @@ def check(cfg: RunConfig, named: list[str] | tuple = ()) -> Plan:
             "method=none, or quantize the full-precision model it came from"
         )
     steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
-    if cfg.save and models.arch_for(config.model_type).experts is not None:
-        raise ConfigError(
-            f"save=true: ptq cannot write {config.model_type} (mixture-of-experts) checkpoints yet; evaluate with "
-            "save=false"
-        )
     uses_calibration = any(step.needs_calibration for step in steps)
     unused = [k for k in named if not uses_calibration and (k == "calib" or k.startswith("calib."))]
     if unused:
@@ -181,7 +176,7 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
     dtype = pick_dtype(cfg.model.dtype, device, plan.config)
     if plan.loaded_checkpoint == "gptq":
         model = checkpoint.load_quantized(source.path, dtype)
-    elif plan.loaded_checkpoint == "compressed-tensors":
+    elif plan.loaded_checkpoint == "compressed-tensors" and models.arch_for(plan.config.model_type).experts is None:
         model = compressed_tensors.load(source.path, dtype)
     elif (cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path)
           and models.arch_for(plan.config.model_type).experts is None):  # fmt: skip

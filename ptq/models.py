@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,14 @@ class Experts:
     shared_gate: str | None = None  # Qwen2-MoE's sigmoid gate on the shared expert (a linear; never quantized)
     norm: str = "post_attention_layernorm"  # what feeds the router and the experts
     block: str = "mlp"  # the MoE module: router, experts and shared expert inside
+    # How a saved checkpoint names what transformers renames on loading (regex, replacement), applied to
+    # the model's names: Mixtral's Hub layout is block_sparse_moe.experts.<e>.w1 (gate), w3 (up), w2 (down).
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_name(self, key: str) -> str:
+        for pattern, replacement in self.checkpoint_names:
+            key = re.sub(pattern, replacement, key)
+        return key
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,16 @@ _MLA = (
     ("self_attn.o_proj",),
 )
 
+_MIXTRAL = Experts(
+    "mlp.experts",
+    "mlp.gate",
+    checkpoint_names=(
+        (r"\.mlp\.", ".block_sparse_moe."),
+        (r"\.experts\.(\d+)\.gate_proj\b", r".experts.\1.w1"),
+        (r"\.experts\.(\d+)\.up_proj\b", r".experts.\1.w3"),
+        (r"\.experts\.(\d+)\.down_proj\b", r".experts.\1.w2"),
+    ),
+)
 _QWEN2_MOE = Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")
 _DEEPSEEK = _moe((*_MLA, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate", shared="mlp.shared_experts"), (), None)
 
@@ -205,7 +224,7 @@ ARCHITECTURES: dict[str, Arch] = {
         ),
         no_clip=("attention.query_key_value",),
     ),
-    "mixtral": _moe(_LLAMA_ATTENTION, Experts("mlp.experts", "mlp.gate")),
+    "mixtral": _moe(_LLAMA_ATTENTION, _MIXTRAL),
     "qwen2_moe": _moe(
         (*_LLAMA_ATTENTION, *_DENSE_MLP),
         Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),

@@ -194,3 +194,19 @@ def summary(stack: ExpertStack, experts: Experts, stats: dict) -> dict:
     fallback = sorted({name.rsplit(".", 1)[0] for name in routed if stats[name].get("fallback")})
     return {"experts": len(stack), "calibrate_all_experts": stack.calibrate_all, "tokens": tokens,
             "fallback": fallback}  # fmt: skip
+
+
+def fused_parameter_names(model: nn.Module) -> set[str]:
+    """The names of a MoE model's fused expert weights (what its experts' linears are stored as)."""
+    from ptq.models import get_arch, get_blocks
+
+    experts = get_arch(model).experts
+    if experts is None:
+        return set()
+    names = {id(m): n for n, m in model.named_modules()}
+    return {
+        f"{names[id(block)]}.{experts.path}.{param}"
+        for block in get_blocks(model)
+        if get_submodule(block, experts.path) is not None
+        for param in ("gate_up_proj", "down_proj")
+    }

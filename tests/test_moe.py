@@ -139,14 +139,24 @@ def test_a_tiny_moe_folder_runs_from_the_command_line(tmp_path, kind, method):
     for name in ("tokenizer.model", "tokenizer_config.json"):  # stories260K's 512-token tokenizer
         shutil.copy(assets / "models" / "stories260K" / name, folder / name)
     out = tmp_path / "run"
-    proc = ptq_run("model=custom", f"model.path={folder}", f"method={method}", "bits=4", "group_size=8",
-                   "calib.nsamples=4", "calib.seqlen=64", "eval.max_windows=2", "eval.seqlen=64",
-                   f"output_dir={out}", cwd=tmp_path)  # fmt: skip
+    common = ["eval.max_windows=2", "eval.seqlen=64"]
+    proc = ptq_run("model=custom", f"model.path={folder}", f"method={method}", "bits=4", "group_size=8", "sym=true",
+                   "calib.nsamples=4", "calib.seqlen=64", "save=true", f"output_dir={out}", *common,
+                   cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "result.json").read_text())
     summary = record["quantization"]["blocks"][-1]["moe"]
     assert summary["experts"] == 4 and len(summary["tokens"]) == 4
     assert record["metrics"]["ppl"]["wikitext2"] < 2 * record["baseline"]["metrics"]["ppl"]["wikitext2"]
+    storage = record["quantization"]["storage"]  # the experts are counted once, as packed linears
+    assert storage["quantized_linears"] >= 2 * 4 * 3  # the experts' linears of the MoE blocks, at least
+    assert storage["model_bytes"] < record["saved"]["bytes"] * 1.1  # not the fused experts counted again
+    # The saved folder, read back (transformers decompresses the experts into the fused layout).
+    proc = ptq_run("model=custom", f"model.path={out / 'model'}", "method=none", f"output_dir={tmp_path / 'back'}",
+                   *common, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    reloaded = json.loads((tmp_path / "back" / "result.json").read_text())["metrics"]["ppl"]["wikitext2"]
+    assert reloaded == pytest.approx(record["metrics"]["ppl"]["wikitext2"], rel=5e-3)
 
 
 @pytest.mark.parametrize("kind", MOE_ARCHS)
@@ -198,3 +208,61 @@ def test_scaling_methods_quantize_every_expert(kind, method):
         assert "awq_alpha" in layers[f"{experts.path}.0.gate_proj"]  # the norm -> experts group was scaled
         if experts.layout == "gate_up":  # each expert's up -> down group saw its tokens
             assert sum(report["blocks"][index]["moe"]["tokens"]) == 2 * TOKENS
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_saved_moe_checkpoints_load_in_transformers(tmp_path, kind):
+    """Experts are written one by one, under the names the model's Hub checkpoints use (Mixtral: w1/w3/w2
+    under block_sparse_moe); transformers reads them back into its fused layout with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from ptq.recipe import Recipe
+    from ptq.storage.compressed_tensors import CompressedStore
+
+    model = tiny_moe(kind)
+    recipe = Recipe.build(method="gptq", bits=4, group_size=8, sym=True)
+    store = CompressedStore(model, recipe, tmp_path / "model")
+    ptq.quantize(model, recipe, calib=CALIB, device="cpu", on_quantized=store.add, on_block_done=store.block_done)
+    store.save(model, None)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
+    router = "model.layers.1.block_sparse_moe.gate" if kind == "mixtral" else "model.layers.1.mlp.gate"
+    assert router in config["ignore"]  # routers stay in full precision
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    for name, param in model.named_parameters():
+        if "experts" in name and param.dim() == 3:
+            assert torch.equal(dict(loaded.named_parameters())[name], param), name
+    torch.testing.assert_close(loaded(CALIB[:2]).logits, model(CALIB[:2]).logits)
+
+
+def test_gpt_oss_experts_are_not_saved_yet(tmp_path):
+    from ptq.recipe import Recipe
+    from ptq.storage.compressed_tensors import CompressedStore, SaveError
+
+    with pytest.raises(SaveError, match="cannot write gpt_oss's experts yet"):
+        CompressedStore(tiny_moe("gpt_oss"), Recipe.build(method="rtn", bits=4, group_size=8), tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
+def test_an_interrupted_moe_run_resumes_to_the_same_weights(tmp_path, kind):
+    from ptq.api import prepare_steps, run_steps
+    from ptq.recipe import Recipe
+    from ptq.storage.progress import Progress
+    from tests.test_resume import Interrupted, _interrupt_after
+
+    recipe = Recipe.build(method="gptq", bits=4, group_size=8)
+    reference = tiny_moe(kind)
+    expected = run_steps(reference, prepare_steps(recipe, reference.config), CALIB, "cpu")
+    interrupted = tiny_moe(kind)
+    progress = Progress(tmp_path, {"kind": kind})
+    progress.start(resume=False)
+    _interrupt_after(progress, 0)
+    with pytest.raises(Interrupted):
+        run_steps(interrupted, prepare_steps(recipe, interrupted.config), CALIB, "cpu", progress=progress)
+    resumed = tiny_moe(kind)
+    progress = Progress(tmp_path, {"kind": kind})
+    assert progress.start(resume=True) == 1
+    report = run_steps(resumed, prepare_steps(recipe, resumed.config), CALIB, "cpu", progress=progress)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [b["moe"] for b in report["blocks"]] == [b["moe"] for b in expected["blocks"]]
+    assert report["storage"] == expected["storage"]

@@ -220,11 +220,14 @@ class StorageCount:
 
     def summary(self, model: torch.nn.Module) -> dict:
         """Effective bits per quantized weight (scales, zero points and g_idx included), and per
-        parameter of the whole model."""
+        parameter of the whole model. A MoE model's fused expert parameters are their experts' linears."""
+        from ptq.moe import fused_parameter_names
+
+        covered = fused_parameter_names(model) if self.names else set()
         other = sum(
             p.numel()
             for name, p in model.named_parameters()
-            if not (name.endswith(".weight") and name[: -len(".weight")] in self.names)
+            if not (name.endswith(".weight") and name[: -len(".weight")] in self.names) and name not in covered
         )
         total_bytes = self.linear_bytes + 2 * other
         return {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ptq.errors import UserError
+from ptq.models import get_arch, get_blocks, get_submodule
 from ptq.quant.pack import WORD, pack_nibbles, pack_rows, stored_scale
 from ptq.quant.spec import PER_CHANNEL, PER_TENSOR, ActSpec, WeightSpec
 from ptq.quant.weight import QuantizedWeight
@@ -320,16 +321,40 @@ class CompressedStore(BlockwiseStore):
         super().__init__(out, next(model.parameters()).dtype, max_shard_size)
         self.recipe = recipe
         self.modules = dict(model.named_modules())
+        experts = get_arch(model).experts
+        self.routers: list[str] = []
+        if experts is not None:  # experts are written one by one, as Hub checkpoints (and vLLM) have them
+            if experts.layout != "gate_up":
+                raise SaveError(f"save=true: ptq cannot write {model.config.model_type}'s experts yet; save=false")
+            self.stored_as_linears = (f"{experts.path}.gate_up_proj", f"{experts.path}.down_proj")
+            self.routers = [f"{prefix}.{experts.router}" for prefix, block in _blocks_with(model, experts.path)]
+            self.checkpoint_name = experts.checkpoint_name
+            for prefix, block in _blocks_with(model, experts.path):  # whole groups, as for every linear
+                fused = get_submodule(block, experts.path)
+                for what, width in (("hidden", fused.gate_up_proj.shape[-1]), ("expert", fused.down_proj.shape[-1])):
+                    group = recipe.weights.group_size
+                    if group > 0 and width % group:
+                        raise SaveError(
+                            f"save=true: the experts of {prefix} read {width} {what} features, not a multiple of "
+                            f"group_size={group}, and compressed-tensors stores whole groups only: choose a divisor"
+                        )
 
     def linear_tensors(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         from ptq.quant.activations import input_quantizer_of
 
-        quantizer = input_quantizer_of(self.modules[name])
+        module = self.modules.get(name)  # (an expert's linear exists only while its block is quantized)
+        quantizer = input_quantizer_of(module) if module is not None else None
         input_scale = quantizer.scale if quantizer is not None and quantizer.spec.calibrated else None
         return tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
 
     def quantization_config(self, model: nn.Module) -> dict:
-        return quantization_config(self.recipe, unquantized_linears(model, self.quantized), act_order=False)
+        ignore = unquantized_linears(model, self.quantized) + self.routers  # routers: never quantized
+        return quantization_config(self.recipe, [self.checkpoint_name(n) for n in ignore], act_order=False)
+
+
+def _blocks_with(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(b)], b) for b in get_blocks(model) if get_submodule(b, path) is not None]
 
 
 FORMAT_OF = {NVFP4_PACK_QUANTIZED: "nvfp4", MXFP4_PACK_QUANTIZED: "mxfp4", MXFP8_QUANTIZED: "mxfp8"}
@@ -444,6 +469,7 @@ def stored_storage(path: str, model: nn.Module) -> dict:
     from ptq.quant.pack import StorageCount
 
     tensors: dict[str, dict[str, int]] = {}
+    weights: dict[str, int] = {}  # the weights each quantized linear stands for (its weight_shape, or weight)
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
@@ -452,12 +478,13 @@ def stored_storage(path: str, model: nn.Module) -> dict:
                 tensors.setdefault(module, {})[local] = (
                     math.prod(view.get_shape()) * SAFETENSORS_BYTES[view.get_dtype()]
                 )
+                if local == "weight_shape":
+                    weights[module] = math.prod(f.get_tensor(key).tolist())
+                elif local == "weight":
+                    weights.setdefault(module, math.prod(view.get_shape()))
     count = StorageCount()
     count.layouts.add("compressed-tensors")
-    modules = dict(model.named_modules())
     for name, local in tensors.items():
         if "weight_scale" in local:
-            module = modules[name]
-            weights = module.in_features * module.out_features
-            count.add_packed(name, weights, sum(b for k, b in local.items() if k != "bias"))
+            count.add_packed(name, weights[name], sum(b for k, b in local.items() if k != "bias"))
     return count.summary(model)

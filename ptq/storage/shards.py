@@ -137,6 +137,10 @@ class BlockwiseStore:
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized linears not written yet
         self.quantized: list[str] = []
         self.written_blocks: list[str] = []  # prefixes ("model.layers.3.") of the blocks already written
+        # A block's parameters that its quantized linears stand for (a MoE block's fused experts, stored
+        # expert by expert): not written themselves.
+        self.stored_as_linears: tuple[str, ...] = ()
+        self.checkpoint_name = lambda key: key  # the name a tensor is stored under (see models.Experts)
 
     def linear_tensors(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -158,12 +162,15 @@ class BlockwiseStore:
         linears = [name for name in self.pending if name.startswith(inside)]
         replaced = {f"{name}.weight" for name in linears}
         for key, tensor in state.items():
+            if prefix and key in self.stored_as_linears:
+                continue
             key = inside + key
             if key not in replaced:
-                self.folder.add(key, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+                tensor = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+                self.folder.add(self.checkpoint_name(key), tensor)
         for name in linears:
             for local, tensor in self.pending.pop(name).items():
-                self.folder.add(f"{name}.{local}", tensor)
+                self.folder.add(self.checkpoint_name(f"{name}.{local}"), tensor)
 
     def save(self, model: nn.Module, tokenizer) -> dict[str, int]:
         """Write everything not written yet (tied tensors once: transformers re-ties them) and finish."""
