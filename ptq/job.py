@@ -185,6 +185,15 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
         # the pipeline reaches it (ptq/lazy.py).
         lazy = load_skeleton(source.path, dtype)
         model = lazy.model
+    elif plan.loaded_checkpoint == "compressed-tensors":  # a MoE folder: transformers decompresses its experts
+        try:
+            model = models.load_model(source, dtype)
+        except RuntimeError as err:
+            raise models.ModelLoadError(
+                f"transformers could not read the experts of {source.path} ({str(err).splitlines()[0][:160]}); ptq "
+                "evaluates mixture-of-experts folders through transformers, which reads weight-only experts "
+                "(e.g. W4A16) but not activation-quantized ones: serve this folder with vLLM instead"
+            ) from None
     else:
         model = models.load_model(source, dtype)
     store = None

@@ -8,7 +8,8 @@ ordinary ``gate_proj``, ``up_proj`` and ``down_proj`` linears (named ``<path>.<e
 experts of a Hub checkpoint are), computing what the fused module computes. Every method then treats
 them as it treats any linear. ``fuse`` writes the quantized weights back into the model's own 3-D
 parameters and puts the original module back, so the model runs (and is evaluated) as transformers
-defines it.
+defines it; where activations are quantized, the quantizers sit on the experts' linears, so those blocks
+keep their ``ExpertStack`` (which computes what the fused module computes).
 
 Calibration (``MoEPolicy``): by default each expert's statistics come from the tokens the router sends
 it. With ``calibrate_all_experts`` every token also goes through every expert, for the statistics only:
@@ -164,8 +165,7 @@ def unfuse(block: nn.Module, experts: Experts | None, policy: MoEPolicy) -> Expe
 
 
 def fuse(block: nn.Module, experts: Experts, stack: ExpertStack) -> None:
-    """Write the experts back and restore the model's own module."""
-    stack.write_back()
+    """Restore the model's own module (after ``stack.write_back``)."""
     parent, name = _parent(block, experts.path)
     setattr(parent, name, stack.fused)
 

@@ -315,6 +315,9 @@ def run_blocks(
         raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
     arch = get_arch(model)
     experts = experts or moe.MoEPolicy()
+    # A MoE model whose linears get input quantizers keeps its experts split (ptq.moe): the quantizers
+    # live on the experts' linears, which the fused layout does not have.
+    keep_unfused = any(step.installs_input_stages for step in steps)
     blocks = get_blocks(model)
     needs_calibration = any(step.needs_calibration for step in steps)
     if needs_calibration and calib_ids is None:
@@ -350,7 +353,9 @@ def run_blocks(
             block.to(device)
             prefix = module_names[id(block)]
             restored = progress is not None and index < progress.done
-            stack = None if restored else moe.unfuse(block, arch.experts, experts)  # restored: fused as saved
+            # Experts are split into linears while the block is quantized, and stay split where run-time
+            # quantizers sit on their inputs (a restored block is put back as it was saved).
+            stack = moe.unfuse(block, arch.experts, experts) if not restored or keep_unfused else None
             ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
             if restored:
                 quantized, entry = progress.restore_block(index, block, device)
@@ -369,7 +374,9 @@ def run_blocks(
                 check_all_quantized(ctx, prefix)
                 if stack is not None:
                     ctx.moe = moe.summary(stack, arch.experts, ctx.stats)
-                    moe.fuse(block, arch.experts, stack)
+                    stack.write_back()
+                    if not keep_unfused:
+                        moe.fuse(block, arch.experts, stack)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
                 check_finite_activations(inputs.chunks, f"block {index} ({prefix})")

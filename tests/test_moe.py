@@ -186,10 +186,28 @@ def test_moe_scaling_groups_keep_the_blocks_function(kind):
     torch.testing.assert_close(first(out), first(expected), rtol=1e-4, atol=1e-5)
 
 
-def test_activation_quantization_of_moe_models_is_refused_before_work():
-    with pytest.raises(ValueError, match=r"activation quantization of mixtral \(mixture-of-experts\) models is not"):
-        ptq.quantize(tiny_moe("mixtral"), method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8,
-                     calib=CALIB, device="cpu")  # fmt: skip
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_activation_quantized_moe_blocks_keep_their_experts_split_with_quantizers(kind):
+    """SmoothQuant W8A8 (static per-tensor activations): the quantizers sit on every expert's linears, so
+    MoE blocks keep their ExpertStack; each expert gets its own calibrated input scale."""
+    from ptq.quant.activations import input_quantizer_of
+
+    model = tiny_moe(kind)
+    common = {"bits": 8, "group_size": -1, "sym": True, "calib": CALIB, "device": "cpu"}
+    report = ptq.quantize(model, method="smoothquant", act_bits=8, act_granularity="per_tensor", **common)
+    for index, block in enumerate(get_blocks(model)):
+        experts = arch_for(kind).experts
+        stack = get_submodule(block, experts.path)
+        if report["blocks"][index]["moe"] is None:
+            continue
+        assert isinstance(stack, ExpertStack)
+        for e, expert in enumerate(stack):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                quantizer = input_quantizer_of(getattr(expert, name))
+                assert quantizer is not None and quantizer.scale is not None, (e, name)
+        scales = [report["blocks"][index]["layers"][f"{experts.path}.{e}.down_proj"]["act_scale"] for e in range(4)]
+        assert len(set(scales)) == 4  # calibrated per expert, on the tokens each was sent
+    assert torch.isfinite(model(CALIB[:2]).logits).all()
 
 
 @pytest.mark.parametrize("kind", MOE_ARCHS)
@@ -242,14 +260,22 @@ def test_gpt_oss_experts_are_not_saved_yet(tmp_path):
         CompressedStore(tiny_moe("gpt_oss"), Recipe.build(method="rtn", bits=4, group_size=8), tmp_path / "m")
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
-def test_an_interrupted_moe_run_resumes_to_the_same_weights(tmp_path, kind):
+W8A8_STATIC = {"method": "smoothquant", "bits": 8, "group_size": -1, "sym": True, "act_bits": 8,
+               "act_granularity": "per_tensor"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [("qwen3_moe", {"method": "gptq", "bits": 4, "group_size": 8}),
+     ("deepseek_v3", {"method": "gptq", "bits": 4, "group_size": 8}), ("mixtral", W8A8_STATIC)],
+)  # fmt: skip
+def test_an_interrupted_moe_run_resumes_to_the_same_weights(tmp_path, kind, settings):
     from ptq.api import prepare_steps, run_steps
     from ptq.recipe import Recipe
     from ptq.storage.progress import Progress
     from tests.test_resume import Interrupted, _interrupt_after
 
-    recipe = Recipe.build(method="gptq", bits=4, group_size=8)
+    recipe = Recipe.build(**settings)
     reference = tiny_moe(kind)
     expected = run_steps(reference, prepare_steps(recipe, reference.config), CALIB, "cpu")
     interrupted = tiny_moe(kind)
@@ -265,4 +291,5 @@ def test_an_interrupted_moe_run_resumes_to_the_same_weights(tmp_path, kind):
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert [b["moe"] for b in report["blocks"]] == [b["moe"] for b in expected["blocks"]]
+    assert torch.equal(resumed(CALIB[:2]).logits, reference(CALIB[:2]).logits)  # quantizers restored too
     assert report["storage"] == expected["storage"]

@@ -21,20 +21,12 @@ class QuantizeActivations(Method):
     its final (quantized) weights."""
 
     name = "act"
+    installs_input_stages = True
 
     def __init__(self, act: ActSpec) -> None:
         super().__init__(None)
         self.act = act
         self.needs_calibration = act.calibrated
-
-    def prepare(self, config) -> None:
-        if arch_for(config.model_type).experts is not None:
-            # The experts' linears exist only while their block is quantized (ptq/moe.py): a quantizer on
-            # their inputs would be gone when the model runs in its own fused layout.
-            raise UserError(
-                f"act_bits/act_format: activation quantization of {config.model_type} (mixture-of-experts) "
-                "models is not supported yet; quantize its weights only (drop act_bits, act_format, scheme)"
-            )
 
     def quantize_block(self, ctx: BlockContext) -> None:
         scales: dict[str, torch.Tensor] = {}

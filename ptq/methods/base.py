@@ -19,6 +19,7 @@ class Method:
     needs_calibration = False
     transform = False
     rotates_without_weights = False  # may run with no weight format (bits=16): it only transforms
+    installs_input_stages = False  # puts run-time quantizers on linears' inputs (ptq.quant.activations)
 
     def __init__(self, spec: WeightSpec, **options) -> None:
         if options:

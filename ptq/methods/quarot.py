@@ -64,6 +64,7 @@ class QuaRot(Method):
     name = "quarot"
     transform = True
     rotates_without_weights = True  # method=quarot bits=16: the rotated, unquantized model
+    installs_input_stages = True  # the online Hadamard on down_proj's input
 
     def __init__(self, spec: WeightSpec | None, seed: int = 0) -> None:
         super().__init__(spec)

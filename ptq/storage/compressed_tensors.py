@@ -320,6 +320,7 @@ class CompressedStore(BlockwiseStore):
         gptq_actorder(recipe)  # refuses a permuted g_idx before any work
         super().__init__(out, next(model.parameters()).dtype, max_shard_size)
         self.recipe = recipe
+        self.model = model
         self.modules = dict(model.named_modules())
         experts = get_arch(model).experts
         self.routers: list[str] = []
@@ -342,7 +343,8 @@ class CompressedStore(BlockwiseStore):
     def linear_tensors(self, name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         from ptq.quant.activations import input_quantizer_of
 
-        module = self.modules.get(name)  # (an expert's linear exists only while its block is quantized)
+        # (an expert's linear exists only while its block is quantized, or in an activation-quantized MoE)
+        module = self.modules.get(name) or get_submodule(self.model, name)
         quantizer = input_quantizer_of(module) if module is not None else None
         input_scale = quantizer.scale if quantizer is not None and quantizer.spec.calibrated else None
         return tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
