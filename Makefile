@@ -20,7 +20,7 @@ run: setup
 	$(BIN)/python -m ptq.run $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check ptq tests scripts

@@ -277,6 +277,27 @@ def check_all_quantized(ctx: BlockContext, prefix: str) -> None:
         raise RuntimeError(f"{prefix}: the steps left {len(left)} linear(s) unquantized, e.g. {left[0]}")
 
 
+def _quantize_block(ctx: BlockContext, steps: list, prefix: str) -> None:
+    check_finite_weights(ctx.linears, prefix)
+    for step in steps:
+        step.quantize_block(ctx)
+    check_all_quantized(ctx, prefix)
+
+
+def _restore_block(ctx: BlockContext, steps: list, progress) -> dict:
+    """Block ``ctx.index`` as an interrupted run saved it; returns its report entry."""
+    quantized, entry = progress.restore_block(ctx.index, ctx.block, ctx.device)
+    ctx.stats = entry["layers"]
+    for name, qweight in quantized.items():
+        if name in ctx.linears:
+            ctx.set_quantized(name, qweight)
+        else:  # an expert, restored in the model's fused parameters
+            ctx.quantized[name] = qweight
+    for step in steps:
+        step.restore_block(ctx)
+    return entry
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -358,20 +379,9 @@ def run_blocks(
             stack = moe.unfuse(block, arch.experts, experts) if not restored or keep_unfused else None
             ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
             if restored:
-                quantized, entry = progress.restore_block(index, block, device)
-                ctx.stats = entry["layers"]
-                for name, qweight in quantized.items():
-                    if name in ctx.linears:
-                        ctx.set_quantized(name, qweight)
-                    else:  # an expert, restored in the model's fused parameters
-                        ctx.quantized[name] = qweight
-                for step in steps:
-                    step.restore_block(ctx)
+                entry = _restore_block(ctx, steps, progress)
             else:
-                check_finite_weights(ctx.linears, prefix)
-                for step in steps:
-                    step.quantize_block(ctx)
-                check_all_quantized(ctx, prefix)
+                _quantize_block(ctx, steps, prefix)
                 if stack is not None:
                     ctx.moe = moe.summary(stack, arch.experts, ctx.stats)
                     stack.write_back()
