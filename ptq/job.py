@@ -75,6 +75,11 @@ def check(cfg: RunConfig, named: list[str] | tuple = ()) -> Plan:
             "method=none, or quantize the full-precision model it came from"
         )
     steps = prepare_steps(cfg.recipe, config)  # e.g. AWQ: does the architecture table know this model?
+    if cfg.save and cfg.save_format == "gptq" and models.arch_for(config.model_type).experts is not None:
+        raise ConfigError(
+            f"save_format=gptq: ptq writes {config.model_type} (mixture-of-experts) checkpoints in compressed-tensors "
+            "only; drop save_format (compressed-tensors is the default)"
+        )
     uses_calibration = any(step.needs_calibration for step in steps)
     unused = [k for k in named if not uses_calibration and (k == "calib" or k.startswith("calib."))]
     if unused:

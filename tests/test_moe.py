@@ -293,3 +293,17 @@ def test_an_interrupted_moe_run_resumes_to_the_same_weights(tmp_path, kind, sett
     assert [b["moe"] for b in report["blocks"]] == [b["moe"] for b in expected["blocks"]]
     assert torch.equal(resumed(CALIB[:2]).logits, reference(CALIB[:2]).logits)  # quantizers restored too
     assert report["storage"] == expected["storage"]
+
+
+def test_moe_checkpoints_in_the_gptq_layout_are_refused_before_work(tmp_path):
+    from tests.conftest import require_assets
+    from tests.test_cli import ptq_run
+
+    assets = require_assets("models/stories260K")
+    folder = tmp_path / "mixtral"
+    tiny_moe("mixtral", vocab_size=512).save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(assets / "models" / "stories260K" / name, folder / name)
+    proc = ptq_run("model=custom", f"model.path={folder}", "method=rtn", "save=true", "save_format=gptq",
+                   f"output_dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "save_format=gptq: ptq writes mixtral (mixture-of-experts)" in proc.stderr
