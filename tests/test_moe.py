@@ -307,3 +307,16 @@ def test_moe_checkpoints_in_the_gptq_layout_are_refused_before_work(tmp_path):
     proc = ptq_run("model=custom", f"model.path={folder}", "method=rtn", "save=true", "save_format=gptq",
                    f"output_dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and "save_format=gptq: ptq writes mixtral (mixture-of-experts)" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_awq_captures_every_experts_inputs_in_one_pass_with_the_same_result(kind, monkeypatch):
+    from ptq.methods.awq import AWQ
+
+    one_pass = tiny_moe(kind)
+    ptq.quantize(one_pass, method="awq", bits=4, group_size=8, calib=CALIB, device="cpu")
+    monkeypatch.setattr(AWQ, "_lone_run", lambda self, groups: [None])  # one capture per expert, as before
+    per_expert = tiny_moe(kind)
+    ptq.quantize(per_expert, method="awq", bits=4, group_size=8, calib=CALIB, device="cpu")
+    expected = per_expert.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in one_pass.state_dict().items())

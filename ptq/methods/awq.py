@@ -246,6 +246,27 @@ class AWQ(Method):
 
         return loss
 
+    def _lone_run(self, groups: list[BlockGroup]) -> list[BlockGroup | None]:
+        """The trailing run of groups that each compare one linear (a MoE block's experts' up -> down),
+        when there are several; else [None]."""
+        run: list[BlockGroup] = []
+        for group in reversed(groups):
+            if not self._compares_one_linear(group):
+                break
+            run.insert(0, group)
+        return run if len(run) > 1 else [None]
+
+    def _capture_lone_inputs(self, ctx: BlockContext, run: list[BlockGroup]) -> dict[str, list]:
+        """The inputs of every lone linear of ``run``, from one forward pass instead of one each. The
+        experts read disjoint tokens and each one's scales touch only its own weights, so this pass sees
+        what each group's own pass would."""
+        start = time.perf_counter()
+        inputs: dict[str, list] = {group.group.inspect: [] for group in run}
+        modules = {group.group.inspect: group.inspect for group in run}
+        ctx.forward_with_input_hooks(modules, lambda name, x: inputs[name].append(((x,), {})), self.search_tokens)
+        ctx.add_time("scale_search_s", time.perf_counter() - start)
+        return inputs
+
     # -- clipping ----------------------------------------------------------------------------
 
     def _clip(self, ctx: BlockContext) -> None:
@@ -275,9 +296,16 @@ class AWQ(Method):
     def quantize_block(self, ctx: BlockContext) -> None:
         if self.groups is None:
             raise RuntimeError("AWQ.prepare(config) must run before quantize_block")
-        for group in resolve_groups(ctx.block, block_scale_groups(self.arch, ctx.block), ctx.index):
+        groups = resolve_groups(ctx.block, block_scale_groups(self.arch, ctx.block), ctx.index)
+        run = self._lone_run(groups)
+        shared: dict[str, list] = {}
+        for group in groups:
+            if group is run[0]:  # the folds before it are done: capture the whole run's inputs at once
+                shared = self._capture_lone_inputs(ctx, run)
             start = time.perf_counter()
-            calls = ctx.capture_calls(group.inspect, self.search_tokens)
+            calls = shared.pop(group.group.inspect, None)
+            if calls is None:
+                calls = ctx.capture_calls(group.inspect, self.search_tokens)
             tokens = sum(_input(args, kwargs).shape[:-1].numel() for args, kwargs in calls)
             if len(group.linears) == 1:  # a lone linear (an expert's down_proj): the tokens it was sent
                 ctx.stats.setdefault(next(iter(group.linears)), {})["tokens"] = tokens
