@@ -198,9 +198,10 @@ def summary(stack: ExpertStack, experts: Experts, stats: dict) -> dict:
 
 def fused_parameter_names(model: nn.Module) -> set[str]:
     """The names of a MoE model's fused expert weights (what its experts' linears are stored as)."""
-    from ptq.models import get_arch, get_blocks
+    from ptq.models import ARCHITECTURES, get_blocks
 
-    experts = get_arch(model).experts
+    arch = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
+    experts = arch.experts if arch is not None else None  # (any module can be counted, not only a known LM)
     if experts is None:
         return set()
     names = {id(m): n for n, m in model.named_modules()}
