@@ -129,8 +129,13 @@ def check_overrides(args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("ptq.conf", version_base=None):
-            known = _setting_names(OmegaConf.to_container(compose("config"), resolve=False))
             for job in jobs:
+                try:
+                    compose("config", overrides=job, return_hydra_config=True)
+                    continue
+                except HydraException:
+                    pass
+                known = _setting_names(OmegaConf.to_container(compose("config"), resolve=False))
                 for i in range(len(job)):  # one override at a time, to name the one at fault
                     try:
                         compose("config", overrides=job[: i + 1], return_hydra_config=True)

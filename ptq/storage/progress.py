@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ptq.errors import UserError, disk_space_for
+from ptq.quant.pack import pack_nibbles, unpack_nibbles
 from ptq.quant.spec import WeightSpec
 from ptq.quant.weight import QuantizedWeight
 from ptq.storage.shards import own_storage
@@ -34,6 +35,11 @@ _FIELDS = ("qweight", "scale", "zero", "g_idx", "tensor_scale")
 
 class ResumeError(UserError):
     """The run folder's saved blocks cannot continue this run."""
+
+
+def _nibbles(q: QuantizedWeight) -> bool:
+    """Codes of at most 4 bits, kept one per byte in memory: stored two per byte."""
+    return q.qweight.dtype == torch.uint8 and q.spec.bits <= 4
 
 
 def _block_file(folder: Path, index: int) -> Path:
@@ -94,9 +100,11 @@ class Progress:
                 tensors[f"state/{key}"] = own_storage(value)
         specs = {}
         for name, q in quantized.items():
-            specs[name] = asdict(q.spec)
+            specs[name] = {**asdict(q.spec), "columns": q.qweight.shape[1]}
             for field in _FIELDS:
                 value = getattr(q, field)
+                if field == "qweight" and _nibbles(q):  # two 4-bit codes a byte: half the disk
+                    value = pack_nibbles(value)
                 if value is not None:
                     tensors[f"q/{name}/{field}"] = own_storage(value)
         metadata = {"entry": json.dumps(entry), "specs": json.dumps(specs)}
@@ -118,8 +126,12 @@ class Progress:
         specs = json.loads(header["specs"])
         quantized = {}
         for name, spec in specs.items():
+            columns = spec.pop("columns")
             fields = {f: tensors.get(f"q/{name}/{f}") for f in _FIELDS}
-            quantized[name] = QuantizedWeight(**fields, spec=WeightSpec(**spec))
+            q = QuantizedWeight(**fields, spec=WeightSpec(**spec))
+            if _nibbles(q):
+                q.qweight = unpack_nibbles(q.qweight, columns)
+            quantized[name] = q
         state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
         expected_missing = {f"{name}.weight" for name in quantized} & set(block.state_dict())  # not MoE experts
         missing, unexpected = block.load_state_dict(state, strict=False)
