@@ -95,6 +95,29 @@ def test_int8_linear_computes_what_w8a8_evaluation_computes():
         Int8Linear(quantize_weight(linear.weight, recipe.weights.__class__("int", 8, 32, True)), None)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 16, 33])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_linear_computes_what_fp8_w8a8_evaluation_computes(rows, device):
+    """FP8 W8A8 on torch._scaled_mm: the evaluation's E4M3 per-channel weights and per-token activations
+    (scheme=fp8), against dequantize-then-matmul, for decode-sized and odd row counts (K=80: not a tile)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (GPU test)")
+    from ptq.quant.linear import Fp8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(80, 48).to(device)
+    x = torch.randn(rows, 80, device=device, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_weight(linear.weight, linear.bias.bfloat16())
+    recipe = Recipe.build("rtn", format="fp8_e4m3", group_size=-1, act_format="fp8_e4m3")
+    w = fake_quantize_weight(linear.weight, recipe.weights).float()
+    xq = recipe.activations.quantize_dynamic(x).float()
+    expected = torch.nn.functional.linear(xq, w, linear.bias)
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="Fp8Linear holds fp8_e4m3 per-channel"):
+        Fp8Linear(quantize_weight(linear.weight, recipe.weights.__class__("fp8_e4m3", 8, 0, True)), None)
+
+
 def test_save_refuses_what_the_format_cannot_hold_before_any_work(tmp_path):
     require_assets("models/stories260K")
     gptq = ["model=stories260k", "save=true", "save_format=gptq"]

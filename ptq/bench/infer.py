@@ -5,6 +5,8 @@ On a random-weight model of a real shape (default Llama-3-8B, built on the GPU),
 - bf16:  the unquantized model (cuBLAS bf16 matmuls)
 - w8a8:  every block linear an ``Int8Linear`` (int8 weights per channel, int8 activations per token,
          ``torch._int_mm``)
+- fp8:   every block linear an ``Fp8Linear`` (E4M3 weights per channel, E4M3 activations per token,
+         ``torch._scaled_mm`` with row-wise scales on the FP8 tensor cores)
 - w4a16: every block linear a ``QuantLinear`` (4-bit, group 128, from RTN) on PyTorch's int4
          weight-only kernel (``aten._weight_int4pack_mm``)
 
@@ -29,10 +31,10 @@ from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import WeightSpec, quantize_weight
-from ptq.quant.linear import Int8Linear, QuantLinear
+from ptq.quant.linear import Fp8Linear, Int8Linear, QuantLinear
 from ptq.results import environment
 
-FORMATS = ("bf16", "w8a8", "w4a16")
+FORMATS = ("bf16", "w8a8", "fp8", "w4a16")
 
 
 @torch.no_grad()
@@ -44,6 +46,8 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
         for name, linear in block_linears(model, block).items():
             if fmt == "w8a8":
                 new = Int8Linear.from_weight(get_weight(linear), linear.bias)
+            elif fmt == "fp8":
+                new = Fp8Linear.from_weight(get_weight(linear), linear.bias)
             else:
                 qw = quantize_weight(get_weight(linear), WeightSpec("int", 4, group_size, False))
                 new = QuantLinear.from_quantized(qw, linear.bias, torch.bfloat16)
@@ -54,7 +58,7 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
 
 
 def block_linear_bytes(model) -> int:
-    kinds = (torch.nn.Linear, Int8Linear, QuantLinear)
+    kinds = (torch.nn.Linear, Int8Linear, Fp8Linear, QuantLinear)
     return sum(module_bytes(m) for block in get_blocks(model) for m in block.modules() if isinstance(m, kinds))
 
 

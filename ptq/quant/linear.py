@@ -6,6 +6,8 @@
   (``aten._weight_int4pack_mm``, "tinygemm": bf16 activations, 4-bit weights, group 32..256).
 - ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
   token on the fly, ``torch._int_mm`` (int8 x int8 -> int32; CUDA and CPU).
+- ``Fp8Linear``: FP8 W8A8. E4M3 weights per output channel, activations quantized per token on the
+  fly, ``torch._scaled_mm`` with row-wise scales on CUDA (FP8 tensor cores on Hopper); fp32 on the CPU.
 - ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
   scales, integers the GPTQ layout cannot hold), dequantized per call.
 
@@ -137,6 +139,44 @@ class Int8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class Fp8Linear(nn.Module):
+    """y = (q_x q_w^T) * s_x * s_w: FP8 W8A8 on FP8 tensor cores (Hopper and later; the CPU too) through
+    ``torch._scaled_mm`` with row-wise scales: E4M3 weights with one scale per output channel
+    (``WeightSpec("fp8_e4m3", 8, -1, True)``, what evaluation rounds to) and activations quantized per
+    token at each call (max|x| / 448), the output in the activations' dtype. On the CPU the same product
+    is taken in fp32."""
+
+    SPEC = WeightSpec("fp8_e4m3", 8, PER_CHANNEL, True)
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        if qw.spec != self.SPEC:
+            raise ValueError(f"Fp8Linear holds {self.SPEC.describe()} weights, not {qw.spec.describe()}")
+        self.out_features, self.in_features = qw.qweight.shape
+        self.register_buffer("weight", qw.qweight.contiguous())  # float8_e4m3fn [out, in]
+        self.register_buffer("weight_scale", qw.scale[:, 0].float().reshape(1, -1).contiguous())  # [1, out]
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp8Linear:
+        return cls(quantize_weight(weight.detach(), cls.SPEC), bias)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale.t()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
+        qx = (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        if qx.is_cuda:
+            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+            y = torch._scaled_mm(qx, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
+        else:  # some CPU builds of _scaled_mm take per-tensor scales only: the same product in fp32
+            y = (qx.float() * x_scale) @ (self.weight.float() * self.weight_scale.t()).t()
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
+
+
 class CompactLinear(nn.Module):
     """A quantized weight in its stored form: codes (4-bit ones two per byte), block scales as the
     format stores them (``ptq.quant.pack.stored_scale``: E4M3 for NVFP4 with its fp32 global scale,
@@ -182,7 +222,7 @@ class CompactLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel=dequantize"
 
 
-QUANTIZED_LAYERS = (QuantLinear, Int8Linear, CompactLinear)
+QUANTIZED_LAYERS = (QuantLinear, Int8Linear, Fp8Linear, CompactLinear)
 
 
 def quantized_linear(
