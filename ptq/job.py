@@ -44,6 +44,11 @@ class Plan:
     tasks: list[tuple[str, str]]  # (name as recorded, "hub" | "local")
     tokenizer: object
 
+    @property
+    def moe(self) -> bool:
+        """A mixture-of-experts model (the architecture table has an experts entry)."""
+        return models.arch_for(self.config.model_type).experts is not None
+
 
 @dataclass
 class Data:
@@ -181,11 +186,16 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
     dtype = pick_dtype(cfg.model.dtype, device, plan.config)
     if plan.loaded_checkpoint == "gptq":
         model = checkpoint.load_quantized(source.path, dtype)
-    elif plan.loaded_checkpoint == "compressed-tensors" and models.arch_for(plan.config.model_type).experts is None:
+    elif plan.loaded_checkpoint == "compressed-tensors" and not plan.moe:
         model = compressed_tensors.load(source.path, dtype)
-    elif (cfg.offload and source.origin != "hub" and not source.gguf_file and has_safetensors(source.path)
-          and models.arch_for(plan.config.model_type).experts is None):  # fmt: skip
-        # (a MoE checkpoint stores its experts one by one, the model fused: not read lazily yet)
+    elif (
+        cfg.offload
+        and not plan.moe
+        and source.origin != "hub"
+        and not source.gguf_file
+        and has_safetensors(source.path)
+    ):
+        # (MoE checkpoints are not read lazily yet: they store experts one by one, the model fuses them)
         # One block in host memory at a time: the rest of the model stays on the meta device until
         # the pipeline reaches it (ptq/lazy.py).
         lazy = load_skeleton(source.path, dtype)

@@ -82,6 +82,13 @@ class Experts:
     # the model's names: Mixtral's Hub layout is block_sparse_moe.experts.<e>.w1 (gate), w3 (up), w2 (down).
     checkpoint_names: tuple[tuple[str, str], ...] = ()
 
+    def members(self, block: nn.Module, count: int) -> list[str]:
+        """The MLPs of a MoE block, by path: its ``count`` routed experts (unfused), and the shared one."""
+        members = [f"{self.path}.{e}" for e in range(count)]
+        if self.shared and get_submodule(block, self.shared) is not None:
+            members.append(self.shared)
+        return members
+
     def checkpoint_name(self, key: str) -> str:
         for pattern, replacement in self.checkpoint_names:
             key = re.sub(pattern, replacement, key)
@@ -225,10 +232,7 @@ ARCHITECTURES: dict[str, Arch] = {
         no_clip=("attention.query_key_value",),
     ),
     "mixtral": _moe(_LLAMA_ATTENTION, _MIXTRAL),
-    "qwen2_moe": _moe(
-        (*_LLAMA_ATTENTION, *_DENSE_MLP),
-        Experts("mlp.experts", "mlp.gate", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
-    ),
+    "qwen2_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), _QWEN2_MOE),
     "qwen3_moe": _moe((*_LLAMA_ATTENTION, *_DENSE_MLP), Experts("mlp.experts", "mlp.gate")),
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
@@ -294,9 +298,7 @@ def block_scale_groups(arch: Arch, block: nn.Module) -> tuple[ScaleGroup, ...]:
     experts = get_submodule(block, x.path)
     if not isinstance(experts, nn.ModuleList):
         return tuple(groups)
-    members = [f"{x.path}.{e}" for e in range(len(experts))]
-    if x.shared and get_submodule(block, x.shared) is not None:
-        members.append(x.shared)
+    members = x.members(block, len(experts))
     readers = tuple(m for m in (x.router, x.shared_gate) if m and get_submodule(block, m) is not None)
     into = tuple(f"{m}.{proj}" for m in members for proj in ("gate_proj", "up_proj"))
     groups.append(ScaleGroup(x.norm, into, x.block, also_scaled=readers, reader=x.router))

@@ -28,6 +28,8 @@ from torch import nn
 from ptq.errors import UserError
 from ptq.models import Experts, get_submodule
 
+FUSED_WEIGHTS = ("gate_up_proj", "down_proj")  # the fused experts' weight parameters (biases aside)
+
 
 @dataclass
 class MoEPolicy:
@@ -129,6 +131,10 @@ class ExpertStack(nn.ModuleList):
             out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
         return out
 
+    def release_fused(self) -> None:
+        """Let the fused module's full-precision weights go: this stack stays in the model for good."""
+        object.__setattr__(self, "fused", None)
+
     @torch.no_grad()
     def write_back(self) -> None:
         """Write every expert's (quantized) weights into the fused parameters, in their layout."""
@@ -165,7 +171,8 @@ def unfuse(block: nn.Module, experts: Experts | None, policy: MoEPolicy) -> Expe
 
 
 def fuse(block: nn.Module, experts: Experts, stack: ExpertStack) -> None:
-    """Restore the model's own module (after ``stack.write_back``)."""
+    """Write the experts' weights back and restore the model's own module."""
+    stack.write_back()
     parent, name = _parent(block, experts.path)
     setattr(parent, name, stack.fused)
 
@@ -173,9 +180,7 @@ def fuse(block: nn.Module, experts: Experts, stack: ExpertStack) -> None:
 def expert_stages(experts: Experts, block: nn.Module, count: int) -> tuple[tuple[tuple[str, ...], ...], ...]:
     """The two stages of a MoE block's linears: every expert's (gate, up) with the shared expert's, then
     every down projection. The groups of a stage are collected in one forward pass."""
-    members = [f"{experts.path}.{e}" for e in range(count)]
-    if experts.shared and get_submodule(block, experts.shared) is not None:
-        members.append(experts.shared)
+    members = experts.members(block, count)
     return (
         tuple((f"{m}.gate_proj", f"{m}.up_proj") for m in members),
         tuple((f"{m}.down_proj",) for m in members),
@@ -196,18 +201,20 @@ def summary(stack: ExpertStack, experts: Experts, stats: dict) -> dict:
             "fallback": fallback}  # fmt: skip
 
 
-def fused_parameter_names(model: nn.Module) -> set[str]:
-    """The names of a MoE model's fused expert weights (what its experts' linears are stored as)."""
+def moe_blocks(model: nn.Module) -> tuple[Experts | None, list[tuple[str, nn.Module]]]:
+    """The model's experts entry and its MoE blocks as (prefix, block); (None, []) for a dense model, or
+    any module that is not a language model of the architecture table."""
     from ptq.models import ARCHITECTURES, get_blocks
 
     arch = ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
-    experts = arch.experts if arch is not None else None  # (any module can be counted, not only a known LM)
-    if experts is None:
-        return set()
+    if arch is None or arch.experts is None:
+        return None, []
     names = {id(m): n for n, m in model.named_modules()}
-    return {
-        f"{names[id(block)]}.{experts.path}.{param}"
-        for block in get_blocks(model)
-        if get_submodule(block, experts.path) is not None
-        for param in ("gate_up_proj", "down_proj")
-    }
+    blocks = [(names[id(b)], b) for b in get_blocks(model) if get_submodule(b, arch.experts.path) is not None]
+    return arch.experts, blocks
+
+
+def fused_parameter_names(model: nn.Module) -> set[str]:
+    """The names of a MoE model's fused expert weights (what its experts' linears are stored as)."""
+    experts, blocks = moe_blocks(model)
+    return {f"{prefix}.{experts.path}.{param}" for prefix, _ in blocks for param in FUSED_WEIGHTS}

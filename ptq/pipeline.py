@@ -384,9 +384,10 @@ def run_blocks(
                 _quantize_block(ctx, steps, prefix)
                 if stack is not None:
                     ctx.moe = moe.summary(stack, arch.experts, ctx.stats)
-                    stack.write_back()
                     if not keep_unfused:
                         moe.fuse(block, arch.experts, stack)
+            if stack is not None and keep_unfused:
+                stack.release_fused()
             if inputs is not None and index + 1 < len(blocks):
                 inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
                 check_finite_activations(inputs.chunks, f"block {index} ({prefix})")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ptq.errors import UserError
-from ptq.models import get_arch, get_blocks, get_submodule
+from ptq.models import get_submodule
+from ptq.moe import FUSED_WEIGHTS, moe_blocks
 from ptq.quant.pack import WORD, pack_nibbles, pack_rows, stored_scale
 from ptq.quant.spec import PER_CHANNEL, PER_TENSOR, ActSpec, WeightSpec
 from ptq.quant.weight import QuantizedWeight
@@ -321,16 +322,14 @@ class CompressedStore(BlockwiseStore):
         super().__init__(out, next(model.parameters()).dtype, max_shard_size)
         self.recipe = recipe
         self.model = model
-        self.modules = dict(model.named_modules())
-        experts = get_arch(model).experts
-        self.routers: list[str] = []
+        experts, blocks = moe_blocks(model)
+        self.routers = [f"{prefix}.{experts.router}" for prefix, _ in blocks]
         if experts is not None:  # experts are written one by one, as Hub checkpoints (and vLLM) have them
             if experts.layout != "gate_up":
                 raise SaveError(f"save=true: ptq cannot write {model.config.model_type}'s experts yet; save=false")
-            self.stored_as_linears = (f"{experts.path}.gate_up_proj", f"{experts.path}.down_proj")
-            self.routers = [f"{prefix}.{experts.router}" for prefix, block in _blocks_with(model, experts.path)]
+            self.stored_as_linears = tuple(f"{experts.path}.{param}" for param in FUSED_WEIGHTS)
             self.checkpoint_name = experts.checkpoint_name
-            for prefix, block in _blocks_with(model, experts.path):  # whole groups, as for every linear
+            for prefix, block in blocks:  # whole groups, as for every linear
                 fused = get_submodule(block, experts.path)
                 for what, width in (("hidden", fused.gate_up_proj.shape[-1]), ("expert", fused.down_proj.shape[-1])):
                     group = recipe.weights.group_size
@@ -344,7 +343,7 @@ class CompressedStore(BlockwiseStore):
         from ptq.quant.activations import input_quantizer_of
 
         # (an expert's linear exists only while its block is quantized, or in an activation-quantized MoE)
-        module = self.modules.get(name) or get_submodule(self.model, name)
+        module = get_submodule(self.model, name)
         quantizer = input_quantizer_of(module) if module is not None else None
         input_scale = quantizer.scale if quantizer is not None and quantizer.spec.calibrated else None
         return tensors_for(name, qw, input_scale, activations=self.recipe.activations, dtype=self.dtype)
@@ -352,11 +351,6 @@ class CompressedStore(BlockwiseStore):
     def quantization_config(self, model: nn.Module) -> dict:
         ignore = unquantized_linears(model, self.quantized) + self.routers  # routers: never quantized
         return quantization_config(self.recipe, [self.checkpoint_name(n) for n in ignore], act_order=False)
-
-
-def _blocks_with(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [(names[id(b)], b) for b in get_blocks(model) if get_submodule(b, path) is not None]
 
 
 FORMAT_OF = {NVFP4_PACK_QUANTIZED: "nvfp4", MXFP4_PACK_QUANTIZED: "mxfp4", MXFP8_QUANTIZED: "mxfp8"}
