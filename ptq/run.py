@@ -92,7 +92,7 @@ def _sweep_samples(overrides: list[str]) -> list[list[str]]:
     return [[c[min(i, len(c) - 1)] for c in choices] for i in range(longest)]
 
 
-def _one_sentence(err: Exception, arg: str, known: list[str]) -> str:
+def _one_sentence(err: Exception, arg: str, known: list[str], command: str = "python -m ptq.run") -> str:
     import difflib
 
     text = str(err)
@@ -105,15 +105,18 @@ def _one_sentence(err: Exception, arg: str, known: list[str]) -> str:
         key = first.split("'")[1]
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        return f"{key} is not a ptq setting; {hint}python -m ptq.run --cfg job lists them all"
+        return f"{key} is not a ptq setting; {hint}{command} --cfg job lists them all"
     if first.startswith("Ambiguous value for argument"):
         return f"{arg}: a list of values needs -m (a sweep over them) or brackets ([a,b]) for a list setting"
     return f"{arg} is not a valid override ({first})"
 
 
-def check_overrides(args: list[str]) -> str | None:
+def check_overrides(
+    args: list[str], module: str = "ptq.conf", name: str = "config", command: str = "python -m ptq.run"
+) -> str | None:
     """Hydra's composition errors (an unknown setting, ``bitz=4``; an unknown preset, ``method=foo``; a
-    malformed override) as one sentence, before Hydra runs, so that every refusal looks alike (exit 2)."""
+    malformed override) as one sentence, before Hydra runs, so that every refusal looks alike (exit 2).
+    ``module``/``name``: the config to compose (``ptq.study``'s commands have their own)."""
     if any(a.split("=")[0] in _HYDRA_FLAGS for a in args):
         return None
     from hydra import compose, initialize_config_module
@@ -128,19 +131,19 @@ def check_overrides(args: list[str]) -> str | None:
         return _one_sentence(err, " ".join(overrides), [])
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module("ptq.conf", version_base=None):
+        with initialize_config_module(module, version_base=None):
             for job in jobs:
                 try:
-                    compose("config", overrides=job, return_hydra_config=True)
+                    compose(name, overrides=job, return_hydra_config=True)
                     continue
                 except HydraException:
                     pass
-                known = _setting_names(OmegaConf.to_container(compose("config"), resolve=False))
+                known = _setting_names(OmegaConf.to_container(compose(name), resolve=False))
                 for i in range(len(job)):  # one override at a time, to name the one at fault
                     try:
-                        compose("config", overrides=job[: i + 1], return_hydra_config=True)
+                        compose(name, overrides=job[: i + 1], return_hydra_config=True)
                     except HydraException as err:
-                        return _one_sentence(err, job[i], known)
+                        return _one_sentence(err, job[i], known, command)
     finally:
         GlobalHydra.instance().clear()
     return None

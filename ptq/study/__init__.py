@@ -1,0 +1,1 @@
+"""The precision-scaling study: prepare a corpus, train small models, quantize every checkpoint, fit the law."""
