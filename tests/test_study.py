@@ -154,3 +154,22 @@ def test_cli_refuses_unknown_settings_in_one_sentence():
     assert done.returncode == 2 and "did you mean sizes?" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "ptq.study", "nonsense"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_fit_command_writes_fit_summary_and_plots_from_records(study, tmp_path):
+    from ptq.study.__main__ import run_command
+
+    root, _, _ = study
+    cfg = PrecisionConfig(
+        checkpoints=str(root / "ckpts"), out=str(tmp_path), study="tiny", data=str(root / "corpus"), methods=["rtn"],
+        bits=[2, 3, 4], seqlen=64, eval_windows=8, calib_samples=8, device="cpu",
+    )  # fmt: skip
+    run_precision(cfg)
+    fit = run_command("fit", {"study": "tiny", "records": str(tmp_path), "samples": 20, "seed": 0, "floor": 1e-4})
+    # one model size cannot separate N from the constant: the fits say so instead of inventing exponents
+    assert "skipped" in fit["fits"]["rtn"]["kumar"]["log"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| rtn | log | skipped:" in summary and "Low-precision training" in summary
+    assert (tmp_path / "fit.json").is_file()
+    with pytest.raises(UserError, match="no precision-point records"):
+        run_command("fit", {"study": "x", "records": str(tmp_path / "empty")})

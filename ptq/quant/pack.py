@@ -201,6 +201,14 @@ class StorageCount:
             self.layouts.add("compressed-tensors")
             self.add_packed(name, out_features * in_features, float_bytes(qw))
             return
+        if qw.spec.bits not in PACKED_BITS:
+            # No checkpoint layout holds 5-7 bit integers; count them as densely packed codes, fp16 scales
+            # and (asymmetric) zero points of the same width: the size a layout for them would need.
+            self.layouts.add("int-dense")
+            zero_bits = 0 if qw.spec.sym else qw.zero.numel() * qw.spec.bits
+            stored = math.ceil((out_features * in_features * qw.spec.bits + zero_bits) / 8) + 2 * qw.scale.numel()
+            self.add_packed(name, out_features * in_features, stored)
+            return
         self.layouts.add("gptq")
         padded = bool(out_features % WORD or in_features % WORD)
         key = (tuple(qw.qweight.shape), tuple(qw.scale.shape), qw.spec)

@@ -59,6 +59,7 @@ def fit_command(study: str, records: str, samples: int = 1000, seed: int = 0, fl
 
     from ptq.study.fit import fit_study, load_points
     from ptq.study.plots import write_study_plots
+    from ptq.study.summary import write_summary
 
     folder = Path(records)
     points = load_points(folder)
@@ -70,7 +71,8 @@ def fit_command(study: str, records: str, samples: int = 1000, seed: int = 0, fl
 
     (folder / "fit.json").write_text(json.dumps(fit, indent=2))
     paths = write_study_plots(points, fit, folder)
-    for path in [folder / "fit.json", *paths]:
+    write_summary(points, fit, folder / "summary.md")
+    for path in [folder / "fit.json", folder / "summary.md", *paths]:
         print(path)
     return fit
 

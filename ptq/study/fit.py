@@ -338,8 +338,10 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _fit_entry(points: list[Point], form: str, space: str, floor: float, samples: int, seed: int, level: float) -> dict:
-    """One fit with its bootstrap intervals and inspectable residuals, or ``{"skipped": why}``."""
+def _fit_entry(
+    points: list[Point], form: str, space: str, floor: float, samples: int, seed: int, level: float, residuals=True
+) -> dict:
+    """One fit with its bootstrap intervals and (``residuals``) each point's residual, or ``{"skipped": why}``."""
     try:
         fit = fit_law(points, form, space, floor)
     except FitError as e:  # too few points, or too few distinct N, D or bit widths (why_unfittable)
@@ -348,13 +350,13 @@ def _fit_entry(points: list[Point], form: str, space: str, floor: float, samples
     thetas, skipped = _bootstrap_thetas(points, form, space, floor, samples, seed)
     N, D, P, delta = _arrays(used)
     predicted = law.predict(fit.params, N, D, P)
-    residuals = [
+    per_point = [
         {
             "name": p.name, "method": p.method, "bits": p.bits, "n_params": p.n_params, "tokens": p.tokens,
             "schedule": p.schedule, "p_train": p.p_train, "delta": p.delta, "predicted": float(pred), "residual": r,
         }
         for p, pred, r in zip(used, predicted, fit.residuals, strict=True)
-    ]  # fmt: skip
+    ] if residuals else None  # fmt: skip
     return {
         "params": {k: _finite(v) for k, v in fit.params.items()},
         "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in _intervals(law, thetas, level).items()},
@@ -365,7 +367,7 @@ def _fit_entry(points: list[Point], form: str, space: str, floor: float, samples
         "n_points": fit.n_points,
         "n_excluded": fit.n_excluded,
         "converged": fit.converged,
-        "residuals": residuals,
+        "residuals": per_point,
     }
 
 
@@ -406,8 +408,8 @@ def fit_study(
     main = points_from_records(records, p_train=None)
     schedules = sorted({p.schedule for p in main})
     fits = {
-        group: {form: {space: _fit_entry(pts, form, space, floor, samples, seed, level) for space in spaces}
-                for form in LAWS}
+        group: {form: {space: _fit_entry(pts, form, space, floor, samples, seed, level, form == "kumar")
+                       for space in spaces} for form in LAWS}
         for group, pts in _groups(main).items()
     }  # fmt: skip
     comparison = {
@@ -429,7 +431,7 @@ def fit_study(
     if len(schedules) > 1:
         study["by_schedule"] = {
             schedule: {
-                group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level)
+                group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level, residuals=False)
                 for group, pts in _groups([p for p in main if p.schedule == schedule]).items()
             }
             for schedule in schedules
@@ -439,7 +441,7 @@ def fit_study(
     if any(b is not None for b in p_trains):
         study["by_p_train"] = {
             "full" if b is None else str(b): {
-                group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level)
+                group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level, residuals=False)
                 for group, pts in _groups([p for p in every_p_train if p.p_train == b]).items()
             }
             for b in p_trains

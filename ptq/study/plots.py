@@ -91,6 +91,8 @@ def _style_axes(ax, xlabel: str, title: str, floor: float, log_x: bool) -> None:
 
     if log_x:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e+0", "e")))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))  # 3e7 4e7 ... would overlap
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.001, not 10^-3
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _mantissa(v) in (2, 5) else ""))
@@ -137,6 +139,9 @@ def _delta_vs_tokens(points: list[Point], fit: dict, path: Path) -> Path | None:
         params, hollow = kumar_params(main_fit(fit, method)), False
         for b, ax in zip(bits, row, strict=True):
             panel = [p for p in points if p.method == method and p.bits == b]
+            if not panel:  # this method was not measured at this width
+                ax.axis("off")
+                continue
             for i, n in enumerate(sizes):
                 for j, schedule in enumerate(schedules):
                     mine = [p for p in panel if p.n_params == n and p.schedule == schedule]

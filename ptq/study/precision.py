@@ -167,8 +167,24 @@ def record_path(out: Path, ckpt: Checkpoint, method: str, fmt: str, bits: int) -
     return out / "records" / ckpt.name / f"{method}_{fmt}{bits if fmt == 'int' else ''}.json"
 
 
-def _settings(cfg: PrecisionConfig, method: str, fmt: str, bits: int) -> dict:
-    return {
+def weights_digest(ckpt: Checkpoint) -> str:
+    """The checkpoint's weights by content (a Hub checkpoint by name and revision): a retrained model is measured
+    again, a copied one is not."""
+    import hashlib
+
+    folder = Path(ckpt.source)
+    if not folder.is_dir():
+        return f"{ckpt.source}@{ckpt.revision or 'main'}"
+    h = hashlib.sha256()
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _settings(cfg: PrecisionConfig, method: str, fmt: str, bits: int, weights: str) -> dict:
+    return {"weights": weights,
         "method": method, "format": fmt, "bits": bits, "group_size": cfg.group_size if fmt == "int" else None,
         "sym": cfg.sym if fmt == "int" else True, "eval_windows": cfg.eval_windows, "seqlen": cfg.seqlen,
         "calib_samples": cfg.calib_samples, "seed": cfg.seed, "data": cfg.data, "text": cfg.text,
@@ -201,7 +217,12 @@ def run_precision(cfg: PrecisionConfig) -> list[Path]:
     paths = []
     corpus_sets = None  # the corpus's calibration text and evaluation windows serve every checkpoint
     for ckpt in checkpoints:
-        todo = [(m, f, b) for m, f, b in points if not _done(record_path(out, ckpt, m, f, b), _settings(cfg, m, f, b))]
+        weights = weights_digest(ckpt)
+        todo = [
+            (m, f, b)
+            for m, f, b in points
+            if not _done(record_path(out, ckpt, m, f, b), _settings(cfg, m, f, b, weights))
+        ]
         paths += [record_path(out, ckpt, m, f, b) for m, f, b in points]
         if not todo:
             continue
@@ -240,7 +261,7 @@ def run_precision(cfg: PrecisionConfig) -> list[Path]:
                 "bits": bits,
                 "group_size": cfg.group_size if fmt == "int" else None,
                 "bits_per_weight": report["storage"].get("bits_per_weight"),
-                "settings": _settings(cfg, method, fmt, bits),
+                "settings": _settings(cfg, method, fmt, bits, weights),
                 "metrics": {
                     "val_loss": loss, "val_loss_fp": loss_fp, "delta_loss": loss - loss_fp,
                     "ppl": math.exp(loss), "ppl_fp": math.exp(loss_fp),
