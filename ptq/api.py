@@ -31,6 +31,28 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def join_ranks(device: str | torch.device | None) -> tuple[int, int, torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1 in the environment): join the process group (NCCL on GPUs, gloo on the
+    CPU) if the caller has not, and give each local rank its own GPU (``device=auto`` or ``cuda``: cuda:LOCAL_RANK).
+    Returns (rank, world size, device); (0, 1, the device) in a single process."""
+    import os
+
+    import torch.distributed as dist
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks == 1 and not dist.is_initialized():
+        return 0, 1, resolve_device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if str(device) in ("auto", "cuda", "None") and torch.cuda.is_available():
+        device = f"cuda:{local % torch.cuda.device_count()}"
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def prepare_steps(recipe: Recipe, config) -> list:
     """The recipe's steps, checked against the model's config (architecture table entries), before any
     heavy work: each step's ``prepare`` runs here, once."""
@@ -89,7 +111,10 @@ def quantize(
     ``recipe``: a ``Recipe``; or keywords that build one (``Recipe.build``): ``method``, ``format``,
     ``bits``, ``group_size``, ``sym``, ``act_format``, ``act_bits``, ``act_granularity``, ``options``
     (per-step options, e.g. ``{"gptq": {"act_order": False}}``).
-    ``calib``: token ids [nsamples, seqlen] for methods that need calibration data (e.g. GPTQ).
+    ``calib``: token ids [nsamples, seqlen] for methods that need calibration data (e.g. GPTQ). Inside an
+    initialized ``torch.distributed`` process group (torchrun) every rank passes the same ``calib``; each rank
+    calibrates on its share of the windows and every statistic is summed (or maximized) over the ranks, so all
+    ranks end with the same quantized model (``ptq/methods/stats.py``).
     With ``offload`` the model stays where it is and only the current block visits ``device``.
     The report's ``storage`` gives the bytes and effective bits per weight as the format stores them.
     ``on_quantized(name, QuantizedWeight)`` also receives every quantized linear, and

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ptq import checkpoint, data, models, record
-from ptq.api import prepare_steps, resolve_device, run_steps
+from ptq.api import join_ranks, prepare_steps, run_steps
 from ptq.cache import Cache, digest, files_digest, tokenizer_digest
 from ptq.config import ConfigError, RunConfig, check_context
 from ptq.data import EVAL_SETS
@@ -129,9 +129,10 @@ def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -
         )
 
 
-def load_data(cfg: RunConfig, plan: Plan) -> Data:
-    """Tokenized evaluation windows and calibration windows (both cached on disk)."""
-    cache = Cache(cfg.cache.dir, cfg.cache.enabled)
+def load_data(cfg: RunConfig, plan: Plan, writes_cache: bool = True) -> Data:
+    """Tokenized evaluation windows and calibration windows (both cached on disk; ``writes_cache=False``: computed
+    here, neither read nor written, as on torchrun's ranks other than 0)."""
+    cache = Cache(cfg.cache.dir, cfg.cache.enabled and writes_cache)
     tokenizer_id = tokenizer_digest(plan.tokenizer)
     eval_seqlen = cfg.eval.seqlen or min(plan.context or 2048, 2048)
     windows, eval_info = {}, {}
@@ -178,7 +179,7 @@ def pick_dtype(name: str, device: torch.device, config) -> torch.dtype:
     return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
 
 
-def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loaded:
+def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device, saves: bool = True) -> Loaded:
     """The model: a quantized checkpoint, a lazily loaded skeleton (offload from local shards) or
     the whole model; when saving, checks first that every linear can be packed."""
     source = plan.source
@@ -212,7 +213,7 @@ def load(cfg: RunConfig, plan: Plan, batch: Data, device: torch.device) -> Loade
     else:
         model = models.load_model(source, dtype)
     store = None
-    if cfg.save:  # before any heavy work: can every linear be packed?
+    if cfg.save and saves:  # before any heavy work: can every linear be packed?
         names = {id(mod): name for name, mod in model.named_modules()}
         linears = {names[id(mod)]: mod for block in models.get_blocks(model)
                    for mod in models.block_linears(model, block).values()}  # fmt: skip
@@ -356,14 +357,19 @@ def quantize_evaluate_save(
     return Outcome(metrics, baseline, report, saved)
 
 
-def run(cfg: RunConfig, named: list[str] | tuple = ()) -> dict:
+def run(cfg: RunConfig, named: list[str] | tuple = ()) -> dict | None:
     """One run; returns the record (also written to <output_dir>/result.json). ``named``: the settings
-    the command line gave (warned about when this run does not use them)."""
+    the command line gave (warned about when this run does not use them). Under torchrun only rank 0 returns
+    the record (the other ranks return None)."""
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    for stale in ("result.json", "error.json"):  # a record in this folder must describe this run
+    rank, ranks, device = join_ranks(cfg.device)
+    for stale in ("result.json", "error.json") if rank == 0 else ():  # a record here must describe this run
         (out / stale).unlink(missing_ok=True)
-    device = resolve_device(cfg.device)
+    if rank > 0:  # the same log lines as rank 0's: only warnings from the other ranks
+        logging.getLogger("ptq").setLevel(logging.WARNING)
+    if ranks > 1 and cfg.resume:
+        raise ConfigError("resume=true continues a run in one process: resume without torchrun (or set resume=false)")
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -371,16 +377,21 @@ def run(cfg: RunConfig, named: list[str] | tuple = ()) -> dict:
 
     plan = check(cfg, named)
     check_calibration_memory(cfg, plan, device)
-    progress = start_progress(cfg, plan)
+    # Data-parallel ranks (torchrun): all calibrate, rank 0 alone evaluates and writes (records, caches,
+    # checkpoints, progress); the others hold the same quantized model and leave when quantization is done.
+    progress = start_progress(cfg, plan) if rank == 0 else None
     t = time.perf_counter()
-    batch = load_data(cfg, plan)
+    batch = load_data(cfg, plan, writes_cache=rank == 0)
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    loaded = load(cfg, plan, batch, device)
+    loaded = load(cfg, plan, batch, device, saves=rank == 0)
     timings["load_s"] = time.perf_counter() - t
     log.info("loaded %s from %s (%s) in %.1f s", cfg.model.name or plan.source.path, plan.source.path,
              plan.source.origin, timings["load_s"])  # fmt: skip
+    if rank > 0:
+        quantize(cfg, plan, batch, loaded, device)
+        return None
     try:
         outcome = quantize_evaluate_save(cfg, plan, batch, loaded, device, timings, progress)
     except BaseException:

@@ -345,10 +345,15 @@ def run_blocks(
         raise UserError(
             f"{'+'.join(s.name for s in steps)} needs calibration data: pass calib=<token ids [nsamples, seqlen]>"
         )
+    from ptq.methods.stats import shard_windows, world  # (ptq.methods imports this module)
+
+    _, ranks = world()
+    if needs_calibration and ranks > 1:  # data-parallel: this rank's share of the windows (the statistics seam)
+        calib_ids = shard_windows(calib_ids)
     if not offload:
         model.to(device)
     store = torch.device("cpu") if offload else device
-    report: dict = {"blocks": [], "capture_s": 0.0}
+    report: dict = {"blocks": [], "capture_s": 0.0, "world_size": ranks}
     for step in steps:  # the model-level stage (rotations of the embedding and head), before any capture
         described = step.transform_model(model)
         if described:

@@ -50,6 +50,15 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def job_device(device: str, job_num: int | None, gpus: int) -> str:
+    """The device of one job of a sweep: with ``device=auto`` on a machine with several GPUs, job n takes
+    cuda:(n mod GPUs), so that jobs run side by side (``hydra/launcher=joblib hydra.launcher.n_jobs=<GPUs>``) each
+    have their own GPU. Any other setting, a single run or torchrun's ranks keep the device as given."""
+    if device != "auto" or job_num is None or gpus < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return device
+    return f"cuda:{job_num % gpus}"
+
+
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | None:
     """Why this run may not use ``output_dir`` (one sentence), or None: a finished run's record is never
     replaced, nor an interrupted run's finished blocks, unless asked (overwrite=true, resume=true), and the
@@ -178,6 +187,12 @@ def main(hydra_cfg: DictConfig) -> None:
             FAILED_JOBS.append(str(output_dir))
             return
         sys.exit(2)
+    if _in_multirun():
+        import torch
+        from hydra.core.hydra_config import HydraConfig
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        container["device"] = job_device(container.get("device", "auto"), HydraConfig.get().job.num, gpus)
     try:
         cfg = from_dict(container)
         record = run(cfg, named_settings())
@@ -207,8 +222,9 @@ def main(hydra_cfg: DictConfig) -> None:
             FAILED_JOBS.append(str(output_dir / "error.json"))
             return  # keep the sweep going; the failure is recorded in error.json
         sys.exit(2)
-    print(console_table(record))
-    print(output_dir / "result.json")
+    if record is not None:  # (torchrun: rank 0 alone evaluates and writes the record)
+        print(console_table(record))
+        print(output_dir / "result.json")
 
 
 if __name__ == "__main__":

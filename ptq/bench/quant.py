@@ -17,6 +17,7 @@ import time
 import torch
 
 import ptq
+from ptq.api import join_ranks
 from ptq.lazy import load_skeleton
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
@@ -105,6 +106,13 @@ def write_profile(profiler, path: str, device: torch.device, rows: int = 40) -> 
     print(table, flush=True)
 
 
+def barrier(ranks: int) -> None:
+    if ranks > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
@@ -138,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             p.numel() * p.element_size() for p in model.parameters())}))  # fmt: skip
         return
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # torchrun: every rank builds the same seeded model and calibration windows, and the pipeline splits the
+    # windows over the ranks (ptq/methods/stats.py); rank 0 reports.
+    rank, ranks, device = join_ranks("auto")
     dtype = getattr(torch, args.dtype)
     options: dict = {}
     for item in args.option:
@@ -164,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         profiler = profile_ops(device) if args.profile and rep == 0 else contextlib.nullcontext()
+        barrier(ranks)
         start = time.perf_counter()
         with profiler:
             report = ptq.quantize(
@@ -177,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
+        barrier(ranks)  # the slowest rank's time
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         rss = peak_memory(device)["peak_rss_bytes"]  # of this process so far: with --from-checkpoint, the host's peak
@@ -199,9 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             "block_s_median": statistics.median(block_s) if block_s else None,
             **phases,
         }
-        if args.profile and rep == 0:
+        if args.profile and rep == 0 and rank == 0:
             write_profile(profiler, args.profile, device)
-        print(json.dumps(run), flush=True)
+        if rank == 0:
+            print(json.dumps(run), flush=True)
         runs.append(run)
         del model, report
     summary = {
@@ -214,12 +227,15 @@ def main(argv: list[str] | None = None) -> None:
         "from_checkpoint": bool(args.from_checkpoint),
         "dtype": args.dtype,
         "options": recipe.options,
+        "world_size": ranks,
         "median_seconds": statistics.median(r["seconds"] for r in runs),
         "peak_gpu_gib": max((r["peak_gpu_bytes"] or 0) for r in runs) / 2**30,
         "runs": runs,
         "env": environment(device),
         "command": command_line("python -m ptq.bench", argv),
     }
+    if rank > 0:
+        return
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "env")}), flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -7,6 +7,7 @@ import torch
 
 from ptq.errors import UserError
 from ptq.methods.base import Method
+from ptq.methods.stats import reduce_named
 from ptq.models import arch_for, get_submodule, head_dim_of
 from ptq.pipeline import BlockContext
 from ptq.quant.activations import InputQuantizer, attach_input_quantizer
@@ -38,6 +39,7 @@ class QuantizeActivations(Method):
                 absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
 
             ctx.forward_with_input_hooks(ctx.linears, track)
+            absmax = reduce_named(absmax, ctx.linears, "max", lambda name: torch.zeros((), device=ctx.device))
             scales = {name: self.act.static_scale(m) for name, m in absmax.items()}
         for name, linear in ctx.linears.items():
             attach_input_quantizer(linear, InputQuantizer(self.act, scales.get(name)))

@@ -37,7 +37,16 @@ import torch
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import BlockGroup, fold_scales, resolve_groups
-from ptq.methods.stats import add_gram, half_precision_products, quadratic_form_sum, split_bf16
+from ptq.methods.stats import (
+    add_gram,
+    all_sum,
+    all_sum_int,
+    gather_rows,
+    half_precision_products,
+    quadratic_form_sum,
+    split_bf16,
+    world,
+)
 from ptq.models import arch_for, block_scale_groups, get_weight, scale_groups, set_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import WeightSpec, fake_quantize_weight, group_rows, row_params
@@ -178,6 +187,10 @@ class AWQ(Method):
         self.arch = arch_for(config.model_type)
         self.no_clip = self.arch.no_clip
 
+    def _rank_tokens(self) -> int | None:
+        """``search_tokens`` of this rank: data-parallel ranks share the budget (each its first windows)."""
+        return None if self.search_tokens is None else max(1, self.search_tokens // world()[1])
+
     # -- scale search ------------------------------------------------------------------------
 
     def search_scale(
@@ -186,13 +199,16 @@ class AWQ(Method):
         """Best scales for ``group`` given the calls of its compared module; also alpha and all losses."""
         inputs = [_input(args, kwargs) for args, kwargs in calls]
         channels = group.channels
-        x_mean = torch.zeros(channels, device=inputs[0].device)
+        # (a data-parallel rank whose windows never reached an expert has no inputs of its own for it)
+        device = inputs[0].device if inputs else get_weight(next(iter(group.linears.values()))).device
+        x_mean = torch.zeros(channels, device=device)
         tokens = 0
         for x in inputs:
             x = x.reshape(-1, channels)
             x_mean += x.abs().float().sum(dim=0)
             tokens += x.shape[0]
-        x_mean /= tokens
+        tokens = all_sum_int(tokens, x_mean.device)  # data-parallel ranks: the statistics of every rank's windows
+        x_mean = all_sum(x_mean) / tokens
         originals = {name: get_weight(linear).clone() for name, linear in group.linears.items()}
         w_mean = weight_channel_mean(list(originals.values()), self.spec) if self.duo_scaling else None
         loss_of = self._gram_loss(group, inputs, tokens) if self._compares_one_linear(group) else None
@@ -216,11 +232,14 @@ class AWQ(Method):
                     # term is off by <= 2^-8 relative, independently, so the sum by ~2^-8 / sqrt(terms).
                     total += torch.linalg.vector_norm(out - reference, dtype=torch.float32).square()
                     count += out.numel()
-                losses.append(total / count)
+                losses.append(torch.stack([total, torch.tensor(float(count), device=total.device)]))
             candidates.append(s)
         for name, linear in group.linears.items():
             set_weight(linear, originals[name])
         losses = torch.stack(losses)
+        if loss_of is None:  # [candidates, (squared error, outputs)] summed over the ranks' windows
+            losses = all_sum(losses)
+            losses = losses[:, 0] / losses[:, 1]
         best = int(torch.argmin(losses))  # the one host synchronization of the search
         return candidates[best], best / self.n_grid, losses
 
@@ -234,11 +253,12 @@ class AWQ(Method):
         With bf16/fp16 activations on CUDA, G is built and applied on the tensor cores (ptq/methods/stats.py)."""
         (linear,) = group.linears.values()
         channels = group.channels
-        gram = torch.zeros(channels, channels, device=inputs[0].device)
+        original = get_weight(linear)
+        gram = torch.zeros(channels, channels, device=original.device)
         for x in inputs:
             add_gram(gram, x.reshape(-1, channels))
-        gram_parts = split_bf16(gram) if half_precision_products(inputs[0]) else None
-        original = get_weight(linear)
+        all_sum(gram)  # ``tokens`` is already the count over ranks
+        gram_parts = split_bf16(gram) if half_precision_products(inputs[0] if inputs else original) else None
 
         def loss(trial: torch.Tensor) -> torch.Tensor:
             error = trial.to(torch.float32, copy=True).sub_(original)
@@ -263,7 +283,7 @@ class AWQ(Method):
         start = time.perf_counter()
         inputs: dict[str, list] = {group.group.inspect: [] for group in run}
         modules = {group.group.inspect: group.inspect for group in run}
-        ctx.forward_with_input_hooks(modules, lambda name, x: inputs[name].append(((x,), {})), self.search_tokens)
+        ctx.forward_with_input_hooks(modules, lambda name, x: inputs[name].append(((x,), {})), self._rank_tokens())
         ctx.add_time("scale_search_s", time.perf_counter() - start)
         return inputs
 
@@ -275,20 +295,23 @@ class AWQ(Method):
             return
         # Every step-th token of the tokens the scale search read (the reference samples its whole
         # 128 x 512 calibration set the same way): one forward over those chunks, not all of them.
-        total = sum(chunk.shape[0] * chunk.shape[1] for chunk in ctx.chunks(self.search_tokens))
-        step = max(1, total // self.clip_tokens)
+        total = sum(chunk.shape[0] * chunk.shape[1] for chunk in ctx.chunks(self._rank_tokens()))
+        step = max(1, all_sum_int(total, ctx.device) // self.clip_tokens)
         samples: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
 
         def keep(name: str, x: torch.Tensor) -> None:
             samples[name].append(x.reshape(-1, x.shape[-1])[::step])
 
-        ctx.forward_with_input_hooks(targets, keep, self.search_tokens)
+        ctx.forward_with_input_hooks(targets, keep, self._rank_tokens())
         for name, linear in targets.items():
-            if sum(x.shape[0] for x in samples[name]) * step < ctx.min_tokens:  # an expert without tokens
+            weight = get_weight(linear)
+            # every rank's samples, in rank order (the windows' order): the same tokens on every rank
+            kept = torch.cat(samples[name]) if samples[name] else weight.new_zeros(0, weight.shape[1])
+            samples[name] = gather_rows(kept)
+            if samples[name].shape[0] * step < ctx.min_tokens:  # an expert without tokens
                 ctx.stats.setdefault(name, {})["fallback"] = "rtn"
                 continue
-            weight = get_weight(linear)
-            x = torch.cat(samples[name])[: self.clip_tokens]
+            x = samples[name][: self.clip_tokens]
             max_val, ratio = search_clip(weight, x, self.spec, self.clip_grid, self.clip_max_shrink)
             set_weight(linear, apply_clip(weight, max_val, self.spec))
             ctx.stats.setdefault(name, {})["awq_clip_mean_ratio"] = ratio.mean().item()
@@ -305,8 +328,8 @@ class AWQ(Method):
             start = time.perf_counter()
             calls = shared.pop(group.group.inspect, None)
             if calls is None:
-                calls = ctx.capture_calls(group.inspect, self.search_tokens)
-            tokens = sum(_input(args, kwargs).shape[:-1].numel() for args, kwargs in calls)
+                calls = ctx.capture_calls(group.inspect, self._rank_tokens())
+            tokens = all_sum_int(sum(_input(args, kwargs).shape[:-1].numel() for args, kwargs in calls), ctx.device)
             if len(group.linears) == 1:  # a lone linear (an expert's down_proj): the tokens it was sent
                 ctx.stats.setdefault(next(iter(group.linears)), {})["tokens"] = tokens
             if tokens < ctx.min_tokens:  # an expert the router (almost) never chose: no scales, and say so

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ptq.methods import gptq_kernel
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_group
-from ptq.methods.stats import GRAM_PRODUCTS, add_gram
+from ptq.methods.stats import GRAM_PRODUCTS, add_gram, broadcast_object, reduce_named, world
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantizedWeight, WeightSpec, group_qparams
@@ -260,6 +260,15 @@ def gptq_step(recipe) -> GPTQ | None:
     return GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
 
 
+def _to_host(qweight: QuantizedWeight) -> QuantizedWeight:
+    return _to_device(qweight, torch.device("cpu"))
+
+
+def _to_device(qweight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    moved = {f.name: getattr(qweight, f.name) for f in fields(qweight)}
+    return QuantizedWeight(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
 class GPTQ(Method):
     """GPTQ as a pipeline step. By default columns go in order of decreasing diag(H) (``act_order``)
     with group scales from the original weights (``static_groups``), as llm-compressor does: better
@@ -313,6 +322,11 @@ class GPTQ(Method):
             tokens[name] += x.shape[0]
 
         ctx.forward_with_input_hooks(readers, accumulate)
+        # Data-parallel ranks: each saw its share of the windows; every rank gets the sums over all of them.
+        width = {name: get_weight(linear).shape[1] for name, linear in readers.items()}
+        sums = reduce_named(sums, readers, "sum", lambda name: torch.zeros(width[name], width[name], device=ctx.device))
+        counts = {name: torch.tensor([float(n)], dtype=torch.float64) for name, n in tokens.items()}
+        tokens = {name: int(t.item()) for name, t in reduce_named(counts, readers, "sum", None).items()}
         for group in groups:
             for name in group:
                 ctx.stats.setdefault(name, {})["tokens"] = tokens[group[0]]
@@ -374,6 +388,26 @@ class GPTQ(Method):
         if info["retries"]:
             log.warning("block %d %s: damping raised to percdamp=%g", ctx.index + 1, "/".join(group), info["percdamp"])
 
+    def _solve_spread(self, ctx: BlockContext, batch: list, hessians: dict, rank: int, ranks: int) -> None:
+        """A stage's groups dealt out over the data-parallel ranks (group i to rank i mod ranks); each rank
+        solves its own, then every result is sent to every rank."""
+        mine = [group for i, group in enumerate(batch) if i % ranks == rank]
+        owned = {group[0]: hessians[group[0]] for group in mine}
+        factors = self._factor_stage(owned) if len(mine) > 1 else {}
+        for group in mine:
+            self._solve(ctx, group, hessians, factors.pop(group[0], None))
+        for i, group in enumerate(batch):
+            owner = i % ranks
+            payload = None
+            if owner == rank:
+                payload = {name: (_to_host(ctx.quantized[name]), ctx.stats[name]) for name in group}
+            payload = broadcast_object(payload, owner)
+            if owner != rank:
+                hessians.pop(group[0], None)
+                for name, (qweight, stats) in payload.items():
+                    ctx.set_quantized(name, _to_device(qweight, ctx.device))
+                    ctx.stats[name] = stats
+
     def quantize_block(self, ctx: BlockContext) -> None:
         groups = list(ctx.sequential)
         # true_sequential: each stage's statistics come from a forward pass in which the stages before
@@ -386,6 +420,12 @@ class GPTQ(Method):
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             ctx.add_time("hessian_s", time.perf_counter() - start)  # forward pass + statistics
+            rank, ranks = world()
+            if ranks > 1 and len(batch) > 1:
+                self._solve_spread(ctx, batch, hessians, rank, ranks)
+                continue
+            # One group (a dense block under true_sequential): every rank solves it, from the same Hessian,
+            # which costs no communication.
             factors = self._factor_stage(hessians) if len(batch) > 1 else {}
             for group in batch:
                 self._solve(ctx, group, hessians, factors.pop(group[0], None))

@@ -25,6 +25,7 @@ import torch
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_linears
 from ptq.methods.scaling import fold_scales, resolve_groups
+from ptq.methods.stats import reduce_named
 from ptq.models import arch_for, block_scale_groups, get_submodule, get_weight, is_linear, scale_groups
 from ptq.pipeline import BlockContext
 from ptq.quant import WeightSpec
@@ -80,6 +81,8 @@ class SmoothQuant(Method):
             act_max[name] = torch.maximum(act_max[name], m) if name in act_max else m
 
         ctx.forward_with_input_hooks(readers, track)
+        width = {_reader(g): get_weight(next(iter(g.linears.values()))).shape[1] for g in groups}
+        act_max = reduce_named(act_max, readers, "max", lambda name: torch.zeros(width[name], device=ctx.device))
         for group in groups:
             if _reader(group) not in act_max:  # an expert the router never chose: nothing to smooth
                 continue

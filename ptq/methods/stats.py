@@ -63,3 +63,112 @@ def quadratic_form_sum(
     else:
         product = error @ gram
     return (product * error).sum()
+
+
+# -- data-parallel ranks ------------------------------------------------------------------------------------------
+# Every calibration statistic is a sum (Gram matrices, token counts, channel sums, search losses) or a maximum
+# (activation ranges) over tokens. With ``torch.distributed`` initialized (torchrun), each rank sees its share of
+# the calibration windows and these functions combine the shares, so that every rank holds the statistic of all
+# windows; in a single process they return their input untouched.
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distributed() -> bool:
+    return world()[1] > 1
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """In place; gloo reduces host tensors (a CUDA tensor visits the host), NCCL device tensors."""
+    import torch.distributed as dist
+
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    backend = dist.get_backend()
+    if tensor.is_cuda and backend == "gloo":
+        moved = tensor.cpu()
+    elif not tensor.is_cuda and backend == "nccl":
+        moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.all_reduce(tensor, reduce_op)
+        return tensor
+    dist.all_reduce(moved, reduce_op)
+    return tensor.copy_(moved)
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``tensor`` (in place)."""
+    return _all_reduce(tensor, "sum") if distributed() else tensor
+
+
+def all_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over ranks of ``tensor`` (in place)."""
+    return _all_reduce(tensor, "max") if distributed() else tensor
+
+
+def all_sum_int(value: int, device: torch.device | None = None) -> int:
+    """A count summed over ranks (tokens seen)."""
+    if not distributed():
+        return value
+    return int(all_sum(torch.tensor([value], dtype=torch.float64, device=device)).item())
+
+
+def reduce_named(
+    values: dict[str, torch.Tensor], names, op: str, empty, device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """``values`` (name -> tensor, a name missing where this rank's tokens never reached it: an expert) combined
+    over ranks by ``op`` ("sum" or "max"), name by name in the order of ``names``, which every rank lists alike.
+    ``empty(name)`` is the neutral tensor of a name this rank lacks (zeros: sums of counts and |x| maxima are
+    never negative). A name no rank saw stays missing."""
+    if not distributed():
+        return values
+    names = list(names)
+    seen = torch.tensor([name in values for name in names], dtype=torch.float32, device=device)
+    all_max(seen)
+    out = {}
+    for name, anywhere in zip(names, seen.tolist(), strict=True):
+        if anywhere:
+            tensor = values[name] if name in values else empty(name)
+            out[name] = _all_reduce(tensor, op)
+    return out
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` [n_rank, features] of every rank, concatenated in rank order (ranks may hold different
+    numbers of rows)."""
+    if not distributed():
+        return x
+    import torch.distributed as dist
+
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, x.cpu())
+    return torch.cat(rows).to(x.device)
+
+
+def broadcast_object(value, src: int):
+    """``value`` of rank ``src`` on every rank (tensors travel through the host)."""
+    if not distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_windows(input_ids: torch.Tensor) -> torch.Tensor:
+    """This rank's calibration windows: a contiguous share, so that the ranks' shares in rank order are the
+    windows in their original order."""
+    rank, size = world()
+    if size == 1:
+        return input_ids
+    if input_ids.shape[0] < size:
+        raise ValueError(f"{input_ids.shape[0]} calibration windows cannot be split over {size} ranks")
+    bounds = [round(i * input_ids.shape[0] / size) for i in range(size + 1)]
+    return input_ids[bounds[rank] : bounds[rank + 1]]
