@@ -53,6 +53,14 @@ def join_ranks(device: str | torch.device | None) -> tuple[int, int, torch.devic
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_ranks() -> None:
+    """The end of a torchrun process: leave the process group cleanly (NCCL warns otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def prepare_steps(recipe: Recipe, config) -> list:
     """The recipe's steps, checked against the model's config (architecture table entries), before any
     heavy work: each step's ``prepare`` runs here, once."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ptq.api import leave_ranks
 from ptq.config import from_dict
 from ptq.errors import DiskFullError, UserError
 from ptq.job import run
@@ -233,6 +234,7 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+    leave_ranks()
     if FAILED_JOBS:
         print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 
 import ptq
-from ptq.methods.stats import add_gram, gather_rows, reduce_named, shard_windows
+from ptq.methods.stats import add_gram, all_gather_shares, gather_rows, reduce_named, row_share, shard_windows
 
 CASES = {
     "rtn": dict(method="rtn", bits=4, group_size=16),
@@ -68,6 +68,9 @@ def seam_checks() -> dict:
         "max": reduce_named(maxima, ["seen", "never"], "max", lambda name: torch.zeros(24)),
         "rows": gather_rows(mine[: 3 + rank]),
         "windows": shard_windows(torch.arange(9)[:, None]).flatten().tolist(),
+        "share": row_share(5),
+        "shares": all_gather_shares(torch.arange(15.0).view(5, 3)[slice(*row_share(5))], 5),
+        "fp8_shares": all_gather_shares(torch.arange(15.0).view(5, 3)[slice(*row_share(5))].to(torch.float8_e4m3fn), 5),
     }
 
 
@@ -109,6 +112,10 @@ def test_statistics_seam_sums_maxima_and_gathers_over_ranks(two_ranks):
         assert torch.equal(seam["max"]["seen"], x[:32].abs().amax(dim=0))
         assert torch.equal(seam["rows"], torch.cat([x[:3], x[32:36]]))  # rank order, uneven shares
     assert two_ranks[0]["seam"]["windows"] == [0, 1, 2, 3] and two_ranks[1]["seam"]["windows"] == [4, 5, 6, 7, 8]
+    assert [rank["seam"]["share"] for rank in two_ranks] == [(0, 3), (3, 5)]  # GPTQ's rows, solved by share
+    for rank in two_ranks:
+        assert torch.equal(rank["seam"]["shares"], torch.arange(15.0).view(5, 3))
+        assert torch.equal(rank["seam"]["fp8_shares"].float(), torch.arange(15.0).view(5, 3))
 
 
 def test_every_rank_ends_with_the_same_model(two_ranks):

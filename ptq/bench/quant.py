@@ -17,7 +17,7 @@ import time
 import torch
 
 import ptq
-from ptq.api import join_ranks
+from ptq.api import join_ranks, leave_ranks
 from ptq.lazy import load_skeleton
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "env": environment(device),
         "command": command_line("python -m ptq.bench", argv),
     }
+    leave_ranks()
     if rank > 0:
         return
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "env")}), flush=True)

@@ -26,7 +26,15 @@ import torch
 from ptq.methods import gptq_kernel
 from ptq.methods.base import Method
 from ptq.methods.rtn import round_group
-from ptq.methods.stats import GRAM_PRODUCTS, add_gram, broadcast_object, reduce_named, world
+from ptq.methods.stats import (
+    GRAM_PRODUCTS,
+    add_gram,
+    all_gather_shares,
+    broadcast_object,
+    reduce_named,
+    row_share,
+    world,
+)
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantizedWeight, WeightSpec, group_qparams
@@ -352,10 +360,18 @@ class GPTQ(Method):
         return factors
 
     def _solve(
-        self, ctx: BlockContext, group: tuple[str, ...], hessians: dict[str, torch.Tensor], factor: Factor | None = None
+        self,
+        ctx: BlockContext,
+        group: tuple[str, ...],
+        hessians: dict[str, torch.Tensor],
+        factor: Factor | None = None,
+        split_rows: bool = False,
     ) -> None:
         """Solve ``group``, consuming its Hessian: popped here, so that the solver can free its memory
-        as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB)."""
+        as soon as the inverse factor exists (Llama-3-8B's down_proj: 822 MB). ``split_rows``: every
+        data-parallel rank calls this for the group; each solves its share of the output rows (GPTQ treats
+        rows independently given H) and the shares are gathered (formats with one scale over the whole
+        tensor, NVFP4's, are solved whole on every rank instead)."""
         start = time.perf_counter()
         if hessians[group[0]] is None:  # too few tokens for a Hessian: round to nearest, and say so
             hessians.pop(group[0])
@@ -367,11 +383,20 @@ class GPTQ(Method):
             return
         weights = [get_weight(ctx.linears[name]) for name in group]
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
+        rows = stacked.shape[0]
+        split_rows = split_rows and world()[1] > 1 and not self.spec.fmt.has_tensor_scale
+        start_row, stop_row = row_share(rows) if split_rows else (0, rows)
         qweight, losses, info = gptq_quantize(
-            stacked, hessians.pop(group[0]), self.spec, self.block_size, self.percdamp, self.act_order,
-            self.static_groups, consume=True, loop=self.loop, factor=factor,
+            stacked[start_row:stop_row], hessians.pop(group[0]), self.spec, self.block_size, self.percdamp,
+            self.act_order, self.static_groups, consume=True, loop=self.loop, factor=factor,
         )  # fmt: skip
         del stacked
+        if split_rows:  # every rank's rows, on every rank
+            qweight = QuantizedWeight(
+                all_gather_shares(qweight.qweight, rows), all_gather_shares(qweight.scale, rows),
+                all_gather_shares(qweight.zero, rows), qweight.g_idx, qweight.spec, qweight.tensor_scale,
+            )  # fmt: skip
+            losses = all_gather_shares(losses, rows)
         if not torch.isfinite(qweight.scale).all():
             raise FloatingPointError(f"GPTQ produced non-finite scales in block {ctx.index} {group}")
         if qweight.scale.is_cuda:
@@ -424,11 +449,10 @@ class GPTQ(Method):
             if ranks > 1 and len(batch) > 1:
                 self._solve_spread(ctx, batch, hessians, rank, ranks)
                 continue
-            # One group (a dense block under true_sequential): every rank solves it, from the same Hessian,
-            # which costs no communication.
+            # One group (a dense block under true_sequential): every rank solves its share of the rows.
             factors = self._factor_stage(hessians) if len(batch) > 1 else {}
             for group in batch:
-                self._solve(ctx, group, hessians, factors.pop(group[0], None))
+                self._solve(ctx, group, hessians, factors.pop(group[0], None), split_rows=ranks > 1)
         solved = [name for g in groups for name in g if "loss" in ctx.stats[name]]
         if len(solved) > 16:  # a MoE block: the sum per linear kind instead of hundreds of numbers
             kinds: dict[str, float] = {}

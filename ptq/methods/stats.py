@@ -172,3 +172,32 @@ def shard_windows(input_ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{input_ids.shape[0]} calibration windows cannot be split over {size} ranks")
     bounds = [round(i * input_ids.shape[0] / size) for i in range(size + 1)]
     return input_ids[bounds[rank] : bounds[rank + 1]]
+
+
+def row_share(rows: int) -> tuple[int, int]:
+    """This rank's rows [start, stop) of a matrix split over the ranks in equal shares (the last ones shorter)."""
+    rank, size = world()
+    share = -(-rows // size)
+    return min(rank * share, rows), min((rank + 1) * share, rows)
+
+
+def all_gather_shares(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``row_share`` parts of every rank, concatenated: the whole [rows, ...] matrix on every rank, through one
+    tensor collective (the shares padded to equal size)."""
+    _, size = world()
+    if size == 1:
+        return part
+    import torch.distributed as dist
+
+    share = -(-rows // size)
+    one_byte = part.element_size() == 1 and part.dtype not in (torch.uint8, torch.int8)
+    data = part.view(torch.uint8) if one_byte else part  # float8 codes travel as their bytes
+    padded = data.new_zeros((share, *data.shape[1:]))
+    padded[: data.shape[0]] = data
+    on_host = padded.is_cuda and dist.get_backend() == "gloo"
+    if on_host:
+        padded = padded.cpu()
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded)
+    whole = torch.cat(pieces)[:rows].to(part.device)
+    return whole.view(part.dtype) if one_byte else whole
