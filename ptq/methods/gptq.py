@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +31,7 @@ from ptq.methods.stats import (
     add_gram,
     all_gather_shares,
     broadcast_object,
+    broadcast_tensors,
     reduce_named,
     row_share,
     world,
@@ -268,15 +269,6 @@ def gptq_step(recipe) -> GPTQ | None:
     return GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
 
 
-def _to_host(qweight: QuantizedWeight) -> QuantizedWeight:
-    return _to_device(qweight, torch.device("cpu"))
-
-
-def _to_device(qweight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
-    moved = {f.name: getattr(qweight, f.name) for f in fields(qweight)}
-    return QuantizedWeight(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
-
-
 class GPTQ(Method):
     """GPTQ as a pipeline step. By default columns go in order of decreasing diag(H) (``act_order``)
     with group scales from the original weights (``static_groups``), as llm-compressor does: better
@@ -423,15 +415,20 @@ class GPTQ(Method):
             self._solve(ctx, group, hessians, factors.pop(group[0], None))
         for i, group in enumerate(batch):
             owner = i % ranks
-            payload = None
-            if owner == rank:
-                payload = {name: (_to_host(ctx.quantized[name]), ctx.stats[name]) for name in group}
-            payload = broadcast_object(payload, owner)
-            if owner != rank:
-                hessians.pop(group[0], None)
-                for name, (qweight, stats) in payload.items():
-                    ctx.set_quantized(name, _to_device(qweight, ctx.device))
-                    ctx.stats[name] = stats
+            hessians.pop(group[0], None)
+            stats = broadcast_object({name: ctx.stats[name] for name in group} if owner == rank else None, owner)
+            for name in group:
+                fields_of = None
+                if owner == rank:
+                    q = ctx.quantized[name]
+                    fields_of = [q.qweight, q.scale, q.zero, q.g_idx] + (
+                        [q.tensor_scale] if q.tensor_scale is not None else []
+                    )
+                received = broadcast_tensors(fields_of, owner, ctx.device)
+                if owner != rank:
+                    tensor_scale = received[4] if len(received) > 4 else None
+                    ctx.set_quantized(name, QuantizedWeight(*received[:4], self.spec, tensor_scale))
+                    ctx.stats[name] = stats[name]
 
     def quantize_block(self, ctx: BlockContext) -> None:
         groups = list(ctx.sequential)

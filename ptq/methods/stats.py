@@ -201,3 +201,26 @@ def all_gather_shares(part: torch.Tensor, rows: int) -> torch.Tensor:
     dist.all_gather(pieces, padded)
     whole = torch.cat(pieces)[:rows].to(part.device)
     return whole.view(part.dtype) if one_byte else whole
+
+
+def broadcast_tensors(tensors: list[torch.Tensor] | None, src: int, device: torch.device) -> list[torch.Tensor]:
+    """Rank ``src``'s ``tensors`` on every rank (others pass None), on ``device``: their shapes and dtypes travel as
+    one small object, their contents through tensor collectives (pickling them would cost more than the solve)."""
+    rank, size = world()
+    if size == 1:
+        return tensors
+    import torch.distributed as dist
+
+    header = broadcast_object([(t.shape, t.dtype) for t in tensors] if rank == src else None, src)
+    gloo = dist.get_backend() == "gloo"
+    out = []
+    for i, (shape, dtype) in enumerate(header):
+        tensor = tensors[i].to(device) if rank == src else torch.empty(shape, dtype=dtype, device=device)
+        one_byte = tensor.element_size() == 1 and dtype not in (torch.uint8, torch.int8)
+        data = tensor.view(torch.uint8) if one_byte else tensor  # float8 codes travel as their bytes
+        moved = data.cpu() if gloo and data.is_cuda else data
+        dist.broadcast(moved, src)
+        if moved is not data:
+            data.copy_(moved)
+        out.append(tensor)
+    return out
