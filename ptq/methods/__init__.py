@@ -10,9 +10,10 @@ from ptq.methods.gptq import GPTQ
 from ptq.methods.quarot import QuaRot
 from ptq.methods.rtn import RTN
 from ptq.methods.smoothquant import SmoothQuant
+from ptq.methods.spqr import SpQR
 from ptq.quant import WeightSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpQR)}
 FULL_PRECISION = "none"
 
 

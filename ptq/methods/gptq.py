@@ -277,6 +277,7 @@ class GPTQ(Method):
 
     name = "gptq"
     needs_calibration = True
+    splits_rows = True  # under torchrun a lone group's rows may be solved by share (rows are independent given H)
 
     def __init__(
         self,
@@ -305,6 +306,13 @@ class GPTQ(Method):
         self.act_order = act_order
         self.static_groups = static_groups
         self.true_sequential = true_sequential
+
+    def solve_weight(self, W: torch.Tensor, H: torch.Tensor, factor: Factor | None):
+        """(quantized weight, per-row loss, solver info) of one group's stacked weight; H is consumed."""
+        return gptq_quantize(
+            W, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups, consume=True,
+            loop=self.loop, factor=factor,
+        )  # fmt: skip
 
     def _hessians(self, ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor | None]:
         """H = 2/n * X^T X for the input of each group (read at the group's first linear), fp32; None for
@@ -376,12 +384,9 @@ class GPTQ(Method):
         weights = [get_weight(ctx.linears[name]) for name in group]
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # in the model's dtype
         rows = stacked.shape[0]
-        split_rows = split_rows and world()[1] > 1 and not self.spec.fmt.has_tensor_scale
+        split_rows = split_rows and self.splits_rows and world()[1] > 1 and not self.spec.fmt.has_tensor_scale
         start_row, stop_row = row_share(rows) if split_rows else (0, rows)
-        qweight, losses, info = gptq_quantize(
-            stacked[start_row:stop_row], hessians.pop(group[0]), self.spec, self.block_size, self.percdamp,
-            self.act_order, self.static_groups, consume=True, loop=self.loop, factor=factor,
-        )  # fmt: skip
+        qweight, losses, info = self.solve_weight(stacked[start_row:stop_row], hessians.pop(group[0]), factor)
         del stacked
         if split_rows:  # every rank's rows, on every rank
             qweight = QuantizedWeight(

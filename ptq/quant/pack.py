@@ -197,6 +197,10 @@ class StorageCount:
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
         out_features, in_features = qw.qweight.shape
+        if hasattr(qw, "stored_bytes"):  # a method with its own layout (SpQR: statistics and outliers)
+            self.layouts.add(qw.layout)
+            self.add_packed(name, out_features * in_features, qw.stored_bytes())
+            return
         if not qw.spec.is_int:
             self.layouts.add("compressed-tensors")
             self.add_packed(name, out_features * in_features, float_bytes(qw))

@@ -101,6 +101,10 @@ class Progress:
         specs = {}
         for name, q in quantized.items():
             specs[name] = {**asdict(q.spec), "columns": q.qweight.shape[1]}
+            if hasattr(q, "stat_bits"):  # SpQR: its outliers and how its statistics are stored
+                specs[name]["spqr"] = {"stat_bits": q.stat_bits, "stat_group": q.stat_group}
+                tensors[f"q/{name}/outlier_index"] = own_storage(q.outlier_index)
+                tensors[f"q/{name}/outlier_value"] = own_storage(q.outlier_value)
             for field in _FIELDS:
                 value = getattr(q, field)
                 if field == "qweight" and _nibbles(q):  # two 4-bit codes a byte: half the disk
@@ -127,8 +131,15 @@ class Progress:
         quantized = {}
         for name, spec in specs.items():
             columns = spec.pop("columns")
+            spqr = spec.pop("spqr", None)
             fields = {f: tensors.get(f"q/{name}/{f}") for f in _FIELDS}
-            q = QuantizedWeight(**fields, spec=WeightSpec(**spec))
+            if spqr is None:
+                q = QuantizedWeight(**fields, spec=WeightSpec(**spec))
+            else:
+                from ptq.methods.spqr import SpQRWeight
+
+                outliers = {f: tensors.get(f"q/{name}/{f}") for f in ("outlier_index", "outlier_value")}
+                q = SpQRWeight(**fields, spec=WeightSpec(**spec), **outliers, **spqr)
             if _nibbles(q):
                 q.qweight = unpack_nibbles(q.qweight, columns)
             quantized[name] = q
