@@ -90,12 +90,17 @@ def test_storage_counts_the_tensors_kept():
 def test_pipeline_runs_spqr_and_reports_bits_per_weight():
     model = tiny_model("llama")
     calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    kept = {}
     report = ptq.quantize(model, method="spqr", bits=3, group_size=16, calib=calib, device="cpu",
-                          options={"spqr": {"stat_group": 8}})  # fmt: skip
+                          options={"spqr": {"stat_group": 8}}, on_quantized=kept.__setitem__)  # fmt: skip
     storage = report["storage"]
     assert storage["format"] == "spqr" and 3 < storage["bits_per_weight"] < 6
-    stats = report["blocks"][0]["layers"]["self_attn.q_proj"]
-    assert "outliers" in stats and stats["loss"] > 0
+    layers = report["blocks"][0]["layers"]
+    assert layers["self_attn.q_proj"]["loss"] > 0
+    # each linear reports its own outliers (q, k and v are solved as one stack)
+    for name in ("q", "k", "v"):
+        assert layers[f"self_attn.{name}_proj"]["outliers"] == kept[f"model.layers.0.self_attn.{name}_proj"].outliers
+    assert sum(q.outliers for q in kept.values()) > 0
 
 
 def test_options_are_checked():

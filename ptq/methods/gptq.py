@@ -276,6 +276,7 @@ class GPTQ(Method):
     order is ``act_order=False, static_groups=False`` (``method=gptq-reference`` on the command line)."""
 
     name = "gptq"
+    label = "GPTQ"  # in the log
     needs_calibration = True
     splits_rows = True  # under torchrun a lone group's rows may be solved by share (rows are independent given H)
 
@@ -402,9 +403,12 @@ class GPTQ(Method):
         row = 0
         for name, w in zip(group, weights, strict=True):
             rows = w.shape[0]
-            ctx.set_quantized(name, qweight.rows(row, row + rows))
+            part = qweight.rows(row, row + rows)
+            ctx.set_quantized(name, part)
             loss = losses[row : row + rows].sum().item()
             ctx.stats.setdefault(name, {}).update(loss=loss, **info)
+            if hasattr(part, "outliers"):  # SpQR: this linear's own outliers, not its stacked group's
+                ctx.stats[name].update(outliers=part.outliers, outlier_fraction=part.outliers / w.numel())
             log.debug("block %d %s: loss %.4f", ctx.index + 1, name, loss)
             row += rows
         if info["retries"]:
@@ -464,4 +468,4 @@ class GPTQ(Method):
             losses = ", ".join(f"{kind} {loss:.3g} (sum)" for kind, loss in kinds.items())
         else:
             losses = ", ".join(f"{name.split('.')[-1]} {ctx.stats[name]['loss']:.3g}" for name in solved)
-        log.info("block %d GPTQ losses: %s", ctx.index + 1, losses)
+        log.info("block %d %s losses: %s", ctx.index + 1, self.label, losses)

@@ -207,6 +207,7 @@ class SpQR(GPTQ):
     the reference implementation's defaults for LLaMA; β1 is the run's ``group_size`` (the paper: 16)."""
 
     name = "spqr"
+    label = "SpQR"
     splits_rows = False  # the outlier scale and the second-level groups span all rows: every rank solves whole groups
 
     def __init__(
