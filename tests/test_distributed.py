@@ -21,6 +21,8 @@ CASES = {
     # one forward for every group's Hessian: the groups' solves are dealt out to the ranks and broadcast
     "gptq_spread": dict(method="gptq", bits=3, group_size=16, options={"gptq": {"true_sequential": False}}),
     "awq": dict(method="awq", bits=3, group_size=16),
+    # dealt-out SpQR solves: the outliers travel with the codes
+    "spqr_spread": dict(method="spqr", bits=3, group_size=16, options={"spqr": {"true_sequential": False}}),
     "smoothquant": dict(
         method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8, act_granularity="per_tensor"
     ),
@@ -134,7 +136,7 @@ def test_round_to_nearest_and_smoothquant_are_identical_to_one_process(two_ranks
         assert torch.equal(value, distributed["state"][key]), f"{name}: {key}"
 
 
-@pytest.mark.parametrize("name", ["gptq", "gptq_spread"])
+@pytest.mark.parametrize("name", ["gptq", "gptq_spread", "spqr_spread"])
 def test_gptq_losses_match_one_process(two_ranks, one_process, name):
     distributed, single = two_ranks[0]["cases"][name], one_process[name]
     for block_2, block_1 in zip(distributed["layers"], single["layers"], strict=True):

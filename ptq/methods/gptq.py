@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -119,25 +119,45 @@ def factor_hessians(hessians: list[torch.Tensor], percdamp: float, act_order: bo
     return [Factor(U[i], None if perm is None else perm[i], dead[i], solver) for i in range(U.shape[0])]
 
 
+def factor_hessian(H: torch.Tensor, percdamp: float, act_order: bool, work: torch.dtype, consume: bool) -> Factor:
+    """``Factor`` of one Hessian: inputs that were always zero marked dead (their diagonal set to 1), columns in
+    act-order when asked, the damped inverse's upper Cholesky factor. ``consume``: H may be overwritten, and its
+    memory is released once the factor exists."""
+    given = H
+    H = H.to(work) if consume else H.to(work).clone()
+    dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    hinv, info = inverse_hessian_cholesky(H, percdamp)
+    del H
+    if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
+        given.untyped_storage().resize_(0)
+    return Factor(hinv, perm, dead, info)
+
+
+def group_weights(W, W1, Err1, Hinv, i1: int, i2: int, col: int, group: int) -> torch.Tensor:
+    """The current weights of the group starting at column ``col`` inside the lazy block i1..i2: in-block columns
+    from W1 (already updated), later columns from W plus the updates this block has not yet propagated to them."""
+    end = min(col + group, W.shape[1])
+    current = W1[:, col - i1 : min(end, i2) - i1]
+    if end > i2:
+        current = torch.cat([current, W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]], dim=1)
+    return current
+
+
 def _lazy_block_loop(
     W, Hinv, i1, i2, codes, scale, zero, group, group_list, spec, static_groups, tensor_scale
 ) -> torch.Tensor:
     """Columns i1..i2 one at a time (Algorithm 1's inner loop); returns the block's scaled errors."""
-    columns = W.shape[1]
     W1 = W[:, i1:i2].clone()
     Err1 = torch.zeros_like(W1)
     Hinv1 = Hinv[i1:i2, i1:i2]
     for i in range(i2 - i1):
         col = i1 + i
         if not static_groups and col % group == 0:
-            # This group's current weights: in-block columns from W1 (already updated), later
-            # columns from W plus the updates this block has not yet propagated to them.
-            end = min(col + group, columns)
-            current = W1[:, i : min(end, i2) - i1]
-            if end > i2:
-                pending = W[:, i2:end] - Err1 @ Hinv[i1:i2, i2:end]
-                current = torch.cat([current, pending], dim=1)
-            s, z = spec.params(current, tensor_scale)
+            s, z = spec.params(group_weights(W, W1, Err1, Hinv, i1, i2, col, group), tensor_scale)
             scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
         g = group_list[col]
         s, z = scale[:, g], zero[:, g]
@@ -176,13 +196,9 @@ def gptq_quantize(
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     rows, columns = W.shape
     group = spec.group_size_for(columns)
-    if factor is None:
-        given = H
-        H = H.to(work) if consume else H.to(work).clone()
-        dead = torch.diagonal(H) == 0  # inputs that were always zero: their weights cannot matter
-        H[dead, dead] = 1
-    else:
-        dead = factor.dead
+    factor = factor or factor_hessian(H, percdamp, act_order, work, consume)
+    Hinv, perm, dead, info = factor.hinv.to(work), factor.perm, factor.dead, dict(factor.info)
+    del factor
 
     # NVFP4's global scale, and a per-tensor scale, come from the original weights: GPTQ's updates
     # must not move the range every group's scale is expressed in.
@@ -192,16 +208,6 @@ def gptq_quantize(
     if static_groups:  # group parameters from the original weights, before any column is updated
         static_scale, static_zero = group_qparams(original, spec, tensor_scale)
     del original
-    if factor is None:
-        perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
-        if perm is not None:
-            H = H[perm][:, perm]
-        Hinv, info = inverse_hessian_cholesky(H, percdamp)
-        del H
-        if consume:  # the caller's reference would keep H (822 MB for an 8B down_proj) alive through the solve
-            given.untyped_storage().resize_(0)
-    else:
-        Hinv, perm, info = factor.hinv.to(work), factor.perm, dict(factor.info)
     W = W.to(work, copy=True).masked_fill_(dead, 0)
     if perm is not None:
         W = W[:, perm]
@@ -267,6 +273,13 @@ def gptq_step(recipe) -> GPTQ | None:
     if "gptq" not in recipe.steps:
         return None
     return GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
+
+
+def _split_fields(qweight: QuantizedWeight) -> tuple[type, dict, list[str]]:
+    """(its class, its fields that are not tensors, the names of those that are) of a quantized weight."""
+    values = {f.name: getattr(qweight, f.name) for f in fields(qweight)}
+    tensors = [name for name, value in values.items() if isinstance(value, torch.Tensor)]
+    return type(qweight), {k: v for k, v in values.items() if k not in tensors}, tensors
 
 
 class GPTQ(Method):
@@ -425,19 +438,17 @@ class GPTQ(Method):
         for i, group in enumerate(batch):
             owner = i % ranks
             hessians.pop(group[0], None)
-            stats = broadcast_object({name: ctx.stats[name] for name in group} if owner == rank else None, owner)
-            for name in group:
-                fields_of = None
-                if owner == rank:
-                    q = ctx.quantized[name]
-                    fields_of = [q.qweight, q.scale, q.zero, q.g_idx] + (
-                        [q.tensor_scale] if q.tensor_scale is not None else []
-                    )
-                received = broadcast_tensors(fields_of, owner, ctx.device)
+            # the stats and each weight's kind and non-tensor fields as one small object, the tensors as tensors
+            described = None
+            if owner == rank:
+                described = {name: (ctx.stats[name], *_split_fields(ctx.quantized[name])) for name in group}
+            described = broadcast_object(described, owner)
+            for name, (stats, kind, plain, tensor_names) in described.items():
+                held = [getattr(ctx.quantized[name], f) for f in tensor_names] if owner == rank else None
+                tensors = broadcast_tensors(held, owner, ctx.device)
                 if owner != rank:
-                    tensor_scale = received[4] if len(received) > 4 else None
-                    ctx.set_quantized(name, QuantizedWeight(*received[:4], self.spec, tensor_scale))
-                    ctx.stats[name] = stats[name]
+                    ctx.set_quantized(name, kind(**plain, **dict(zip(tensor_names, tensors, strict=True))))
+                    ctx.stats[name] = stats
 
     def quantize_block(self, ctx: BlockContext) -> None:
         groups = list(ctx.sequential)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptq.methods.gptq import GPTQ, Factor, inverse_hessian_cholesky
+from ptq.methods.gptq import GPTQ, Factor, factor_hessian, group_weights
 from ptq.quant import QuantizedWeight, WeightSpec
 
 SECOND_LEVEL_BITS = 16  # the scale and minimum of each β2 group of statistics, stored in fp16
@@ -124,17 +124,8 @@ def spqr_quantize(
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     rows, columns = W.shape
     group = spec.group_size_for(columns)
-    if factor is None:
-        H = H.to(work)
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1
-        perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
-        if perm is not None:
-            H = H[perm][:, perm]
-        U, info = inverse_hessian_cholesky(H, percdamp)
-        del H
-    else:
-        U, perm, dead, info = factor.hinv.to(work), factor.perm, factor.dead, dict(factor.info)
+    factor = factor or factor_hessian(H, percdamp, act_order, work, consume=True)
+    U, perm, dead, info = factor.hinv.to(work), factor.perm, factor.dead, dict(factor.info)
     W = W.to(work, copy=True).masked_fill_(dead, 0)
     if perm is not None:
         W = W[:, perm]
@@ -157,9 +148,7 @@ def spqr_quantize(
             col = i1 + i
             if col % group == 0:  # fit this group's statistics on its current (updated) weights
                 end = min(col + group, columns)
-                current = W1[:, i : min(end, i2) - i1]
-                if end > i2:
-                    current = torch.cat([current, W[:, i2:end] - Err1 @ U[i1:i2, i2:end]], dim=1)
+                current = group_weights(W, W1, Err1, U, i1, i2, col, group)
                 if threshold is not None and current.shape[1] > 1:
                     likely = leave_one_out_gain(current, d[col:end], spec) > threshold
                     kept = (~likely).to(work)

@@ -55,9 +55,10 @@ def run_command(command: str, values: dict):
 
 
 def fit_command(study: str, records: str, samples: int = 1000, seed: int = 0, floor: float = 1e-4) -> dict:
+    import json
     from pathlib import Path
 
-    from ptq.study.fit import fit_study, load_points
+    from ptq.study.fit import load_points, write_fit
     from ptq.study.plots import write_study_plots
     from ptq.study.summary import write_summary
 
@@ -65,15 +66,12 @@ def fit_command(study: str, records: str, samples: int = 1000, seed: int = 0, fl
     points = load_points(folder)
     if not points:
         raise UserError(f"records={records} holds no precision-point records; run python -m ptq.study precision first")
-    fit = fit_study(points, samples=samples, seed=seed, floor=floor)
-    fit["study"] = study
-    import json
-
-    (folder / "fit.json").write_text(json.dumps(fit, indent=2))
+    path = write_fit(points, folder, samples=samples, seed=seed, floor=floor, study=study)
+    fit = json.loads(path.read_text())  # the plots and the summary show what fit.json says
     paths = write_study_plots(points, fit, folder)
     write_summary(points, fit, folder / "summary.md")
-    for path in [folder / "fit.json", folder / "summary.md", *paths]:
-        print(path)
+    for written in [path, folder / "summary.md", *paths]:
+        print(written)
     return fit
 
 

@@ -399,12 +399,13 @@ def fit_study(
     floor: float = 1e-4,
     level: float = 0.95,
     spaces: tuple[str, ...] = SPACES,
+    study: str | None = None,
 ) -> dict:
     """Everything fit.json holds. The main fits (``fits``: each method and "pooled", each law form, each space) use
     the integer-format points of checkpoints trained in full precision, every schedule together; ``by_schedule``
     (when there is more than one schedule) and ``by_p_train`` (when some checkpoints were trained in low precision)
     repeat the kumar fit in log space on each subset. A subset that cannot determine the law is ``{"skipped": why}``.
-    Unbounded or unavailable numbers are null."""
+    Unbounded or unavailable numbers are null. ``study``: its name, kept in the result."""
     main = points_from_records(records, p_train=None)
     schedules = sorted({p.schedule for p in main})
     fits = {
@@ -417,7 +418,8 @@ def fit_study(
         for group, forms in fits.items()
         if "log" in forms["kumar"] and "skipped" not in forms["kumar"]["log"]
     }
-    study = {
+    result = {
+        "study": study,
         "paper": PAPER,
         "floor": floor,
         "samples": samples,
@@ -429,7 +431,7 @@ def fit_study(
         "comparison": comparison,
     }
     if len(schedules) > 1:
-        study["by_schedule"] = {
+        result["by_schedule"] = {
             schedule: {
                 group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level, residuals=False)
                 for group, pts in _groups([p for p in main if p.schedule == schedule]).items()
@@ -439,14 +441,14 @@ def fit_study(
     every_p_train = points_from_records(records, p_train="any")
     p_trains = sorted({p.p_train for p in every_p_train}, key=lambda b: math.inf if b is None else b)
     if any(b is not None for b in p_trains):
-        study["by_p_train"] = {
+        result["by_p_train"] = {
             "full" if b is None else str(b): {
                 group: _fit_entry(pts, "kumar", "log", floor, samples, seed, level, residuals=False)
                 for group, pts in _groups([p for p in every_p_train if p.p_train == b]).items()
             }
             for b in p_trains
         }
-    return study
+    return result
 
 
 def write_fit(records: list[dict], out_dir: str | Path, **kw) -> Path:

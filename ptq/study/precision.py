@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +282,3 @@ def run_precision(cfg: PrecisionConfig) -> list[Path]:
             log.info("%s %s %s%s: δ = %.4f nats/token", ckpt.name, method, fmt, bits, loss - loss_fp)
         del model, original
     return paths
-
-
-def config_dict(cfg: PrecisionConfig) -> dict:
-    return asdict(cfg)
