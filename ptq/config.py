@@ -155,11 +155,13 @@ def validate(cfg: RunConfig) -> RunConfig:
             compressed_tensors.gptq_actorder(cfg.recipe)
         except ValueError as err:
             raise ConfigError(f"save=true: {err} (or save=false)") from None
-    if cfg.save and "spqr" in cfg.recipe.steps:
-        raise ConfigError(
-            "save=true: SpQR's outliers and quantized statistics have no checkpoint layout that transformers or vLLM "
-            "load; drop save (the record holds the quality and the exact bits per weight)"
-        )
+    own_layout = {"spqr": "SpQR's outliers and quantized statistics", "aqlm": "AQLM's codes and codebooks"}
+    for step in cfg.recipe.steps:
+        if cfg.save and step in own_layout:
+            raise ConfigError(
+                f"save=true: {own_layout[step]} have no checkpoint layout that ptq writes; drop save (the record "
+                "holds the quality and the exact bits per weight)"
+            )
     weights = cfg.recipe.weights
     gptq_layout = cfg.save and cfg.save_format == "gptq"
     if gptq_layout and not (weights.is_int and weights.bits in PACKED_BITS):

@@ -65,6 +65,14 @@ def test_statistics_take_at_most_two_to_the_stat_bits_values_per_group_of_rows()
     assert torch.equal(q.zero, q.zero.round())  # zero points stay whole numbers: the codes stay integers
     values = torch.tensor([0.5, 1.0, 2.0, 8.0, 3.0])
     assert torch.allclose(quantize_stat(values, 8, 5), values, rtol=1e-2)  # 8 bits: nearly exact
+    # a group of equal values (zero points of a symmetric layer) is kept as it is; a partial last group is filled
+    assert torch.equal(quantize_stat(torch.full((16,), 4.0), 3, 16, integer=True), torch.full((16,), 4.0))
+    partial = quantize_stat(torch.arange(20.0), 3, 16)
+    assert (
+        partial.shape == (20,)
+        and torch.isfinite(partial).all()
+        and (partial[16:] - torch.arange(16.0, 20)).abs().max() < 1
+    )
 
 
 def test_storage_counts_the_tensors_kept():

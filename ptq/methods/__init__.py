@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from ptq.methods.aqlm import AQLM
 from ptq.methods.awq import AWQ
 from ptq.methods.base import Method
 from ptq.methods.gptq import GPTQ
@@ -13,7 +14,7 @@ from ptq.methods.smoothquant import SmoothQuant
 from ptq.methods.spqr import SpQR
 from ptq.quant import WeightSpec
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpQR)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpQR, AQLM)}
 FULL_PRECISION = "none"
 
 

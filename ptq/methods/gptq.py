@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +39,7 @@ from ptq.methods.stats import (
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
 from ptq.quant import QuantizedWeight, WeightSpec, group_qparams
+from ptq.quant.weight import split_fields
 
 log = logging.getLogger(__name__)
 LOOPS = ("auto", "torch")  # the column loop: the Triton kernel where it applies, or always PyTorch
@@ -275,13 +276,6 @@ def gptq_step(recipe) -> GPTQ | None:
     return GPTQ(recipe.weights, **recipe.options.get("gptq", {}))
 
 
-def _split_fields(qweight: QuantizedWeight) -> tuple[type, dict, list[str]]:
-    """(its class, its fields that are not tensors, the names of those that are) of a quantized weight."""
-    values = {f.name: getattr(qweight, f.name) for f in fields(qweight)}
-    tensors = [name for name, value in values.items() if isinstance(value, torch.Tensor)]
-    return type(qweight), {k: v for k, v in values.items() if k not in tensors}, tensors
-
-
 class GPTQ(Method):
     """GPTQ as a pipeline step. By default columns go in order of decreasing diag(H) (``act_order``)
     with group scales from the original weights (``static_groups``), as llm-compressor does: better
@@ -321,8 +315,9 @@ class GPTQ(Method):
         self.static_groups = static_groups
         self.true_sequential = true_sequential
 
-    def solve_weight(self, W: torch.Tensor, H: torch.Tensor, factor: Factor | None):
-        """(quantized weight, per-row loss, solver info) of one group's stacked weight; H is consumed."""
+    def solve_weight(self, W: torch.Tensor, H: torch.Tensor, factor: Factor | None, parts: list[int] | None = None):
+        """(quantized weight, per-row loss, solver info) of one group's stacked weight; H is consumed. ``parts``:
+        the rows of each linear in the stack (AQLM codes each apart; GPTQ's rows are independent anyway)."""
         return gptq_quantize(
             W, H, self.spec, self.block_size, self.percdamp, self.act_order, self.static_groups, consume=True,
             loop=self.loop, factor=factor,
@@ -400,7 +395,8 @@ class GPTQ(Method):
         rows = stacked.shape[0]
         split_rows = split_rows and self.splits_rows and world()[1] > 1 and not self.spec.fmt.has_tensor_scale
         start_row, stop_row = row_share(rows) if split_rows else (0, rows)
-        qweight, losses, info = self.solve_weight(stacked[start_row:stop_row], hessians.pop(group[0]), factor)
+        parts = None if split_rows else [w.shape[0] for w in weights]
+        qweight, losses, info = self.solve_weight(stacked[start_row:stop_row], hessians.pop(group[0]), factor, parts)
         del stacked
         if split_rows:  # every rank's rows, on every rank
             qweight = QuantizedWeight(
@@ -441,7 +437,7 @@ class GPTQ(Method):
             # the stats and each weight's kind and non-tensor fields as one small object, the tensors as tensors
             described = None
             if owner == rank:
-                described = {name: (ctx.stats[name], *_split_fields(ctx.quantized[name])) for name in group}
+                described = {name: (ctx.stats[name], *split_fields(ctx.quantized[name])) for name in group}
             described = broadcast_object(described, owner)
             for name, (stats, kind, plain, tensor_names) in described.items():
                 held = [getattr(ctx.quantized[name], f) for f in tensor_names] if owner == rank else None

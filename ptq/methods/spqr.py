@@ -26,11 +26,13 @@ import torch
 
 from ptq.methods.gptq import GPTQ, Factor, factor_hessian, group_weights
 from ptq.quant import QuantizedWeight, WeightSpec
+from ptq.quant.weight import register_weight_kind
 
 SECOND_LEVEL_BITS = 16  # the scale and minimum of each β2 group of statistics, stored in fp16
 OUTLIER_BITS = 32  # a 16-bit value and a 16-bit column index per outlier (CSR), as the paper counts them
 
 
+@register_weight_kind
 @dataclass
 class SpQRWeight(QuantizedWeight):
     """A SpQR layer: the base grid (codes, dequantized per-group statistics, ``g_idx``), the outliers as flat
@@ -84,10 +86,11 @@ def quantize_stat(values: torch.Tensor, bits: int, group: int, integer: bool = F
     """``values`` [rows] rounded to ``bits`` in groups of ``group`` consecutive rows (asymmetric min-max, the
     group's minimum and step in fp16); ``integer``: the result is rounded to whole numbers (zero points)."""
     rows = values.shape[0]
-    padded = torch.cat([values, values[-1:].expand((-group) % rows if rows % group else 0)])
+    padded = torch.cat([values, values[-1:].expand((-rows) % group)])  # the last group filled with its last value
     v = padded.view(-1, group)
     low = v.amin(dim=1, keepdim=True).half().float()
-    step = ((v.amax(dim=1, keepdim=True) - low) / (2**bits - 1)).clamp(min=1e-12).half().float()
+    step = ((v.amax(dim=1, keepdim=True) - low) / (2**bits - 1)).half().float()
+    step = torch.where(step > 0, step, torch.ones_like(step))  # equal values (zero points often are): any step
     out = (torch.clamp(torch.round((v - low) / step), 0, 2**bits - 1) * step + low).flatten()[:rows]
     return out.round() if integer else out
 
@@ -224,7 +227,7 @@ class SpQR(GPTQ):
         self.stat_bits, self.stat_group = stat_bits, stat_group
         self.outlier_threshold = None if outlier_threshold is None else float(outlier_threshold)
 
-    def solve_weight(self, W: torch.Tensor, H: torch.Tensor, factor: Factor | None):
+    def solve_weight(self, W: torch.Tensor, H: torch.Tensor, factor: Factor | None, parts=None):
         return spqr_quantize(
             W, H, self.spec, self.block_size, self.percdamp, self.act_order, self.stat_bits, self.stat_group,
             self.outlier_threshold, factor,

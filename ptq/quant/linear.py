@@ -11,6 +11,8 @@
 - ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
   scales, integers the GPTQ layout cannot hold), dequantized per call.
 
+- ``LayoutLinear``: a method's own layout (SpQR, AQLM), rebuilt per call.
+
 ``quantized_linear`` picks one of them for a quantized weight.
 """
 
@@ -30,7 +32,7 @@ from ptq.quant.pack import (
     unpack_nibbles,
 )
 from ptq.quant.spec import ACT_SCALE_MIN, PER_CHANNEL, ActSpec, WeightSpec
-from ptq.quant.weight import QuantizedWeight, default_g_idx, quantize_weight
+from ptq.quant.weight import QuantizedWeight, default_g_idx, quantize_weight, split_fields
 
 
 class QuantLinear(nn.Module):
@@ -222,7 +224,32 @@ class CompactLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel=dequantize"
 
 
-QUANTIZED_LAYERS = (QuantLinear, Int8Linear, Fp8Linear, CompactLinear)
+class LayoutLinear(nn.Module):
+    """A weight in a method's own layout (SpQR's outliers and quantized statistics, AQLM's codes and codebooks):
+    its tensors kept as buffers, the weight rebuilt (``dequantize``) per call."""
+
+    def __init__(self, qw, bias: torch.Tensor | None, dtype=torch.float16):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.kind, self.plain, self.tensor_names = split_fields(qw)
+        for name in self.tensor_names:
+            self.register_buffer(name, getattr(qw, name).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    def quantized_weight(self):
+        return self.kind(**self.plain, **{name: getattr(self, name) for name in self.tensor_names})
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.quantized_weight().dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, layout={self.kind.layout}, kernel=dequantize"
+
+
+QUANTIZED_LAYERS = (QuantLinear, Int8Linear, Fp8Linear, CompactLinear, LayoutLinear)
 
 
 def quantized_linear(
@@ -232,6 +259,8 @@ def quantized_linear(
     quantizes them itself), ``QuantLinear`` for integer weights whose shapes the GPTQ layout holds (the
     int4 kernel on CUDA), ``CompactLinear`` otherwise. Other activation specs need an input quantizer
     (``ptq.quant.activations``) on the returned layer."""
+    if hasattr(qw, "stored_bytes"):  # a method's own layout: no packed form of ours holds it
+        return LayoutLinear(qw, bias, dtype)
     per_token_int8 = activations is not None and (activations.format, activations.bits) == ("int", 8)
     if per_token_int8 and activations.granularity == "per_token" and qw.spec == Int8Linear.SPEC:
         return Int8Linear(qw, None if bias is None else bias.to(dtype))

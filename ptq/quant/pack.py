@@ -196,8 +196,8 @@ class StorageCount:
         self._bytes: dict[tuple, int] = {}  # packed bytes by (shapes, spec): layers repeat in every block
 
     def add(self, name: str, qw: QuantizedWeight) -> None:
-        out_features, in_features = qw.qweight.shape
-        if hasattr(qw, "stored_bytes"):  # a method with its own layout (SpQR: statistics and outliers)
+        out_features, in_features = qw.shape
+        if hasattr(qw, "stored_bytes"):  # a method's own layout (SpQR's outliers, AQLM's codebooks)
             self.layouts.add(qw.layout)
             self.add_packed(name, out_features * in_features, qw.stored_bytes())
             return

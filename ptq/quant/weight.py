@@ -8,7 +8,7 @@ depends on max|x| or on [min(x, 0), max(x, 0)]), so it gets its parameters from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -66,6 +66,10 @@ class QuantizedWeight:
     g_idx: torch.Tensor  # [in], int32
     spec: WeightSpec
     tensor_scale: torch.Tensor | None = None  # NVFP4's global scale (fp32 scalar)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """Output channels ``start:stop`` (one linear of a row-stacked group). The tensor scale is
@@ -129,3 +133,20 @@ def fake_quantize_weight(
     scale, zero = row_params(rows, spec, tensor_scale)
     rounded = spec.fake_quantize(rows, scale, zero).reshape(out_features, -1)
     return rounded[:, :in_features].to(weight.dtype)
+
+
+# Every kind of quantized weight by class name (a method with its own layout registers its own: SpQR, AQLM), so
+# that one written as its fields (``split_fields``: a run's progress files, a broadcast between ranks) comes back.
+WEIGHT_KINDS: dict[str, type] = {"QuantizedWeight": QuantizedWeight}
+
+
+def register_weight_kind(cls: type) -> type:
+    WEIGHT_KINDS[cls.__name__] = cls
+    return cls
+
+
+def split_fields(qweight) -> tuple[type, dict, list[str]]:
+    """(its class, its fields that are not tensors, the names of those that are) of a quantized weight."""
+    values = {f.name: getattr(qweight, f.name) for f in fields(qweight)}
+    tensors = [name for name, value in values.items() if isinstance(value, torch.Tensor)]
+    return type(qweight), {k: v for k, v in values.items() if k not in tensors}, tensors

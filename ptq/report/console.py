@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ptq.report.records import format_name, kv_suffix, metric_columns, metric_value
+from ptq.report.records import aqlm_codebooks, format_name, kv_suffix, method_label, metric_columns, metric_value
 
 
 def run_label(record: dict) -> str:
@@ -10,6 +10,8 @@ def run_label(record: dict) -> str:
     rtn nvfp4 g16 sym, rtn nvfp4 w4a4 (per_block) g16 sym."""
     if record["method"] == "none":
         return "full precision"
+    if aqlm_codebooks(record):
+        return f"{method_label(record)} (bits={record['bits']} nominal)"
     group_size = record["group_size"]
     group = "per-channel" if group_size == -1 else "per-tensor" if group_size == 0 else f"g{group_size}"
     widths = f"w{record['bits']}"

@@ -73,13 +73,32 @@ def kv_suffix(r: dict) -> str:
     return f"kv{r['kv_bits']}" if (r.get("kv_format") or "int") == "int" else f"kv-{r['kv_format']}"
 
 
+def aqlm_codebooks(r: dict) -> str | None:
+    """AQLM's configuration as the paper names it (2x8 g8: two codebooks of 2^8 vectors of 8 weights), from the
+    record's options or, where they are null, from its bits; None for other methods."""
+    if "aqlm" not in (r.get("method") or "").split("+"):
+        return None
+    from ptq.methods.aqlm import nominal_codebooks
+
+    options = ((r.get("config") or {}).get("method_options") or {}).get("aqlm") or {}
+    group = options.get("group", 8)
+    books, bits = options.get("codebooks"), options.get("codebook_bits")
+    if books is None or bits is None:
+        books, bits = nominal_codebooks(r["bits"], group)
+    return f"{books}x{bits} g{group}"
+
+
 def group_label(r: dict):
+    if aqlm_codebooks(r):  # AQLM's groups are its codebooks' vectors (method_label names them)
+        return "-"
     group = r.get("group_size")
     return "-" if group is None else "channel" if group == -1 else "tensor" if group == 0 else group
 
 
 def method_label(r: dict) -> str:
     method = r.get("method")
+    if aqlm_codebooks(r):
+        method += f" {aqlm_codebooks(r)}"
     options = (r.get("config") or {}).get("method_options") or {}
     smooth = options.get("smoothquant")
     if smooth:  # the migration strength is what distinguishes SmoothQuant runs
@@ -94,7 +113,7 @@ def method_label(r: dict) -> str:
 
 def label(r: dict) -> tuple:
     """(model, method, bits, group, sym) as the table shows them."""
-    sym = "-" if r.get("sym") is None else ("sym" if r["sym"] else "asym")
+    sym = "-" if r.get("sym") is None or aqlm_codebooks(r) else ("sym" if r["sym"] else "asym")
     return r.get("model"), method_label(r), bits_label(r), group_label(r), sym
 
 

@@ -25,12 +25,11 @@ from safetensors.torch import load_file, save_file
 from ptq.errors import UserError, disk_space_for
 from ptq.quant.pack import pack_nibbles, unpack_nibbles
 from ptq.quant.spec import WeightSpec
-from ptq.quant.weight import QuantizedWeight
+from ptq.quant.weight import WEIGHT_KINDS, QuantizedWeight, split_fields
 from ptq.storage.shards import own_storage
 
 FOLDER = "progress"
 SETTINGS = "run.json"
-_FIELDS = ("qweight", "scale", "zero", "g_idx", "tensor_scale")
 
 
 class ResumeError(UserError):
@@ -100,17 +99,14 @@ class Progress:
                 tensors[f"state/{key}"] = own_storage(value)
         specs = {}
         for name, q in quantized.items():
-            specs[name] = {**asdict(q.spec), "columns": q.qweight.shape[1]}
-            if hasattr(q, "stat_bits"):  # SpQR: its outliers and how its statistics are stored
-                specs[name]["spqr"] = {"stat_bits": q.stat_bits, "stat_group": q.stat_group}
-                tensors[f"q/{name}/outlier_index"] = own_storage(q.outlier_index)
-                tensors[f"q/{name}/outlier_value"] = own_storage(q.outlier_value)
-            for field in _FIELDS:
+            kind, plain, tensor_names = split_fields(q)
+            plain["spec"] = asdict(plain["spec"])
+            specs[name] = {"kind": kind.__name__, "fields": plain, "columns": q.shape[1]}
+            for field in tensor_names:
                 value = getattr(q, field)
                 if field == "qweight" and _nibbles(q):  # two 4-bit codes a byte: half the disk
                     value = pack_nibbles(value)
-                if value is not None:
-                    tensors[f"q/{name}/{field}"] = own_storage(value)
+                tensors[f"q/{name}/{field}"] = own_storage(value)
         metadata = {"entry": json.dumps(entry), "specs": json.dumps(specs)}
         with disk_space_for(self.folder):
             _write_atomically(_block_file(self.folder, index), lambda p: save_file(tensors, str(p), metadata=metadata))
@@ -127,21 +123,20 @@ class Progress:
             raise ResumeError(
                 f"resume=true: {path} cannot be read ({err}); rerun with overwrite=true to start over"
             ) from None
+        import ptq.methods  # noqa: F401  (registers the methods' own kinds of quantized weight)
+
         specs = json.loads(header["specs"])
+        if any("kind" not in spec for spec in specs.values()):
+            raise ResumeError(f"resume=true: {path} was written by an older ptq; rerun with overwrite=true")
         quantized = {}
         for name, spec in specs.items():
-            columns = spec.pop("columns")
-            spqr = spec.pop("spqr", None)
-            fields = {f: tensors.get(f"q/{name}/{f}") for f in _FIELDS}
-            if spqr is None:
-                q = QuantizedWeight(**fields, spec=WeightSpec(**spec))
-            else:
-                from ptq.methods.spqr import SpQRWeight
-
-                outliers = {f: tensors.get(f"q/{name}/{f}") for f in ("outlier_index", "outlier_value")}
-                q = SpQRWeight(**fields, spec=WeightSpec(**spec), **outliers, **spqr)
-            if _nibbles(q):
-                q.qweight = unpack_nibbles(q.qweight, columns)
+            plain = spec["fields"]
+            plain["spec"] = WeightSpec(**plain["spec"])
+            prefix = f"q/{name}/"
+            fields = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            q = WEIGHT_KINDS[spec["kind"]](**plain, **fields)
+            if "qweight" in fields and _nibbles(q):
+                q.qweight = unpack_nibbles(q.qweight, spec["columns"])
             quantized[name] = q
         state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
         expected_missing = {f"{name}.weight" for name in quantized} & set(block.state_dict())  # not MoE experts
