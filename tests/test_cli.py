@@ -172,3 +172,20 @@ def test_awq_on_an_architecture_without_scaling_groups_fails_before_loading(tmp_
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     proc = ptq_run("model=custom", f"model.path={gpt2}", "method=awq", f"output_dir={tmp_path}/o", cwd=tmp_path)
     assert proc.returncode == 2 and "'gpt2' has no scaling groups" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_aqlm_from_the_command_line_reports_exact_bits_and_refuses_save(tmp_path):
+    require_assets("models/stories260K", "data/wikitext-2/valid.tokens.txt")
+    out = tmp_path / "run"
+    aqlm = ["method=aqlm", "bits=2", "method.aqlm.group=4", "method.aqlm.codebooks=1", "method.aqlm.codebook_bits=6",
+            "method.aqlm.rounds=1", "method.aqlm.beam_size=2"]  # fmt: skip
+    proc = ptq_run(*QUICK, *aqlm, f"output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "aqlm 1x6 g4 (bits=2 nominal)" in proc.stdout
+    record = json.loads((out / "result.json").read_text())
+    storage = record["quantization"]["storage"]
+    assert storage["format"] == "aqlm" and 1.5 < storage["bits_per_weight"] < 3  # 6-bit codes per 4 weights + tables
+    base = record["baseline"]["metrics"]["ppl"]["wikitext2"]
+    assert base < record["metrics"]["ppl"]["wikitext2"] < 10 * base
+    proc = ptq_run(*QUICK, *aqlm, "save=true", f"output_dir={tmp_path}/saved", cwd=tmp_path)
+    assert proc.returncode == 2 and "AQLM's codes and codebooks" in proc.stderr and "Traceback" not in proc.stderr

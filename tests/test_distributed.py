@@ -23,6 +23,12 @@ CASES = {
     "awq": dict(method="awq", bits=3, group_size=16),
     # dealt-out SpQR solves: the outliers travel with the codes
     "spqr_spread": dict(method="spqr", bits=3, group_size=16, options={"spqr": {"true_sequential": False}}),
+    # dealt-out AQLM solves: codes, each linear's codebooks and scales travel
+    "aqlm_spread": dict(
+        method="aqlm",
+        bits=2,
+        options={"aqlm": {"true_sequential": False, "codebooks": 1, "codebook_bits": 4, "rounds": 1}},
+    ),  # fmt: skip
     "smoothquant": dict(
         method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8, act_granularity="per_tensor"
     ),

@@ -85,7 +85,8 @@ def aqlm_codebooks(r: dict) -> str | None:
     books, bits = options.get("codebooks"), options.get("codebook_bits")
     if books is None or bits is None:
         books, bits = nominal_codebooks(r["bits"], group)
-    return f"{books}x{bits} g{group}"
+    tuned = options.get("finetune_epochs") or 0
+    return f"{books}x{bits} g{group}" + (f" ft{tuned}" if tuned else "")
 
 
 def group_label(r: dict):
@@ -100,6 +101,9 @@ def method_label(r: dict) -> str:
     if aqlm_codebooks(r):
         method += f" {aqlm_codebooks(r)}"
     options = (r.get("config") or {}).get("method_options") or {}
+    spqr = options.get("spqr")
+    if spqr:  # the outlier threshold decides how many weights stay in 16 bits
+        method += f" τ={spqr.get('outlier_threshold')}"
     smooth = options.get("smoothquant")
     if smooth:  # the migration strength is what distinguishes SmoothQuant runs
         method += f" α={smooth['alpha']}" + (f" ({smooth['scope']})" if smooth.get("scope", "norms") != "norms" else "")
