@@ -96,7 +96,8 @@ def test_gptq_defaults_to_activation_order_with_static_groups_and_keeps_the_refe
 def test_unknown_method_lists_the_valid_ones():
     d = composed()
     d["method"] = {"name": "fancy"}
-    with pytest.raises(ConfigError, match="unknown method 'fancy'.*none, awq, gptq, quarot, rtn, smoothquant"):
+    valid = "none, aqlm, awq, gptq, quarot, rtn, smoothquant, spqr"
+    with pytest.raises(ConfigError, match=f"unknown method 'fancy'.*{valid}"):
         from_dict(d)
 
 

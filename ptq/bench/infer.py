@@ -11,8 +11,12 @@ On a random-weight model of a real shape (default Llama-3-8B, built on the GPU),
          weight-only kernel (``aten._weight_int4pack_mm``)
 
 it measures weight memory (all parameters and buffers), peak memory, prefill tokens/s (batch 1 x
-2048) and decode tokens/s (batch 1 and 16, after a 128-token prompt, KV cache in bf16), as medians of
-``--repeat`` timed runs after a warm-up. Embeddings and the LM head stay bf16 in every format.
+2048) and decode tokens/s (batch 1, 16, 64 and ``max``, the most sequences of ``--context`` tokens whose bf16 KV
+cache fits beside the weights; each after a 128-token prompt), as medians of ``--repeat`` timed runs after a
+warm-up. Beside each decode rate: the share of the GPU's copy bandwidth (measured in the same run) that reading the
+weights once per step needs at that rate (block linears and the LM head; the distance to the memory-bound limit).
+``--price-per-gpu-hour`` adds the cost report (``ptq.bench.cost``). Embeddings and the LM head stay bf16 in every
+format.
 Decode is measured twice: eager (each step launches every kernel from Python; at batch 1 that
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
 static KV cache (the kernels' own speed, as serving engines run them).
@@ -27,6 +31,8 @@ import time
 
 import torch
 
+from ptq.bench.cost import concurrent_sequences, kv_bytes_per_token
+from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.models import block_linears, get_blocks, get_weight
@@ -57,6 +63,21 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
     torch.cuda.empty_cache()
 
 
+def copy_bandwidth(device: torch.device, gib: int = 2, repeat: int = 5) -> float:
+    """Bytes per second of a device-to-device copy (read + write), median of ``repeat``."""
+    buffers = [torch.empty(gib * 2**30, dtype=torch.uint8, device=device) for _ in range(2)]
+    times = _timed(lambda: buffers[1].copy_(buffers[0]), repeat)
+    buffers.clear()
+    torch.cuda.empty_cache()
+    return 2 * gib * 2**30 / statistics.median(times)
+
+
+def weight_bytes_per_step(model) -> int:
+    """What one decode step must read of the weights: the block linears and the LM head (embeddings: a row each)."""
+    head = model.get_output_embeddings()
+    return block_linear_bytes(model) + (module_bytes(head) if head is not None else 0)
+
+
 def block_linear_bytes(model) -> int:
     kinds = (torch.nn.Linear, Int8Linear, Fp8Linear, QuantLinear)
     return sum(module_bytes(m) for block in get_blocks(model) for m in block.modules() if isinstance(m, kinds))
@@ -75,7 +96,18 @@ def _timed(fn, repeat: int) -> list[float]:
 
 
 @torch.no_grad()
-def measure(model, vocab: int, prefill_len: int, decode_batches: list[int], prompt: int, steps: int, repeat: int):
+def measure(
+    model,
+    vocab: int,
+    prefill_len: int,
+    decode_batches: list,
+    prompt: int,
+    steps: int,
+    repeat: int,
+    weight_bytes: int = 0,
+    max_batch: tuple[int, int] | None = None,
+):
+    """``decode_batches`` may hold ``"max"``: resolved with ``max_batch`` = (KV bytes per token, context)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -86,6 +118,20 @@ def measure(model, vocab: int, prefill_len: int, decode_batches: list[int], prom
     times = _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat)
     result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
     result["prefill_s"] = times
+    result["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    if max_batch is not None:  # the most sequences whose KV cache fits, given what the prefill needed
+        activations = result["prefill_peak_gpu_bytes"] - weight_bytes
+        result["max_batch"] = max(
+            1,
+            concurrent_sequences(
+                torch.cuda.get_device_properties(device).total_memory,
+                weight_bytes,
+                activations,
+                max_batch[0],
+                max_batch[1],
+            ),
+        )
+        decode_batches = [result["max_batch"] if b == "max" else b for b in decode_batches]  # fmt: skip
     for batch in decode_batches:
         ids = torch.randint(0, vocab, (batch, prompt), generator=g).to(device)
 
@@ -160,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--prefill", type=int, default=2048)
-    p.add_argument("--decode-batches", default="1,16")
+    p.add_argument("--decode-batches", default="1,16,64,max", help="max: the most sequences of --context that fit")
+    p.add_argument("--context", type=int, default=2048, help="tokens of KV cache per sequence for max and the cost")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="add the cost report at this price")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
@@ -169,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("ptq.bench.infer measures CUDA kernels: run it on a machine with a GPU")
     device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    batches = [b if b == "max" else int(b) for b in args.decode_batches.split(",")]
+    summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
+               "steps": args.steps, "repeat": args.repeat, "context": args.context, "copy_bytes_per_s": bandwidth,
+               "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
+               "env": environment(device), "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
     records = []
     for fmt in args.formats.split(","):
         torch.manual_seed(0)
@@ -180,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         convert(model, fmt)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
+        kv = kv_bytes_per_token({**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})
         record = {
             "format": fmt,
             "weight_bytes": weights,  # everything the model holds: block linears + bf16 embeddings, head, norms
@@ -188,16 +243,24 @@ def main(argv: list[str] | None = None) -> None:
             "block_linear_bytes_vs_bf16": linears / linears_bf16,
             "block_linear_bits_per_weight": 8 * linears / linear_params,
             "block_linear_params": linear_params,
-            **measure(model, model.config.vocab_size, args.prefill,
-                      [int(b) for b in args.decode_batches.split(",")], args.prompt, args.steps, args.repeat),
+            "weight_bytes_per_step": weight_bytes_per_step(model),
+            **measure(model, model.config.vocab_size, args.prefill, batches, args.prompt, args.steps, args.repeat,
+                      weights, (kv, args.context)),
         }  # fmt: skip
-        print(json.dumps({k: v for k, v in record.items() if not k.endswith("_s")}), flush=True)
+        for key in [k for k in record if k.startswith("decode_b") and k.endswith("_tokens_per_s")]:
+            steps_per_s = record[key] / int(key.split("_")[1].removeprefix("b"))
+            fraction = record["weight_bytes_per_step"] * steps_per_s / bandwidth
+            record[key.replace("_tokens_per_s", "_bandwidth_fraction")] = fraction
+        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}), flush=True)  # not each run
         records.append(record)
         del model
         torch.cuda.empty_cache()
-    summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
-               "steps": args.steps, "repeat": args.repeat, "formats": records, "env": environment(device),
-               "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
+        if args.out:  # after every format, so that a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({**summary, "formats": records}, f, indent=2)
+    summary["formats"] = records
+    if args.price_per_gpu_hour is not None:
+        summary["cost"] = cost_report(summary, args.price_per_gpu_hour, args.context)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)

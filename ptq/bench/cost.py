@@ -1,0 +1,190 @@
+"""What a precision costs to serve, from a ``ptq.bench.infer`` record and a GPU's hourly price.
+
+Per format: weight memory (GB and share of bf16), how many sequences of ``context`` tokens fit in the KV cache beside
+the weights, the measured decode tokens/s at each batch, and the cost per million output tokens at each:
+
+    sequences   = floor((utilization * GPU memory - weights - activations) / (KV bytes per token * context))
+    KV bytes    = 2 (K and V) * layers * KV heads * head dim * 2 (bf16) per token
+    cost / 1M   = price per hour / 3600 / (tokens/s) * 1e6
+
+``activations`` is what the prefill of the benchmark needed beyond the weights (its peak minus the weights);
+``utilization`` is the share of GPU memory a serving engine may take (vLLM's default, 0.9).
+
+    python -m ptq.bench.cost results/bench/infer_....json --price-per-gpu-hour 3.50 [--quality DIR ...] [--out DIR]
+
+``--quality``: records of ``ptq.run`` on a (small) model with the same formats; the plot puts each format's cost per
+million tokens against that model's perplexity, labeled as measured on a different model than the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+KV_ELEMENT_BYTES = 2  # the benchmark's KV cache is bf16 in every format
+UTILIZATION = 0.9
+
+
+def kv_bytes_per_token(shape: dict) -> int:
+    heads = shape.get("num_key_value_heads") or shape["num_attention_heads"]
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    return 2 * shape["num_hidden_layers"] * heads * head_dim * KV_ELEMENT_BYTES
+
+
+def concurrent_sequences(gpu_bytes: int, weight_bytes: int, activation_bytes: int, kv_per_token: int, context: int,
+                         utilization: float = UTILIZATION) -> int:  # fmt: skip
+    """Sequences of ``context`` tokens whose KV cache fits beside the weights and the activations."""
+    free = utilization * gpu_bytes - weight_bytes - activation_bytes
+    return max(0, math.floor(free / (kv_per_token * context)))
+
+
+def cost_per_million(price_per_hour: float, tokens_per_s: float | None) -> float | None:
+    return None if not tokens_per_s else price_per_hour / 3600 / tokens_per_s * 1e6
+
+
+def decode_rates(row: dict) -> dict[int, float]:
+    """{batch: tokens/s} of a format's measured decode (CUDA-graph numbers where the record has them)."""
+    rates = {}
+    for key, value in row.items():
+        if key.startswith("decode_b") and key.endswith("_tokens_per_s") and "eager" not in key:
+            rates[int(key.removeprefix("decode_b").removesuffix("_tokens_per_s"))] = value
+    return dict(sorted(rates.items()))
+
+
+def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int | None = None,
+              utilization: float = UTILIZATION) -> list[dict]:  # fmt: skip
+    """One row per format of an infer record: memory, concurrency, measured tokens/s and cost per batch."""
+    from ptq.bench.quant import SHAPES
+
+    gpu_bytes = gpu_bytes or record.get("gpu_memory_bytes")
+    if not gpu_bytes:
+        raise SystemExit("the record does not say how much memory the GPU has: pass --gpu-memory-gib")
+    shape = dict(SHAPES[record["shape"]])
+    if record.get("layers"):
+        shape["num_hidden_layers"] = record["layers"]
+    kv = kv_bytes_per_token(shape)
+    bf16 = next((r for r in record["formats"] if r["format"] == "bf16"), None)
+    rows = []
+    for r in record["formats"]:
+        peak = r.get("prefill_peak_gpu_bytes", r["peak_gpu_bytes"])  # older records: the peak of the whole run
+        activations = max(0, peak - r["weight_bytes"])
+        rates = decode_rates(r)
+        rows.append({
+            "format": r["format"],
+            "weight_gb": r["weight_bytes"] / 1e9,
+            "weight_vs_bf16": r["weight_bytes"] / bf16["weight_bytes"] if bf16 else None,
+            "sequences": concurrent_sequences(gpu_bytes, r["weight_bytes"], activations, kv, context, utilization),
+            "tokens_per_s": rates,
+            "cost_per_million": {b: cost_per_million(price_per_hour, t) for b, t in rates.items()},
+        })  # fmt: skip
+    return rows
+
+
+def cost_table(rows: list[dict], context: int, price_per_hour: float) -> str:
+    batches = sorted({b for r in rows for b in r["tokens_per_s"]})
+    head = ["format", "weights GB", "vs bf16", f"sequences of {context} tok"]
+    head += [f"tok/s b{b}" for b in batches] + [f"$/1M tok b{b}" for b in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        share = "—" if r["weight_vs_bf16"] is None else f"{100 * r['weight_vs_bf16']:.0f}%"
+        cells = [r["format"], f"{r['weight_gb']:.2f}", share, str(r["sequences"])]
+        cells += [f"{r['tokens_per_s'][b]:,.0f}" if b in r["tokens_per_s"] else "—" for b in batches]
+        cells += [f"{r['cost_per_million'][b]:.2f}" if r["cost_per_million"].get(b) else "—" for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nPrice: ${price_per_hour:.2f} per GPU-hour; cost per million output tokens at each measured batch.")
+    return "\n".join(lines)
+
+
+# Which ptq.run records measure the quality of each inference format (weights, activations as the kernels run them).
+QUALITY_SCHEMES = {
+    "bf16": lambda r: r["method"] == "none",
+    "w8a8": lambda r: (r.get("format") or "int") == "int" and r["bits"] == 8 and r.get("act_bits") == 8
+    and (r.get("act_format") or "int") == "int" and r.get("act_granularity") == "per_token",
+    "fp8": lambda r: r.get("format") == "fp8_e4m3" and r.get("act_format") == "fp8_e4m3"
+    and r.get("act_granularity") == "per_token",
+    "w4a16": lambda r: (r.get("format") or "int") == "int" and r["bits"] == 4 and r.get("group_size") == 128
+    and not r.get("act_bits"),
+}  # fmt: skip
+
+
+def best_quality(records: list[dict], fmt: str, metric: str = "wikitext2") -> dict | None:
+    """The record with the lowest perplexity among those that run ``fmt``'s scheme (any method)."""
+    match = QUALITY_SCHEMES.get(fmt)
+    scored = [r for r in records if match and r.get("status") == "ok" and match(r)
+              and (r.get("metrics") or {}).get("ppl", {}).get(metric) is not None]  # fmt: skip
+    return min(scored, key=lambda r: r["metrics"]["ppl"][metric], default=None)
+
+
+def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path: Path) -> bool:
+    """Cost per million tokens at ``batch`` (x) against perplexity (y) per format; False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for r in rows:
+        quality, cost = best_quality(records, r["format"]), r["cost_per_million"].get(batch)
+        if quality is not None and cost:
+            points.append((cost, quality["metrics"]["ppl"]["wikitext2"], r["format"], quality["method"],
+                           quality["model"]))  # fmt: skip
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cost, ppl, fmt, method, _ in points:
+        ax.scatter(cost, ppl)
+        ax.annotate(f"{fmt} ({method})", (cost, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    models = sorted({p[4] for p in points})
+    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, measured speed)")
+    ax.set_ylabel(f"WikiText-2 perplexity of {', '.join(models)}")
+    ax.set_title("cost vs quality (quality measured on a different model than the speed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(record: dict, price_per_hour: float, context: int, gpu_bytes: int | None = None,
+           quality: list[dict] | None = None, out: Path | None = None) -> dict:  # fmt: skip
+    rows = cost_rows(record, price_per_hour, context, gpu_bytes)
+    text = cost_table(rows, context, price_per_hour)
+    print(text)
+    result = {"price_per_gpu_hour": price_per_hour, "context": context, "rows": rows}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cost.md").write_text(text + "\n")
+        (out / "cost.json").write_text(json.dumps(result, indent=1))
+        if quality:
+            batch = max(b for r in rows for b in r["tokens_per_s"])
+            plot_cost_vs_quality(rows, quality, batch, out / "cost_vs_quality.png")
+    return result
+
+
+def load_records(paths: list[str]) -> list[dict]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("result.json")) if p.is_dir() else [p]
+    return [json.loads(f.read_text()) for f in files]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("record", help="a ptq.bench.infer JSON record")
+    p.add_argument("--price-per-gpu-hour", type=float, required=True)
+    p.add_argument("--context", type=int, default=2048, help="tokens of KV cache each sequence holds")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="when the record does not say")
+    p.add_argument("--quality", nargs="*", default=[], help="ptq.run records (files or folders) for the plot")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.price_per_gpu_hour <= 0 or args.context < 1:
+        raise SystemExit("--price-per-gpu-hour must be positive and --context at least 1")
+    record = json.loads(Path(args.record).read_text())
+    gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
+    report(record, args.price_per_gpu_hour, args.context, gpu, load_records(args.quality),
+           Path(args.out) if args.out else None)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The cost report (ptq/bench/cost.py): memory, concurrency and price per million tokens from a bench record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ptq.bench import cost
+from ptq.bench.quant import SHAPES
+
+GIB = 2**30
+
+
+def infer_record() -> dict:
+    """A ptq.bench.infer record as the GPU run writes it (two formats, decode at batch 1 and 16)."""
+
+    def fmt(name, weight_gb, peak_gb, b1, b16):
+        return {"format": name, "weight_bytes": int(weight_gb * 1e9), "prefill_peak_gpu_bytes": int(peak_gb * 1e9),
+                "peak_gpu_bytes": int(peak_gb * 1e9) + 10**9, "decode_b1_tokens_per_s": b1,
+                "decode_b1_eager_tokens_per_s": b1 / 3, "decode_b16_tokens_per_s": b16}  # fmt: skip
+
+    return {"shape": "llama-3-8b", "layers": None, "gpu_memory_bytes": 80 * GIB,
+            "formats": [fmt("bf16", 16.0, 17.0, 130.0, 1500.0), fmt("w4a16", 5.8, 6.8, 180.0, 1100.0)]}  # fmt: skip
+
+
+def test_kv_cache_bytes_per_token_of_llama3_8b():
+    # K and V, 32 layers, 8 KV heads of 128, bf16
+    assert cost.kv_bytes_per_token(SHAPES["llama-3-8b"]) == 2 * 32 * 8 * 128 * 2
+
+
+def test_concurrency_and_price_arithmetic():
+    kv = 2 * 32 * 8 * 128 * 2
+    free = 0.9 * 80 * GIB - 16e9 - 1e9
+    assert cost.concurrent_sequences(80 * GIB, int(16e9), int(1e9), kv, 2048) == int(free // (kv * 2048))
+    assert cost.concurrent_sequences(10 * GIB, int(16e9), 0, kv, 2048) == 0  # the weights alone do not fit
+    assert cost.cost_per_million(3.6, 1000.0) == pytest.approx(1.0)  # $3.60/h at 1000 tok/s: $1 per million
+    assert cost.cost_per_million(3.6, None) is None
+
+
+def test_rows_compare_formats_and_smaller_weights_fit_more_sequences():
+    rows = {r["format"]: r for r in cost.cost_rows(infer_record(), 3.5, 2048)}
+    assert rows["w4a16"]["weight_vs_bf16"] == pytest.approx(5.8 / 16.0)
+    assert rows["w4a16"]["sequences"] > rows["bf16"]["sequences"] > 0
+    assert rows["bf16"]["tokens_per_s"] == {1: 130.0, 16: 1500.0}  # CUDA-graph rates, not the eager ones
+    assert rows["w4a16"]["cost_per_million"][1] < rows["bf16"]["cost_per_million"][1]
+    assert rows["w4a16"]["cost_per_million"][16] > rows["bf16"]["cost_per_million"][16]
+    table = cost.cost_table(list(rows.values()), 2048, 3.5)
+    assert "| w4a16 | 5.80 | 36% |" in table and "$3.50 per GPU-hour" in table
+
+
+def test_command_line_writes_table_json_and_plot(tmp_path):
+    record = tmp_path / "infer.json"
+    record.write_text(json.dumps(infer_record()))
+    runs = tmp_path / "runs"
+    for name, extra, ppl in (("fp", {"method": "none", "bits": 16}, 21.2),
+                             ("w4", {"method": "gptq", "bits": 4, "group_size": 128}, 25.3),
+                             ("w4rtn", {"method": "rtn", "bits": 4, "group_size": 128}, 28.6)):  # fmt: skip
+        (runs / name).mkdir(parents=True)
+        record_of_run = {
+            "status": "ok",
+            "model": "smollm2-135m-instruct",
+            **extra,
+            "metrics": {"ppl": {"wikitext2": ppl}},
+        }
+        (runs / name / "result.json").write_text(json.dumps(record_of_run))
+    cost.main([str(record), "--price-per-gpu-hour", "2.0", "--quality", str(runs), "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "cost.json").read_text())
+    assert saved["price_per_gpu_hour"] == 2.0 and len(saved["rows"]) == 2
+    assert (tmp_path / "out" / "cost_vs_quality.png").stat().st_size > 0
+    records = cost.load_records([str(runs)])
+    assert cost.best_quality(records, "w4a16")["method"] == "gptq"  # the best record of the format's scheme
+
+
+def test_missing_gpu_memory_is_a_clear_error():
+    record = infer_record()
+    del record["gpu_memory_bytes"]
+    with pytest.raises(SystemExit, match="--gpu-memory-gib"):
+        cost.cost_rows(record, 3.5, 2048)
