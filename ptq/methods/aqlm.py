@@ -169,7 +169,7 @@ def beam_search(
 def _beam_rows(target, H, blocks, codebooks, codes, beam_size: int) -> torch.Tensor:
     rows, columns = target.shape
     books, size, g = codebooks.shape
-    hyp = codes.long()[:, None]  # [rows, b, J, M], b hypotheses (one to start)
+    hyp = codes.to(torch.long, copy=True)[:, None]  # [rows, b, J, M], b hypotheses (one to start)
     residual = target - decode(codebooks, codes.long()).reshape(rows, -1)
     G = (residual @ H)[:, None]  # [rows, b, columns]: e H of each hypothesis
     loss = (residual * G[:, 0]).sum(1, keepdim=True)  # [rows, b]

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ptq.report.records import (
+    aqlm_codebooks,
     bits_label,
     bits_per_weight,
     format_name,
@@ -35,6 +36,8 @@ def line_name(r: dict) -> str:
     name = method_label(r)
     if format_name(r):
         name += f" {format_name(r)}"
+    if aqlm_codebooks(r):  # its groups are in the method's label
+        return name
     name += " per-channel" if group in (None, -1) else " per-tensor" if group == 0 else f" g{group}"
     if r.get("act_bits"):
         name += f" {r['act_granularity'].replace('_', '-')}"
@@ -112,7 +115,7 @@ def _save(plt, fig, path: Path, used: list[bool]) -> Path | None:
     return path
 
 
-BITS = "effective bits per weight (codes + scales + zeros)"
+BITS = "effective bits per weight (all that is stored)"
 
 
 def scheme_name(r: dict) -> str:
