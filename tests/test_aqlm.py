@@ -125,7 +125,7 @@ def test_nominal_bits_choose_the_codebooks():
     assert nominal_codebooks(3, 8) == (2, 12)
     assert nominal_codebooks(4, 8) == (2, 16)
     step = AQLM(WeightSpec(bits=3), codebooks=3, codebook_bits=8)
-    assert (step.codebooks, step.codebook_bits) == (3, 8)
+    assert (step.solver["codebooks"], step.solver["codebook_bits"]) == (3, 8)
 
 
 def test_pipeline_runs_aqlm_from_the_api_and_reports_exact_bits(tmp_path):
@@ -143,6 +143,8 @@ def test_pipeline_runs_aqlm_from_the_api_and_reports_exact_bits(tmp_path):
     assert storage["bits_per_weight"] == pytest.approx(8 * expected / weights)
     layers = report["blocks"][0]["layers"]
     assert layers["self_attn.q_proj"]["loss"] > 0 and layers["self_attn.q_proj"]["relative_error"] > 0
+    # q, k and v are solved as one stack but each reports its own solve
+    assert len({layers[f"self_attn.{n}_proj"]["relative_error"] for n in "qkv"}) == 3
     for name, q in kept.items():  # the model computes with the codes' weights
         linear = model.get_submodule(name)
         assert torch.equal(linear.weight, q.dequantize().to(linear.weight.dtype))

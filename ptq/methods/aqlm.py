@@ -356,17 +356,19 @@ class AQLM(GPTQ):
         for option, value in (("tolerance", tolerance), ("finetune_lr", finetune_lr)):
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise AQLMError(f"method.aqlm.{option}={value!r} must be a number of at least 0")
-        self.codebooks, self.codebook_bits, self.group = codebooks, codebook_bits, group
-        self.beam_size, self.rounds, self.tolerance = beam_size, rounds, float(tolerance)
-        self.cg_steps, self.init_iters, self.seed = cg_steps, init_iters, seed
+        # aqlm_quantize's settings, resolved once and passed down by name
+        self.solver = dict(codebooks=codebooks, codebook_bits=codebook_bits, group=group, beam_size=beam_size,
+                           rounds=rounds, tolerance=float(tolerance), cg_steps=cg_steps, init_iters=init_iters,
+                           seed=seed)  # fmt: skip
         self.finetune_epochs, self.finetune_lr = finetune_epochs, float(finetune_lr)
 
     def prepare(self, config) -> None:
         """Every linear's input width must hold whole groups; fine-tuning handles dense blocks only."""
         widths = {getattr(config, key, None) for key in ("hidden_size", "intermediate_size")}
-        bad = sorted(w for w in widths if isinstance(w, int) and w % self.group)
+        group = self.solver["group"]
+        bad = sorted(w for w in widths if isinstance(w, int) and w % group)
         if bad:
-            raise AQLMError(f"method.aqlm.group={self.group} does not divide the model's width {bad[0]}; choose a "
+            raise AQLMError(f"method.aqlm.group={group} does not divide the model's width {bad[0]}; choose a "
                             "divisor of it (8 in the paper)")  # fmt: skip
         if self.finetune_epochs and getattr(config, "num_local_experts", None):
             raise AQLMError("method.aqlm.finetune_epochs: block fine-tuning supports dense models only; set it to 0")
@@ -379,18 +381,12 @@ class AQLM(GPTQ):
         parts = parts or [W.shape[0]]
         results, start = [], 0
         for count in parts:
-            results.append(aqlm_quantize(
-                W[start : start + count], H, self.spec, self.codebooks, self.codebook_bits, self.group,
-                self.beam_size, self.rounds, self.tolerance, self.cg_steps, self.init_iters, self.seed,
-            ))  # fmt: skip
+            results.append(aqlm_quantize(W[start : start + count], H, self.spec, **self.solver))
             start += count
         weights = [r[0] for r in results]
         weight = AQLMWeight(torch.cat([w.codes for w in weights]), torch.cat([w.codebooks for w in weights]),
                             torch.cat([w.scale for w in weights]), self.spec, tuple(parts))  # fmt: skip
-        info = dict(results[0][2])
-        for key in ("relative_error_init", "relative_error"):
-            info[key] = sum(r[2][key] for r in results) / len(results)
-        info["rounds"] = max(r[2]["rounds"] for r in results)
+        info = {"percdamp": 0.0, "retries": 0, "parts": [r[2] for r in results]}  # each linear reports its own
         return weight, torch.cat([r[1] for r in results]), info
 
     def quantize_block(self, ctx: BlockContext) -> None:

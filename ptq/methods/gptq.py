@@ -410,12 +410,13 @@ class GPTQ(Method):
             torch.cuda.synchronize(qweight.scale.device)
         ctx.add_time("solve_s", time.perf_counter() - start)
         row = 0
-        for name, w in zip(group, weights, strict=True):
+        own = info.pop("parts", None)  # solver info per linear of the stack, where the solver gives it (AQLM)
+        for i, (name, w) in enumerate(zip(group, weights, strict=True)):
             rows = w.shape[0]
             part = qweight.rows(row, row + rows)
             ctx.set_quantized(name, part)
             loss = losses[row : row + rows].sum().item()
-            ctx.stats.setdefault(name, {}).update(loss=loss, **info)
+            ctx.stats.setdefault(name, {}).update(loss=loss, **(own[i] if own else info))
             if hasattr(part, "outliers"):  # SpQR: this linear's own outliers, not its stacked group's
                 ctx.stats[name].update(outliers=part.outliers, outlier_fraction=part.outliers / w.numel())
             log.debug("block %d %s: loss %.4f", ctx.index + 1, name, loss)
