@@ -90,7 +90,7 @@ def test_int8_linear_computes_what_w8a8_evaluation_computes():
     w = fake_quantize_weight(linear.weight, recipe.weights)
     xq = recipe.activations.quantize_dynamic(x)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(xq, w, linear.bias), rtol=1e-4, atol=1e-4)
-    assert layer.weight_t.dtype == torch.int8
+    assert layer.weight.dtype == torch.int8
     with pytest.raises(ValueError, match="Int8Linear holds int8 per-channel sym"):
         Int8Linear(quantize_weight(linear.weight, recipe.weights.__class__("int", 8, 32, True)), None)
 

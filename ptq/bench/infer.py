@@ -7,8 +7,12 @@ On a random-weight model of a real shape (default Llama-3-8B, built on the GPU),
          ``torch._int_mm``)
 - fp8:   every block linear an ``Fp8Linear`` (E4M3 weights per channel, E4M3 activations per token,
          ``torch._scaled_mm`` with row-wise scales on the FP8 tensor cores)
-- w4a16: every block linear a ``QuantLinear`` (4-bit, group 128, from RTN) on PyTorch's int4
-         weight-only kernel (``aten._weight_int4pack_mm``)
+- w4a16: every block linear a ``QuantLinear`` (GPTQ layout, 4-bit asymmetric, group 128, from RTN) on
+         ptq's Triton kernels (``ptq.quant.kernels``); ``w4a16-sym`` symmetric, ``w4a16-actorder`` with
+         act-order's permuted groups, ``w4a16-tinygemm`` on PyTorch's int4 weight-only kernel instead
+         (``aten._weight_int4pack_mm``, the library alternative)
+- nvfp4, mxfp4: every block linear a ``CompactLinear`` (E2M1 nibbles, E4M3 / E8M0 block scales),
+         weight-only, on the Triton kernels
 
 it measures weight memory (all parameters and buffers), peak memory, prefill tokens/s (batch 1 x
 2048) and decode tokens/s (batch 1, 16, 64 and ``max``, the most sequences of ``--context`` tokens whose bf16 KV
@@ -37,10 +41,46 @@ from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import WeightSpec, quantize_weight
-from ptq.quant.linear import Fp8Linear, Int8Linear, QuantLinear
+from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
+from ptq.quant.weight import QuantizedWeight
 from ptq.results import environment
 
-FORMATS = ("bf16", "w8a8", "fp8", "w4a16")
+FORMATS = ("bf16", "w8a8", "fp8", "w4a16", "w4a16-sym", "w4a16-actorder", "w4a16-tinygemm", "nvfp4", "mxfp4")
+LAYER_FORMATS = FORMATS
+
+
+def act_order_rtn(weight: torch.Tensor, spec: WeightSpec, seed: int = 0) -> QuantizedWeight:
+    """RTN with groups over a random permutation of the columns: the layout GPTQ's act-order stores
+    (g_idx not sorted), for measuring what act-order costs a kernel."""
+    in_features = weight.shape[1]
+    perm = torch.randperm(in_features, generator=torch.Generator().manual_seed(seed)).to(weight.device)
+    permuted = quantize_weight(weight[:, perm], spec)
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(in_features, device=weight.device) // spec.group_size)[inverse].to(torch.int32)
+    return QuantizedWeight(permuted.qweight[:, inverse].contiguous(), permuted.scale, permuted.zero, g_idx, spec)
+
+
+def make_layer(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
+    """The layer a format computes with, from a bf16 weight [out, in] (RTN)."""
+    if fmt == "bf16":
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        layer.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        return layer
+    if fmt == "w8a8":
+        return Int8Linear.from_weight(weight, bias)
+    if fmt == "fp8":
+        return Fp8Linear.from_weight(weight, bias)
+    if fmt in ("nvfp4", "mxfp4"):
+        return CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), bias, weight.dtype)
+    if fmt.startswith("w4a16"):
+        spec = WeightSpec("int", 4, group_size, fmt == "w4a16-sym")
+        qw = act_order_rtn(weight, spec) if fmt == "w4a16-actorder" else quantize_weight(weight, spec)
+        layer = QuantLinear.from_quantized(qw, bias, weight.dtype)
+        if fmt == "w4a16-tinygemm":
+            layer.use_int4_kernel()
+        return layer
+    raise SystemExit(f"--formats: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
 @torch.no_grad()
@@ -50,15 +90,7 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
         return
     for block in get_blocks(model):
         for name, linear in block_linears(model, block).items():
-            if fmt == "w8a8":
-                new = Int8Linear.from_weight(get_weight(linear), linear.bias)
-            elif fmt == "fp8":
-                new = Fp8Linear.from_weight(get_weight(linear), linear.bias)
-            else:
-                qw = quantize_weight(get_weight(linear), WeightSpec("int", 4, group_size, False))
-                new = QuantLinear.from_quantized(qw, linear.bias, torch.bfloat16)
-                new.use_int4_kernel()
-            block.set_submodule(name, new)
+            block.set_submodule(name, make_layer(fmt, get_weight(linear), linear.bias, group_size))
             del linear
     torch.cuda.empty_cache()
 
@@ -79,7 +111,7 @@ def weight_bytes_per_step(model) -> int:
 
 
 def block_linear_bytes(model) -> int:
-    kinds = (torch.nn.Linear, Int8Linear, Fp8Linear, QuantLinear)
+    kinds = (torch.nn.Linear, *QUANTIZED_LAYERS)
     return sum(module_bytes(m) for block in get_blocks(model) for m in block.modules() if isinstance(m, kinds))
 
 
@@ -165,6 +197,37 @@ def measure(
 
 
 @torch.no_grad()
+def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
+    """The GPU kernels of one eager decode step at batch 1 (torch.profiler): how many, their summed time,
+    the share of the matmuls, and the costliest names. Beside the graphed step's time this shows how much
+    of a step is the linears and how much is every other kernel (norms, rotary, attention, copies)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = DynamicCache()
+    token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+    by_name: dict[str, float] = {}
+    count = 0
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            count += 1
+            by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time * 1e-6
+    matmul = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas")
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    return {"kernels": count, "kernel_seconds": sum(by_name.values()),
+            "matmul_seconds": sum(t for n, t in by_name.items() if any(m in n.lower() for m in matmul)),
+            "top": [[name[:120], t] for name, t in top]}  # fmt: skip
+
+
+@torch.no_grad()
 def graphed_decode(model, prompt_ids: torch.Tensor, steps: int) -> float:
     """Seconds for ``steps`` greedy decode steps replayed from one CUDA graph (static KV cache): what
     serving engines do, so that the time is the kernels' and not Python's launching them."""
@@ -212,8 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    unknown = [f for f in args.formats.split(",") if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     if not torch.cuda.is_available():
         raise SystemExit("ptq.bench.infer measures CUDA kernels: run it on a machine with a GPU")
     device = torch.device("cuda")
@@ -247,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             **measure(model, model.config.vocab_size, args.prefill, batches, args.prompt, args.steps, args.repeat,
                       weights, (kv, args.context)),
         }  # fmt: skip
+        if args.profile:
+            record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)
         for key in [k for k in record if k.startswith("decode_b") and k.endswith("_tokens_per_s")]:
             steps_per_s = record[key] / int(key.split("_")[1].removeprefix("b"))
             fraction = record["weight_bytes_per_step"] * steps_per_s / bandwidth

@@ -1,15 +1,20 @@
 """Linear layers that hold real low-bit weights, and the kernels that compute with them.
 
-- ``QuantLinear``: GPTQ-packed weights (``ptq.quant.pack``), what a saved checkpoint holds. It
-  computes by dequantizing to the activations' dtype and calling ``F.linear`` (any device), or, after
-  ``use_int4_kernel()`` on CUDA, with PyTorch's int4 weight-only matmul
-  (``aten._weight_int4pack_mm``, "tinygemm": bf16 activations, 4-bit weights, group 32..256).
+On CUDA with bf16/fp16 activations the layers below compute with ``ptq.quant.kernels`` by default: a
+fused Triton kernel that reads the stored weight for up to ``SKINNY_ROWS`` tokens (decode), cuBLAS after
+one dequantize or activation-quantize kernel for more (prefill). Elsewhere they dequantize and call
+``F.linear`` (or the exact CPU product).
+
+- ``QuantLinear``: GPTQ-packed weights (``ptq.quant.pack``), what a saved checkpoint holds; the kernels
+  take 4-bit ones (any group, act-order too). ``use_int4_kernel()`` switches a layer to PyTorch's int4
+  weight-only matmul instead (``aten._weight_int4pack_mm``, "tinygemm"; measured against ours in
+  ``ptq.bench.infer``).
 - ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
-  token on the fly, ``torch._int_mm`` (int8 x int8 -> int32; CUDA and CPU).
+  token on the fly; for prefill ``torch._int_mm`` (int8 x int8 -> int32).
 - ``Fp8Linear``: FP8 W8A8. E4M3 weights per output channel, activations quantized per token on the
-  fly, ``torch._scaled_mm`` with row-wise scales on CUDA (FP8 tensor cores on Hopper); fp32 on the CPU.
+  fly; for prefill ``torch._scaled_mm`` with row-wise scales (FP8 tensor cores on Hopper); fp32 on the CPU.
 - ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
-  scales, integers the GPTQ layout cannot hold), dequantized per call.
+  scales, integers the GPTQ layout cannot hold), dequantized per call; NVFP4 and MXFP4 take the kernels.
 
 - ``LayoutLinear``: a method's own layout (SpQR, AQLM), rebuilt per call.
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptq.quant import kernels
 from ptq.quant.pack import (
     PackError,
     pack_gptq,
@@ -49,6 +55,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.int4_group = 0  # > 0 once use_int4_kernel() ran: int4_weight, int4_scales_zeros hold the weight
+        self._plain_groups = None  # found at the first Triton call (the buffers are filled after __init__)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype=torch.float16) -> QuantLinear:
@@ -98,10 +105,28 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(flat, self.int4_weight, self.int4_group, self.int4_scales_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return y + self.bias if self.bias is not None else y
+        if self.spec.bits == 4 and kernels.available(x):
+            y = self._int4_triton(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def _int4_triton(self, flat: torch.Tensor) -> torch.Tensor:
+        group = self.spec.group_size_for(self.in_features)
+        if self._plain_groups is None:  # once: whether column j is in group j // group (not act-order)
+            plain = torch.arange(self.in_features, device=self.g_idx.device) // group
+            tiles_fit = group % 64 == 0 or group >= self.in_features  # a kernel tile lies in one group
+            self._plain_groups = bool(torch.equal(self.g_idx.long(), plain)) and tiles_fit
+        if flat.shape[0] <= kernels.SKINNY_ROWS:
+            strides = (self.qweight.stride(0), self.scales.stride(0))
+            return kernels.skinny_matmul(flat, self.qweight, self.scales, self.out_features, self.in_features, strides,
+                                         group, kernels.INT4, zero=self.qzeros,
+                                         g_idx=None if self._plain_groups else self.g_idx)  # fmt: skip
+        weight_t = kernels.dequantize_int4(self.qweight, self.scales, self.qzeros, self.g_idx, flat.dtype,
+                                           group if self._plain_groups else 0)  # fmt: skip
+        return flat @ weight_t
+
     def extra_repr(self) -> str:
-        kernel = "int4" if self.int4_group else "dequantize"
+        kernel = "tinygemm" if self.int4_group else "triton on CUDA (4 bits)" if self.spec.bits == 4 else "dequantize"
         return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}"
 
 
@@ -118,7 +143,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear holds {self.SPEC.describe()} weights, not {qw.spec.describe()}")
         signed = (qw.qweight.to(torch.int16) - qw.zero.to(torch.int16)).to(torch.int8)  # [out, in]
         self.out_features, self.in_features = signed.shape
-        self.register_buffer("weight_t", signed.t().contiguous())  # [in, out]
+        self.register_buffer("weight", signed.contiguous())  # [out, in]: .t() is the column-major B cuBLASLt wants
         self.register_buffer("weight_scale", qw.scale[:, 0].float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -127,17 +152,24 @@ class Int8Linear(nn.Module):
         return cls(quantize_weight(weight.detach(), cls.SPEC), bias)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight_t.t().float() * self.weight_scale[:, None]).to(dtype)
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
-        qx = torch.round(flat.float() / x_scale).to(torch.int8)
-        rows = qx.shape[0]
-        if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small (decode) batches
-            qx = F.pad(qx, (0, 0, 0, 17 - rows))
-        y = torch._int_mm(qx, self.weight_t)[:rows].float() * x_scale * self.weight_scale
-        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        rows = flat.shape[0]
+        if kernels.available(x) and rows <= kernels.SKINNY_ROWS:
+            y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
+                                      (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
+        else:
+            if kernels.available(x):
+                qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
+            else:
+                x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
+                qx = torch.round(flat.float() / x_scale).to(torch.int8)
+            if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
+                qx = F.pad(qx, (0, 0, 0, 17 - rows))
+            y = (torch._int_mm(qx, self.weight.t())[:rows].float() * x_scale * self.weight_scale).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
 
@@ -168,12 +200,21 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
-        qx = (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        if qx.is_cuda:
+        if kernels.available(x) and flat.shape[0] <= kernels.SKINNY_ROWS:
+            y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
+                                      (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
+            y = y.reshape(*x.shape[:-1], -1)
+            return y + self.bias if self.bias is not None else y
+        scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
+        if kernels.available(x) and not kernels.INTERPRET and scaled_mm:
+            qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
+        else:
+            x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
+            qx = (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        if qx.is_cuda and scaled_mm:
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
-        else:  # some CPU builds of _scaled_mm take per-tensor scales only: the same product in fp32
+        else:  # CPU builds of _scaled_mm may take per-tensor scales only, and it needs multiples of 16: fp32
             y = (qx.float() * x_scale) @ (self.weight.float() * self.weight_scale.t()).t()
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
@@ -217,11 +258,31 @@ class CompactLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.quantized_weight().dequantize().to(dtype)
 
+    def uses_fp4_kernel(self) -> bool:
+        """NVFP4 / MXFP4 in contiguous blocks: the Triton kernels read the nibbles and block scales as stored."""
+        return self.spec.format in ("nvfp4", "mxfp4") and self.g_idx is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fp4_kernel() and kernels.available(x):
+            flat = x.reshape(-1, self.in_features)
+            group = self.spec.group_size_for(self.in_features)
+            kind = kernels.SCALE_E4M3 if self.spec.fmt.has_tensor_scale else kernels.SCALE_E8M0
+            if flat.shape[0] <= kernels.SKINNY_ROWS:
+                strides = (self.codes.stride(0), self.scale.stride(0))
+                y = kernels.skinny_matmul(flat, self.codes, self.scale, self.out_features, self.in_features, strides,
+                                          group, kernels.FP4, tensor_scale=self.tensor_scale,
+                                          scale_kind=kind)  # fmt: skip
+            else:
+                weight = kernels.dequantize_fp4(self.codes, self.scale, self.tensor_scale, self.in_features, group,
+                                                kind, flat.dtype)  # fmt: skip
+                y = F.linear(flat, weight)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel=dequantize"
+        kernel = "triton on CUDA" if self.uses_fp4_kernel() else "dequantize"
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel={kernel}"
 
 
 class LayoutLinear(nn.Module):

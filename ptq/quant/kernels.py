@@ -1,0 +1,458 @@
+"""Triton kernels for the quantized linears (``ptq.quant.linear``) on CUDA.
+
+One matmul kernel for few rows (decode: M up to ``SKINNY_ROWS``), which reads the weight in its stored
+form and dequantizes it tile by tile in registers, so that a decode step reads 4 or 8 bits per weight
+instead of 16:
+
+- ``INT4``: the GPTQ layout (``ptq.quant.pack``: qweight int32 [K/8, N], scales fp16 [G, N], qzeros
+  [G, N/8], g_idx), symmetric or not. With contiguous groups a tile lies in one group and the scale and
+  zero point come out of the dot product: sum_k x_k (q_kn - z_n) s_n = s_n (x·q_n - z_n sum_k x_k).
+  With act-order (g_idx permuted) every element gathers its group's scale and zero point.
+- ``W8``: int8 or FP8 E4M3 weights [N, K] with one scale per output channel, and optionally the
+  activations quantized per token inside the kernel (W8A8: a first pass over the row finds max|x|, the
+  tiles are rounded as ``Int8Linear``/``Fp8Linear`` round them; the products of 8-bit values are exact
+  in bf16 x bf16 -> fp32, so this is the W8A8 product, computed on the bf16 tensor cores).
+- ``FP4``: NVFP4 / MXFP4 weights, E2M1 nibbles two per byte [N, ceil(K/2)] with E4M3 (over an fp32 global
+  scale) or E8M0 block scales [N, K/block] (weight-only: Hopper has no FP4 tensor cores).
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of the output over 1/SPLIT_K of the K tiles; with
+SPLIT_K > 1 the partial sums meet in an fp32 buffer by atomic adds (more programs for narrow layers).
+The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
+(``_config``, each replayed from a CUDA graph); CUDA-graph capture uses what was tuned before it.
+
+For many rows (prefill) the fastest path is cuBLAS: ``dequantize_int4``/``dequantize_fp4`` write the
+bf16 weight once per call and ``quantize_rows`` quantizes activations per token in one kernel before
+``torch._int_mm`` / ``torch._scaled_mm``.
+
+Accumulation is fp32 everywhere. Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on
+the CPU in fp32 (it has no bf16 dot), which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the layers dequantize and call F.linear
+    triton = None
+
+SKINNY_ROWS = 64  # at most this many rows (tokens) take the fused kernel; more take cuBLAS
+INT4, W8, FP4 = 0, 1, 2  # weight kinds
+ACT_NONE, ACT_INT8, ACT_FP8 = 0, 1, 2  # activation quantization inside the kernel
+QMAX = {ACT_NONE: 1.0, ACT_INT8: 127.0, ACT_FP8: 448.0}  # the grids' largest values (per-token scale = max|x| / QMAX)
+SCALE_E4M3, SCALE_E8M0 = 0, 1  # FP4 block scale kinds
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can take this input: Triton installed, CUDA (or the interpreter, for tests),
+    and bf16/fp16 activations (fp32 ones take the exact dequantize path)."""
+    if triton is None:
+        return False
+    if INTERPRET:
+        return True
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ROW_TILES: tl.constexpr):  # fmt: skip
+        """Per-token scales max|x| / QMAX of rows ``rm`` (clamped as ``ACT_SCALE_MIN`` clamps them)."""
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for t in range(ROW_TILES):
+            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = mask_m[:, None] & (rk < K)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        return tl.maximum(amax / QMAX, 1e-12)
+
+    @triton.jit
+    def _round_half_even(y):
+        """Nearest integer, ties to even, spelled out (the interpreter has no rint); exact for |y| < 2^22."""
+        r = tl.floor(y + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+
+    @triton.jit
+    def _quantize_tile(x, x_scale, ACT: tl.constexpr):
+        """Round an fp32 activation tile to the int8 grid or to E4M3 as the reference layers do (IEEE
+        division, ties to even; E4M3 as its spacing 2^(max(e, -6) - 3) times an integer, which is the
+        cast's rounding and also runs in the interpreter, whose fp8 cast does not round to nearest).
+        Returned as fp32 values."""
+        y = tl.math.div_rn(x, x_scale[:, None])
+        if ACT == 1:
+            return _round_half_even(y)
+        else:
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+            spacing = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+            return _round_half_even(y / spacing) * spacing
+
+    @triton.jit
+    def _fp4_values(codes):
+        """E2M1 nibble (sign << 3 | index of the magnitude in 0, .5, 1, 1.5, 2, 3, 4, 6) -> fp32 value."""
+        m = (codes & 7).to(tl.float32)
+        magnitude = tl.where(m < 4, m * 0.5, tl.where(m < 6, m - 2.0, 2.0 * m - 8.0))
+        return tl.where((codes & 8) != 0, -magnitude, magnitude)
+
+    @triton.jit
+    def _skinny_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr,
+        M, N, K, stride_xm, stride_ym, stride_w, stride_s, group,
+        WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
+        DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+    ):  # fmt: skip
+        # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
+        # Triton's interpreter cannot loop over a run-time count with recent numpy.
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = rm < M, rn < N
+        if ACT != 0:
+            x_scale = _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX, BLOCK_M, BLOCK_K, ROW_TILES)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in range(TILES):  # tiles pid_k, pid_k + SPLIT_K, ...; those past K are masked out
+            k0 = (pid_k + i * SPLIT_K) * BLOCK_K
+            if WEIGHT == 2:  # FP4: even and odd columns are the low and high nibbles of one byte
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                ke, ko = 2 * rb, 2 * rb + 1
+                xm = mask_m[:, None]
+                x_even = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=xm & (ke < K)[None, :], other=0.0)
+                x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + ko[None, :], mask=xm & (ko < K)[None, :], other=0.0)
+                wmask = (ke < K)[:, None] & mask_n[None, :]
+                packed = tl.load(w_ptr + rn[None, :] * stride_w + rb[:, None], mask=wmask, other=0).to(tl.int32)
+                sp = s_ptr + rn[None, :] * stride_s + (ke // group)[:, None]
+                if SCALE_KIND == 0:  # E4M3 over the fp32 global scale (NVFP4)
+                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+                else:  # E8M0: the biased exponent placed in an fp32's exponent field (MX)
+                    scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                w_even = (_fp4_values(packed & 15) * scale).to(DOT)
+                w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
+                acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
+                acc += tl.dot(x_odd.to(DOT), w_odd, input_precision="ieee")
+            else:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                mask_k = rk < K
+                xmask = mask_m[:, None] & mask_k[None, :]
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                if ACT != 0:
+                    x = _quantize_tile(x, x_scale, ACT)
+                x = x.to(DOT)
+                wmask = mask_k[:, None] & mask_n[None, :]
+                if WEIGHT == 1:  # 8-bit weights [N, K]: the per-channel scale comes after the loop
+                    w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=wmask, other=0.0)
+                    acc += tl.dot(x, w.to(tl.float32).to(DOT), input_precision="ieee")
+                else:  # INT4, GPTQ layout: 8 codes per int32 along K; zero points stored minus one
+                    rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # each word loaded once, its 8 codes unpacked
+                    wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
+                    words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask_words, other=0)
+                    shifts = tl.arange(0, 8) * 4
+                    q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])
+                    if ACT_ORDER:
+                        g = tl.load(g_ptr + rk, mask=mask_k, other=0)
+                        scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
+                        zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
+                        zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+                        w = (q - zero).to(tl.float32) * scale.to(tl.float32)
+                        acc += tl.dot(x, w.to(DOT), input_precision="ieee")
+                    else:  # the tile lies in one group (BLOCK_K divides the group size)
+                        g = k0 // group
+                        gmask = mask_n & (k0 < K)
+                        scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
+                        zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=gmask, other=0)
+                        zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15).to(tl.float32)
+                        dots = tl.dot(x, q.to(DOT), input_precision="ieee")
+                        row_sums = tl.sum(x.to(tl.float32), axis=1)
+                        acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
+        if WEIGHT == 1:
+            acc = acc * tl.load(s_ptr + rn, mask=mask_n, other=0.0)[None, :]
+        if ACT != 0:
+            acc = acc * x_scale[:, None]
+        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr,
+        N, K, stride_w, stride_s, group,
+        WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, QMAX: tl.constexpr,
+        TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+    ):  # fmt: skip
+        """One token (M = 1) on the CUDA cores: each thread multiplies and adds its weights into its own
+        partial sums over all of its K tiles, one reduction at the end (no tensor-core layout shuffles,
+        no per-tile reductions). Same weight kinds and rounding as ``_skinny_kernel``."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        one = tl.arange(0, 1)
+        if ACT != 0:
+            x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
+        if WEIGHT == 0:  # INT4, GPTQ layout [K/8, N]: partial sums [words, N]
+            acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        else:  # K-contiguous rows [N, K] (W8) or [N, K/2] (FP4): partial sums [N, K tile]
+            acc = tl.zeros([BLOCK_N, BLOCK_K // (2 if WEIGHT == 2 else 1)], dtype=tl.float32)
+        for i in range(TILES):
+            k0 = (pid_k + i * SPLIT_K) * BLOCK_K
+            if WEIGHT == 0:
+                rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                wmask = (rw * 8 < K)[:, None] & mask_n[None, :]
+                words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask, other=0)
+                if not ACT_ORDER:  # the tile lies in one group: w = q * s - z * s
+                    g = k0 // group
+                    gmask = mask_n & (k0 < K)
+                    scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
+                    zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=gmask, other=0)
+                    zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15).to(tl.float32)
+                    offset = -zero * scale
+                for j in tl.static_range(8):
+                    kj = rw * 8 + j
+                    xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                    q = ((words >> (4 * j)) & 15).to(tl.float32)
+                    if ACT_ORDER:
+                        gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
+                        sj = tl.load(s_ptr + gj[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
+                        zwj = tl.load(z_ptr + gj[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
+                        zj = (((zwj >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+                        w = (q - zj.to(tl.float32)) * sj.to(tl.float32)
+                    else:
+                        w = q * scale[None, :] + offset[None, :]
+                    acc += xj[:, None] * w
+            elif WEIGHT == 1:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + one[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
+                if ACT != 0:
+                    x = _quantize_tile(x, x_scale, ACT)
+                wmask = mask_n[:, None] & (rk < K)[None, :]
+                w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=wmask, other=0.0)
+                acc += w.to(tl.float32) * x
+            else:
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                ke = 2 * rb
+                x_even = tl.load(x_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+                wmask = mask_n[:, None] & (ke < K)[None, :]
+                packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=wmask, other=0).to(tl.int32)
+                sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
+                if SCALE_KIND == 0:
+                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+                else:
+                    scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                values = _fp4_values(packed & 15) * x_even[None, :] + _fp4_values(packed >> 4) * x_odd[None, :]
+                acc += values * scale
+        if WEIGHT == 0:
+            y = tl.sum(acc, axis=0)
+        else:
+            y = tl.sum(acc, axis=1)
+        if WEIGHT == 1:
+            y = y * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
+        if ACT != 0:
+            y = y * x_scale
+        if SPLIT_K == 1:
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            tl.atomic_add(y_ptr + rn, y, mask=mask_n)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, ACT: tl.constexpr, QMAX: tl.constexpr,
+                              BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr):  # fmt: skip
+        """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3)."""
+        row = tl.program_id(0)
+        rm = row + tl.arange(0, 1)
+        x_scale = _row_scales(x_ptr, rm, rm >= 0, K, stride_xm, QMAX, 1, BLOCK_K, ROW_TILES)
+        for t in range(ROW_TILES):
+            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+            q = _quantize_tile(x.to(tl.float32), x_scale, ACT)
+            tl.store(q_ptr + rm[:, None] * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=(rk < K)[None, :])
+        tl.store(s_ptr + rm, x_scale)
+
+    @triton.jit
+    def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, stride_w, stride_s, group,
+                                PLAIN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """GPTQ-packed [K/8, N] -> dequantized [K, N] in the output's dtype. PLAIN: column k is in group
+        k // group and a tile lies in one group (one row of scales and zero points per tile); otherwise
+        each element finds its group through g_idx."""
+        rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rk < K)[:, None] & (rn < N)[None, :]
+        rw = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=(rw * 8 < K)[:, None] & (rn < N)[None, :])
+        shifts = tl.arange(0, 8) * 4
+        q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])
+        if PLAIN:
+            g = tl.program_id(0) * BLOCK_K // group
+            scale = tl.load(s_ptr + g * stride_s + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=rn < N, other=0)
+            zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15)[None, :]
+        else:
+            g = tl.load(g_ptr + rk, mask=rk < K, other=0)
+            scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=mask, other=0)
+            zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+        w = (q - zero).to(tl.float32) * scale
+        tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, stride_w, stride_s, group,
+                               SCALE_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+        """FP4 nibbles [N, ceil(K/2)] with block scales -> dequantized [N, K] in the output's dtype."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        ke = 2 * rb
+        mask = (rn < N)[:, None] & (ke < K)[None, :]
+        packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=mask, other=0).to(tl.int32)
+        sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
+        if SCALE_KIND == 0:
+            scale = tl.load(sp, mask=mask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+        else:
+            scale = (tl.load(sp, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        base = out_ptr + rn[:, None] * K
+        tl.store(base + ke[None, :], (_fp4_values(packed & 15) * scale).to(out_ptr.dtype.element_ty), mask=mask)
+        odd_mask = (rn < N)[:, None] & (ke + 1 < K)[None, :]
+        tl.store(base + ke[None, :] + 1, (_fp4_values(packed >> 4) * scale).to(out_ptr.dtype.element_ty), mask=odd_mask)
+
+
+# Candidate tiles (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per weight kind; the first is the
+# default when nothing was tuned. INT4's BLOCK_K must divide the group size (checked at the call).
+CANDIDATES = {
+    INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
+           (64, 64, 8, 4, 4)],
+    W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3)],
+    FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
+}  # fmt: skip
+# One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages).
+GEMV_CANDIDATES = {
+    INT4: [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3), (32, 64, 4, 4, 3),
+           (128, 64, 2, 8, 3)],
+    W8: [(16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
+         (16, 256, 8, 4, 3)],
+    FP4: [(16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
+          (16, 256, 8, 4, 3)],
+}  # fmt: skip
+_tuned: dict[tuple, tuple] = {}
+TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+def _dot_dtype(x: torch.Tensor):
+    if INTERPRET or x.dtype == torch.float32:
+        return tl.float32
+    return tl.float16 if x.dtype == torch.float16 else tl.bfloat16
+
+
+def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
+            gemv=False):  # fmt: skip
+    block_n, block_k, split_k, warps, stages = config
+    m = x.shape[0]
+    if gemv:
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device) if split_k == 1 else torch.zeros(1, n, device=x.device)
+        _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+            x, w, scale, scale if zero is None else zero, scale if g_idx is None else g_idx,
+            scale if tensor_scale is None else tensor_scale, y, n, k, strides[0], strides[1], group,
+            WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n, BLOCK_K=block_k,
+            SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k), ROW_TILES=triton.cdiv(k, block_k),
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return y if split_k == 1 else y.to(x.dtype)
+    block_m = _block_m(m)
+    if split_k == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    dummy = scale  # pointers a kind does not read
+    _skinny_kernel[grid](
+        x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
+        dummy if tensor_scale is None else tensor_scale, y,
+        m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
+        WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, DOT=_dot_dtype(x),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act],
+        TILES=triton.cdiv(k, block_k * split_k), ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def _config(key: tuple, candidates: list, run) -> tuple:
+    """The fastest candidate for ``key``, timed once per process (not during CUDA-graph capture, nor in
+    the interpreter, nor with PTQ_KERNEL_TUNE=0: then the first candidate)."""
+    if key in _tuned:
+        return _tuned[key]
+    if not TUNE or INTERPRET or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    times = {}
+    for config in candidates:
+        try:
+            # replayed from a CUDA graph: timed eagerly, microsecond kernels would time Python's launching
+            times[config] = triton.testing.do_bench_cudagraph(lambda c=config: run(c), rep=10, return_mode="median")
+        except Exception:  # a tile that does not compile for this shape (registers, shared memory)
+            continue
+    _tuned[key] = min(times, key=times.get) if times else candidates[0]
+    return _tuned[key]
+
+
+def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
+                  tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
+    """y [M, N] = x [M, K] times the stored weight (see the module docstring for each kind's tensors)."""
+    gemv = x.shape[0] == 1 and x.is_contiguous()
+    candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
+    if weight == INT4 and g_idx is None:  # a tile must lie in one group
+        candidates = [c for c in candidates if group % c[1] == 0 or group >= k]
+        if not candidates:
+            raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")
+    act_order = g_idx is not None
+    key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, x.device)
+
+    def run(config):
+        return _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act,
+                       act_order, scale_kind, gemv)  # fmt: skip
+
+    return run(_config(key, candidates, run))
+
+
+def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
+    m, k = x.shape
+    dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
+    q = torch.empty(m, k, dtype=dtype, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block_k = 1024 if k >= 1024 else 128
+    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), ACT=act, QMAX=QMAX[act], BLOCK_K=block_k,
+                                ROW_TILES=triton.cdiv(k, block_k), num_warps=4)  # fmt: skip
+    return q, s
+
+
+def dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
+    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
+    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
+    _dequantize_int4_kernel[grid](qweight, scales, qzeros, g_idx, out, n, k, qweight.stride(0), scales.stride(0),
+                                  max(group, 1), PLAIN=group > 0, BLOCK_K=64, BLOCK_N=128, num_warps=4)  # fmt: skip
+    return out
+
+
+def dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> torch.Tensor:
+    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
+    n = codes.shape[0]
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
+    _dequantize_fp4_kernel[grid](codes, scale, scale if tensor_scale is None else tensor_scale, out, n, k,
+                                 codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind, BLOCK_N=32,
+                                 BLOCK_B=64, num_warps=4)  # fmt: skip
+    return out

@@ -1,0 +1,161 @@
+"""The Triton kernels (``ptq.quant.kernels``) against dequantize-then-matmul, over odd shapes.
+
+On CUDA they run as compiled kernels (bf16 activations; marked ``gpu``). Without CUDA the same checks run
+in Triton's interpreter (fp32, on the CPU) in a child process, since the interpreter is chosen when the
+kernels are defined."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptq.quant import WeightSpec, quantize_weight
+from ptq.quant.weight import QuantizedWeight
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA builds of torch)")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+TOLERANCE = 1e-2 if ON_GPU else 1e-5  # relative error of the output: bf16 rounding on the GPU, fp32 order here
+ROWS = [1, 7, 16, 33, 65] if INTERPRETED else [1, 7, 16, 33, 64, 2048]
+
+needs_kernels = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="runs on CUDA, or under TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the interpreter's run of this file (CPU machines only)")
+def test_kernels_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def act_order_weight(weight: torch.Tensor, spec: WeightSpec, seed: int = 0) -> QuantizedWeight:
+    """RTN with groups over a random permutation of the columns (what GPTQ's act-order stores)."""
+    in_features = weight.shape[1]
+    perm = torch.randperm(in_features, generator=torch.Generator().manual_seed(seed))
+    permuted = quantize_weight(weight[:, perm], spec)
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(in_features) // spec.group_size)[inverse].to(torch.int32)
+    return QuantizedWeight(permuted.qweight[:, inverse].contiguous(), permuted.scale, permuted.zero, g_idx, spec)
+
+
+def inputs(rows: int, in_features: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(
+    "case",
+    [("asym-g128", 128, False, False), ("sym-g128", 128, True, False), ("asym-g64", 64, False, False),
+     ("act-order-g64", 64, False, True), ("per-channel", -1, True, False), ("g32-gathered", 32, False, False)],
+)  # fmt: skip
+def test_int4_layer_matches_dequantize_then_matmul(rows, case):
+    """K = 320: not a multiple of 128-wide tiles, and a partial last group of 128."""
+    from ptq.quant.linear import QuantLinear
+
+    _, group, sym, act_order = case
+    spec = WeightSpec("int", 4, group, sym)
+    weight = torch.randn(96, 320, generator=torch.Generator().manual_seed(0))
+    qw = act_order_weight(weight, spec) if act_order else quantize_weight(weight, spec)
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(2))
+    layer = QuantLinear.from_quantized(qw, bias, DTYPE).to(DEVICE)
+    x = inputs(rows, 320)
+    want = x.float() @ layer.dequantized_weight(torch.float32).t() + bias.to(DEVICE)
+    assert relative_error(layer(x), want) < TOLERANCE
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_w8a8_layers_match_their_exact_product(rows, fmt):
+    """The codes the layers give the activations (per token) and the weights (per channel), multiplied
+    exactly: the kernel's rounding is the reference's."""
+    from ptq.quant.linear import Fp8Linear, Int8Linear
+
+    cls, qmax = (Int8Linear, 127.0) if fmt == "int8" else (Fp8Linear, 448.0)
+    weight = torch.randn(80, 200, generator=torch.Generator().manual_seed(0))
+    layer = cls.from_weight(weight, None).to(DEVICE)
+    x = inputs(rows, 200)
+    x_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    if fmt == "int8":
+        qx = torch.round(x.float() / x_scale)
+    else:
+        qx = (x.float() / x_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
+    want = (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
+    assert relative_error(layer(x), want) < TOLERANCE
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_layers_match_dequantize_then_matmul(rows, fmt):
+    """K = 200: a partial last block for both formats (16 and 32), and an even byte count."""
+    from ptq.quant.linear import CompactLinear
+
+    weight = torch.randn(72, 200, generator=torch.Generator().manual_seed(0))
+    layer = CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), None, DTYPE).to(DEVICE)
+    assert layer.uses_fp4_kernel()
+    x = inputs(rows, 200)
+    want = x.float() @ layer.dequantized_weight(torch.float32).t()
+    assert relative_error(layer(x), want) < TOLERANCE
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_kind", ["int4", "w8", "fp4"])
+def test_every_candidate_tile_computes_the_same_product(weight_kind):
+    """Each tile shape the tuner may choose (split-K with atomic adds included) gives the product."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import CompactLinear, Int8Linear, QuantLinear
+
+    weight = torch.randn(128, 512, generator=torch.Generator().manual_seed(0))
+    x = inputs(3, 512)
+    if weight_kind == "int4":
+        layer = QuantLinear.from_quantized(quantize_weight(weight, WeightSpec("int", 4, 128, False)), None, DTYPE)
+        layer = layer.to(DEVICE)
+        args = (layer.qweight, layer.scales, 128, 512, (layer.qweight.stride(0), layer.scales.stride(0)), 128)
+        kw = dict(zero=layer.qzeros, g_idx=None, tensor_scale=None, weight=kernels.INT4, act=0, scale_kind=0)
+        want = x.float() @ layer.dequantized_weight(torch.float32).t()
+    elif weight_kind == "w8":
+        layer = Int8Linear.from_weight(weight, None).to(DEVICE)
+        args = (layer.weight, layer.weight_scale, 128, 512, (512, 0), 0)
+        kw = dict(zero=None, g_idx=None, tensor_scale=None, weight=kernels.W8, act=0, scale_kind=0)
+        want = x.float() @ layer.dequantized_weight(torch.float32).t()
+    else:
+        layer = CompactLinear(quantize_weight(weight, WeightSpec.build("nvfp4")), None, DTYPE).to(DEVICE)
+        args = (layer.codes, layer.scale, 128, 512, (layer.codes.stride(0), layer.scale.stride(0)), 16)
+        kw = dict(zero=None, g_idx=None, tensor_scale=layer.tensor_scale, weight=kernels.FP4, act=0, scale_kind=0)
+        want = x.float() @ layer.dequantized_weight(torch.float32).t()
+    w, scale, n, k, strides, group = args
+    for gemv, candidates in ((False, kernels.CANDIDATES), (True, kernels.GEMV_CANDIDATES)):
+        rows = slice(0, 1) if gemv else slice(None)
+        for config in candidates[kw["weight"]]:
+            got = kernels._launch(config, x[rows], w, scale, kw["zero"], kw["g_idx"], kw["tensor_scale"], n, k,
+                                  strides, group, kw["weight"], kw["act"], False, kw["scale_kind"], gemv)  # fmt: skip
+            assert relative_error(got, want[rows]) < TOLERANCE, (gemv, config)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantize_rows_gives_the_reference_codes(fmt):
+    from ptq.quant import kernels
+
+    x = inputs(5, 300)
+    act, qmax = (kernels.ACT_INT8, 127.0) if fmt == "int8" else (kernels.ACT_FP8, 448.0)
+    q, scale = kernels.quantize_rows(x, act)
+    want_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    torch.testing.assert_close(scale, want_scale, rtol=0, atol=0)
+    if fmt == "int8":
+        assert torch.equal(q, torch.round(x.float() / want_scale).to(torch.int8))
+    else:
+        want = (x.float() / want_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
