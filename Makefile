@@ -14,6 +14,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@echo "installing the pinned dependencies into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install --progress-bar off -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
+	@# Triton comes with CUDA builds of torch; CPU installs get it so that the tests run ptq's kernels in its interpreter
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q --progress-bar off "triton==3.6.0"
 	touch $@
 
 run: setup

@@ -113,7 +113,8 @@ def test_fp4_layers_match_dequantize_then_matmul(rows, fmt):
 @needs_kernels
 @pytest.mark.parametrize("weight_kind", ["int4", "w8", "fp4"])
 def test_every_candidate_tile_computes_the_same_product(weight_kind):
-    """Each tile shape the tuner may choose (split-K with atomic adds included) gives the product."""
+    """Each tile shape the tuner may choose gives the product, split-K's last-arrival reduction included,
+    and gives it again on the next call."""
     from ptq.quant import kernels
     from ptq.quant.linear import CompactLinear, Int8Linear, QuantLinear
 
@@ -142,6 +143,10 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
             got = kernels._launch(config, x[rows], w, scale, kw["zero"], kw["g_idx"], kw["tensor_scale"], n, k,
                                   strides, group, kw["weight"], kw["act"], False, kw["scale_kind"], gemv)  # fmt: skip
             assert relative_error(got, want[rows]) < TOLERANCE, (gemv, config)
+            again = kernels._launch(config, x[rows], w, scale, kw["zero"], kw["g_idx"], kw["tensor_scale"], n, k,
+                                    strides, group, kw["weight"], kw["act"], False, kw["scale_kind"], gemv)  # fmt: skip
+            assert torch.equal(again, got), (gemv, config)  # split-K's counters were left at zero for the next call
+    assert not kernels._counters[x.device].any()
 
 
 @needs_kernels

@@ -16,7 +16,9 @@ instead of 16:
   scale) or E8M0 block scales [N, K/block] (weight-only: Hopper has no FP4 tensor cores).
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over 1/SPLIT_K of the K tiles; with
-SPLIT_K > 1 the partial sums meet in an fp32 buffer by atomic adds (more programs for narrow layers).
+SPLIT_K > 1 (more programs for narrow layers) the last program of a tile to finish adds the others' fp32
+partial sums (``_write_output``). One token takes ``_gemv_kernel`` instead: the same weight kinds on the
+CUDA cores, each thread keeping its own partial sums until the end.
 The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
 (``_config``, each replayed from a CUDA graph); CUDA-graph capture uses what was tuned before it.
 
@@ -102,8 +104,31 @@ if triton is not None:
         return tl.where((codes & 8) != 0, -magnitude, magnitude)
 
     @triton.jit
+    def _write_output(acc, y_ptr, ws_ptr, cnt_ptr, rm, rn, mask_m, mask_n, M, N, stride_ym, tile, pid_k,
+                      SPLIT_K: tl.constexpr):  # fmt: skip
+        """Store a [BLOCK_M, BLOCK_N] result. With SPLIT_K > 1 each program stores its fp32 partial sums
+        to a workspace and counts itself in at its tile's counter; the last to arrive adds the partials,
+        writes the output and resets the counter for the next call (one launch, no zero-fill or cast
+        kernels around it)."""
+        mask = mask_m[:, None] & mask_n[None, :]
+        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = rm[:, None] * N + rn[None, :]
+            tl.store(ws_ptr + pid_k * M * N + part, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the count
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in range(SPLIT_K):
+                    total += tl.load(ws_ptr + s * M * N + part, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+    @triton.jit
     def _skinny_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_ym, stride_w, stride_s, group,
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -175,16 +200,12 @@ if triton is not None:
             acc = acc * tl.load(s_ptr + rn, mask=mask_n, other=0.0)[None, :]
         if ACT != 0:
             acc = acc * x_scale[:, None]
-        out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(out, acc, mask=mask)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        _write_output(acc, y_ptr, ws_ptr, cnt_ptr, rm, rn, mask_m, mask_n, M, N, stride_ym, tile, pid_k, SPLIT_K)
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr,
         N, K, stride_w, stride_s, group,
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, QMAX: tl.constexpr,
@@ -209,12 +230,12 @@ if triton is not None:
                 rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 wmask = (rw * 8 < K)[:, None] & mask_n[None, :]
                 words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask, other=0)
-                if not ACT_ORDER:  # the tile lies in one group: w = q * s - z * s
-                    g = k0 // group
-                    gmask = mask_n & (k0 < K)
-                    scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
-                    zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=gmask, other=0)
-                    zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15).to(tl.float32)
+                if not ACT_ORDER:  # a word's 8 columns share a group: w = q * s - z * s per word row
+                    g = rw * 8 // group
+                    scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
+                    scale = scale.to(tl.float32)
+                    zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
+                    zero = ((((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15).to(tl.float32)
                     offset = -zero * scale
                 for j in tl.static_range(8):
                     kj = rw * 8 + j
@@ -227,7 +248,7 @@ if triton is not None:
                         zj = (((zwj >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
                         w = (q - zj.to(tl.float32)) * sj.to(tl.float32)
                     else:
-                        w = q * scale[None, :] + offset[None, :]
+                        w = q * scale + offset
                     acc += xj[:, None] * w
             elif WEIGHT == 1:
                 rk = k0 + tl.arange(0, BLOCK_K)
@@ -259,10 +280,7 @@ if triton is not None:
             y = y * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
         if ACT != 0:
             y = y * x_scale
-        if SPLIT_K == 1:
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-        else:
-            tl.atomic_add(y_ptr + rn, y, mask=mask_n)
+        _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, ACT: tl.constexpr, QMAX: tl.constexpr,
@@ -332,14 +350,15 @@ CANDIDATES = {
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3)],
     FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
 }  # fmt: skip
-# One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages).
+# One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
+# loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
 GEMV_CANDIDATES = {
-    INT4: [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3), (32, 64, 4, 4, 3),
-           (128, 64, 2, 8, 3)],
-    W8: [(16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
-         (16, 256, 8, 4, 3)],
-    FP4: [(16, 512, 1, 4, 3), (32, 256, 1, 4, 3), (8, 1024, 1, 4, 3), (16, 512, 2, 4, 3), (32, 512, 4, 8, 3),
-          (16, 256, 8, 4, 3)],
+    INT4: [(64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
+           (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
+    W8: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
+         (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
+    FP4: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
+          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
 _tuned: dict[tuple, tuple] = {}
 TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
@@ -355,36 +374,41 @@ def _dot_dtype(x: torch.Tensor):
     return tl.float16 if x.dtype == torch.float16 else tl.bfloat16
 
 
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for split-K's last-arrival reduction, kept per device: each launch's last
+    programs set theirs back to zero. Grown outside CUDA-graph capture (a captured run has run before)."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("ptq kernels: run a layer once before capturing it in a CUDA graph")
+        counters = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
             gemv=False):  # fmt: skip
     block_n, block_k, split_k, warps, stages = config
     m = x.shape[0]
-    if gemv:
-        y = torch.empty(1, n, dtype=x.dtype, device=x.device) if split_k == 1 else torch.zeros(1, n, device=x.device)
-        _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-            x, w, scale, scale if zero is None else zero, scale if g_idx is None else g_idx,
-            scale if tensor_scale is None else tensor_scale, y, n, k, strides[0], strides[1], group,
-            WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n, BLOCK_K=block_k,
-            SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k), ROW_TILES=triton.cdiv(k, block_k),
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        return y if split_k == 1 else y.to(x.dtype)
-    block_m = _block_m(m)
-    if split_k == 1:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 1 if gemv else _block_m(m)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    workspace = torch.empty(split_k if split_k > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    counters = _tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
-    _skinny_kernel[grid](
-        x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
-        dummy if tensor_scale is None else tensor_scale, y,
-        m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
-        WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, DOT=_dot_dtype(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act],
-        TILES=triton.cdiv(k, block_k * split_k), ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return y if split_k == 1 else y.to(x.dtype)
+    pointers = (x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
+                dummy if tensor_scale is None else tensor_scale, y, workspace, counters)  # fmt: skip
+    common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
+                  BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
+                  ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
+    if gemv:
+        _gemv_kernel[grid[:2]](*pointers, n, k, strides[0], strides[1], group, **common)
+    else:
+        _skinny_kernel[grid](*pointers, m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
+                             DOT=_dot_dtype(x), BLOCK_M=block_m, **common)  # fmt: skip
+    return y
 
 
 def _config(key: tuple, candidates: list, run) -> tuple:
@@ -410,7 +434,7 @@ def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=
     """y [M, N] = x [M, K] times the stored weight (see the module docstring for each kind's tensors)."""
     gemv = x.shape[0] == 1 and x.is_contiguous()
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
-    if weight == INT4 and g_idx is None:  # a tile must lie in one group
+    if weight == INT4 and g_idx is None and not gemv:  # the dot path's tiles must lie in one group
         candidates = [c for c in candidates if group % c[1] == 0 or group >= k]
         if not candidates:
             raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The quantized-linear kernels on one GPU (issue: W4A16, INT8 and FP8 W8A8 kernels that beat bf16).
+#   bash scripts/kernels_gpu.sh OUT [FORMATS]
+# 1. the kernel tests on CUDA; 2. every format's linears of one Llama-3-8B block, timed from CUDA graphs
+# (ptq.bench.kernels); 3. ncu's memory throughput of the one-token kernel on the largest linear (where
+# Nsight Compute runs); 4. the whole-model benchmark (ptq.bench.infer) with the cost report.
+set -u
+out=$1 formats=${2:-bf16,w4a16,w8a8,fp8,nvfp4,mxfp4,w4a16-actorder,w4a16-tinygemm}
+mkdir -p "$out"
+timeout ${TEST_LIMIT:-300} python -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/tests.log" 2>&1
+echo "tests rc=$? $(grep -E 'passed|failed' "$out/tests.log" | tail -1)"
+timeout ${KERNELS_LIMIT:-300} python -m ptq.bench.kernels --formats "$formats" --rows 1,16,2048 --out "$out/kernels.json" 2>&1 | tail -20
+if [ -n "${NCU:-}" ] && command -v ncu > /dev/null; then
+    timeout 200 ncu --clock-control none --kernel-name regex:gemv --launch-count 3 \
+        --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
+        python -c "
+import torch
+from ptq.bench.infer import make_layer
+w = torch.randn(14336, 4096, device='cuda', dtype=torch.bfloat16) * 0.02
+x = torch.randn(1, 4096, device='cuda', dtype=torch.bfloat16)
+for fmt in ('w4a16', 'w8a8', 'nvfp4'):
+    layer = make_layer(fmt, w)
+    for _ in range(3):
+        layer(x)
+" > "$out/ncu.log" 2>&1
+    grep -E "gemv|dram__|registers|warps_active" "$out/ncu.log" | head -40
+fi
+timeout ${INFER_LIMIT:-400} python -m ptq.bench.infer --formats "$formats" --decode-batches 1,16 --repeat 3 \
+    --price-per-gpu-hour 3.50 --out "$out/infer.json" 2>&1 | grep -v Warn | cut -c1-400 | tail -12
