@@ -283,6 +283,19 @@ if triton is not None:
         _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
 
     @triton.jit
+    def _scale_product_kernel(y_ptr, sx_ptr, sw_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out = (y * s_x[m]) * s_w[n] in the output's dtype: torch._int_mm's int32 product scaled back in one
+        pass (in PyTorch ops: four passes over the [M, N] result)."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        y = tl.load(y_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+        x_scale = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+        w_scale = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+        out = y * x_scale[:, None] * w_scale[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, ACT: tl.constexpr, QMAX: tl.constexpr,
                               BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr):  # fmt: skip
         """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3)."""
@@ -458,6 +471,15 @@ def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), ACT=act, QMAX=QMAX[act], BLOCK_K=block_k,
                                 ROW_TILES=triton.cdiv(k, block_k), num_warps=4)  # fmt: skip
     return q, s
+
+
+def scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
+    """W8A8's int32 product [M, N] times the per-token scales [M, 1] and per-channel scales [N], in ``dtype``."""
+    m, n = product.shape
+    out = torch.empty(m, n, dtype=dtype, device=product.device)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
+    _scale_product_kernel[grid](product, x_scale, w_scale, out, m, n, BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    return out
 
 
 def dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:

@@ -168,7 +168,11 @@ class Int8Linear(nn.Module):
                 qx = torch.round(flat.float() / x_scale).to(torch.int8)
             if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
                 qx = F.pad(qx, (0, 0, 0, 17 - rows))
-            y = (torch._int_mm(qx, self.weight.t())[:rows].float() * x_scale * self.weight_scale).to(x.dtype)
+            product = torch._int_mm(qx, self.weight.t())[:rows]
+            if kernels.available(x):
+                y = kernels.scale_int_product(product, x_scale, self.weight_scale, x.dtype)
+            else:
+                y = (product.float() * x_scale * self.weight_scale).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
