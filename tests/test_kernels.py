@@ -164,3 +164,66 @@ def test_quantize_rows_gives_the_reference_codes(fmt):
     else:
         want = (x.float() / want_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn)
         assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+
+
+def model_perplexity(model, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    return logits, loss.exp().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["w4-g64", "w4-act-order", "w8a8", "fp8", "nvfp4", "mxfp4"])
+def test_quantized_models_compute_through_the_kernels_what_the_dequantize_path_computes(tmp_path, monkeypatch, fmt):
+    """A model of real quantized layers (a GPTQ checkpoint loaded back for INT4; the layers a compressed-tensors
+    load builds for the rest) scores the same perplexity through the kernels as through dequantize-then-matmul,
+    the path evaluation's fake quantization matches (tests/test_checkpoint.py)."""
+    import ptq
+    from ptq.checkpoint import PackedStore, load_quantized
+    from ptq.models import block_linears, get_blocks, get_weight
+    from ptq.quant import ActSpec, kernels
+    from ptq.quant.linear import quantized_linear
+    from ptq.recipe import Recipe
+    from tests.test_checkpoint import packable_llama
+
+    model = packable_llama()
+    if fmt.startswith("w4"):
+        options = {"gptq": {"act_order": True, "static_groups": False}} if fmt == "w4-act-order" else None
+        recipe = Recipe.build("gptq", bits=4, group_size=64, options=options)
+        store = PackedStore(recipe, tmp_path / "ckpt")
+        calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+        ptq.quantize(model, recipe, calib=calib, device="cpu", on_quantized=store.add, on_block_done=store.block_done)
+        store.save(model, None)
+        model = load_quantized(str(tmp_path / "ckpt"), DTYPE)
+    else:
+        specs = {"w8a8": (WeightSpec("int", 8, -1, True), ActSpec("int", 8, "per_token")),
+                 "fp8": (WeightSpec("fp8_e4m3", 8, -1, True), ActSpec("fp8_e4m3", 8, "per_token")),
+                 "nvfp4": (WeightSpec.build("nvfp4"), None), "mxfp4": (WeightSpec.build("mxfp4"), None)}  # fmt: skip
+        weights, act = specs[fmt]
+        for block in get_blocks(model):
+            for name, linear in block_linears(model, block).items():
+                layer = quantized_linear(quantize_weight(get_weight(linear), weights), linear.bias, DTYPE, act)
+                if fmt == "fp8":  # the W8A8 FP8 layer (quantized_linear leaves FP8 weights compact for any act)
+                    from ptq.quant.linear import Fp8Linear
+
+                    layer = Fp8Linear.from_weight(get_weight(linear), linear.bias)
+                block.set_submodule(name, layer)
+        model = model.to(DTYPE)
+    model = model.to(DEVICE)
+    tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    calls = []
+    original = kernels.skinny_matmul
+    monkeypatch.setattr(kernels, "skinny_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
+    inputs = {"prefill": tokens, "few tokens": tokens[:, :8], "one token": tokens[:1, :2]}  # 80, 16 and 2 rows
+    through_kernels = {name: model_perplexity(model, t) for name, t in inputs.items()}
+    with torch.no_grad():  # one token per call, as decoding runs the linears
+        one_row = model(tokens[:1, :1]).logits.float()
+    assert {1, 2, 16} <= set(calls), calls  # the one-token and few-token kernels ran (prefill: cuBLAS after them)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    for name, t in inputs.items():
+        (logits, perplexity), (want_logits, want) = through_kernels[name], model_perplexity(model, t)
+        assert abs(perplexity / want - 1) < 5e-3, (name, perplexity, want)
+        assert relative_error(logits, want_logits) < TOLERANCE, name
+    with torch.no_grad():
+        assert relative_error(one_row, model(tokens[:1, :1]).logits.float()) < TOLERANCE

@@ -48,12 +48,13 @@ ACT_NONE, ACT_INT8, ACT_FP8 = 0, 1, 2  # activation quantization inside the kern
 QMAX = {ACT_NONE: 1.0, ACT_INT8: 127.0, ACT_FP8: 448.0}  # the grids' largest values (per-token scale = max|x| / QMAX)
 SCALE_E4M3, SCALE_E8M0 = 0, 1  # FP4 block scale kinds
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = os.environ.get("PTQ_KERNELS", "1") != "0"  # PTQ_KERNELS=0: the layers dequantize and call F.linear
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can take this input: Triton installed, CUDA (or the interpreter, for tests),
     and bf16/fp16 activations (fp32 ones take the exact dequantize path)."""
-    if triton is None:
+    if triton is None or not ENABLED:
         return False
     if INTERPRET:
         return True
