@@ -227,3 +227,20 @@ def test_quantized_models_compute_through_the_kernels_what_the_dequantize_path_c
         assert relative_error(logits, want_logits) < TOLERANCE, name
     with torch.no_grad():
         assert relative_error(one_row, model(tokens[:1, :1]).logits.float()) < TOLERANCE
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["w4a16", "w4a16-actorder", "w8a8", "fp8", "nvfp4"])
+@pytest.mark.parametrize("rows", [1, 16, 65])
+def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
+    """torch.compile traces the layers without breaking the graph (the kernels are PyTorch operators,
+    ``ptq::quantized_matmul`` and the others) and computes what they compute eagerly."""
+    from ptq.bench.infer import make_layer
+
+    torch._dynamo.reset()
+    weight = (torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02).to(DEVICE, DTYPE)
+    layer = make_layer(fmt, weight)
+    x = inputs(rows, 256)
+    eager = layer(x)  # the first call finds the layer's group layout (a data-dependent check, once)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert relative_error(compiled(x), eager) < 1e-6

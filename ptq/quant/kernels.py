@@ -443,9 +443,9 @@ def _config(key: tuple, candidates: list, run) -> tuple:
     return _tuned[key]
 
 
-def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
-                  tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
-    """y [M, N] = x [M, K] times the stored weight (see the module docstring for each kind's tensors)."""
+def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
+                   tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
+    """``skinny_matmul``'s work: the tile for this shape (tuned once), then the one-token or few-token kernel."""
     gemv = x.shape[0] == 1 and x.is_contiguous()
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
     if weight == INT4 and g_idx is None and not gemv:  # the dot path's tiles must lie in one group
@@ -462,8 +462,7 @@ def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=
     return run(_config(key, candidates, run))
 
 
-def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
+def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
     q = torch.empty(m, k, dtype=dtype, device=x.device)
@@ -474,8 +473,7 @@ def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor
     return q, s
 
 
-def scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
-    """W8A8's int32 product [M, N] times the per-token scales [M, 1] and per-channel scales [N], in ``dtype``."""
+def _scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
     m, n = product.shape
     out = torch.empty(m, n, dtype=dtype, device=product.device)
     grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
@@ -483,9 +481,7 @@ def scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: tor
     return out
 
 
-def dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
-    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
-    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
+def _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
@@ -494,8 +490,7 @@ def dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> to
     return out
 
 
-def dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> torch.Tensor:
-    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
+def _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> torch.Tensor:
     n = codes.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
@@ -503,3 +498,74 @@ def dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> t
                                  codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind, BLOCK_N=32,
                                  BLOCK_B=64, num_warps=4)  # fmt: skip
     return out
+
+
+# The entry points as PyTorch operators (torch.library): torch.compile sees each as one opaque call with a
+# known output shape instead of tracing into the tuner and the launch, so compiled models keep them whole.
+@torch.library.custom_op("ptq::quantized_matmul", mutates_args=())
+def _matmul_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               g_idx: torch.Tensor | None, tensor_scale: torch.Tensor | None, n: int, k: int, stride_w: int,
+               stride_s: int, group: int, weight: int, act: int, scale_kind: int) -> torch.Tensor:  # fmt: skip
+    return _skinny_matmul(x, w, scale, n, k, (stride_w, stride_s), group, weight, act, zero, g_idx, tensor_scale,
+                          scale_kind)  # fmt: skip
+
+
+@_matmul_op.register_fake
+def _(x, w, scale, zero, g_idx, tensor_scale, n, k, stride_w, stride_s, group, weight, act, scale_kind):
+    return x.new_empty(x.shape[0], n)
+
+
+def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
+                  tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
+    """y [M, N] = x [M, K] times the stored weight (see the module docstring for each kind's tensors)."""
+    return _matmul_op(x, w, scale, zero, g_idx, tensor_scale, n, k, strides[0], strides[1], group, weight, act,
+                      scale_kind)  # fmt: skip
+
+
+@torch.library.custom_op("ptq::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
+    return _quantize_rows(x, act)
+
+
+@quantize_rows.register_fake
+def _(x, act):
+    dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("ptq::scale_int_product", mutates_args=())
+def scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """W8A8's int32 product [M, N] times the per-token scales [M, 1] and per-channel scales [N], in ``dtype``."""
+    return _scale_int_product(product, x_scale, w_scale, dtype)
+
+
+@scale_int_product.register_fake
+def _(product, x_scale, w_scale, dtype):
+    return product.new_empty(product.shape, dtype=dtype)
+
+
+@torch.library.custom_op("ptq::dequantize_int4", mutates_args=())
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
+                    dtype: torch.dtype, group: int = 0) -> torch.Tensor:  # fmt: skip
+    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
+    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
+    return _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group)
+
+
+@dequantize_int4.register_fake
+def _(qweight, scales, qzeros, g_idx, dtype, group=0):
+    return qweight.new_empty(qweight.shape[0] * 8, qweight.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("ptq::dequantize_fp4", mutates_args=())
+def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, k: int, group: int,
+                   scale_kind: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
+    return _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype)
+
+
+@dequantize_fp4.register_fake
+def _(codes, scale, tensor_scale, k, group, scale_kind, dtype):
+    return codes.new_empty(codes.shape[0], k, dtype=dtype)
