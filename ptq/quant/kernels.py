@@ -1,8 +1,7 @@
 """Triton kernels for the quantized linears (``ptq.quant.linear``) on CUDA.
 
-One matmul kernel for few rows (decode: M up to ``SKINNY_ROWS``), which reads the weight in its stored
-form and dequantizes it tile by tile in registers, so that a decode step reads 4 or 8 bits per weight
-instead of 16:
+Two matmul kernels for few rows (decode: M up to ``SKINNY_ROWS``) read the weight in its stored form and
+dequantize it tile by tile in registers, so that a decode step reads 4 or 8 bits per weight instead of 16:
 
 - ``INT4``: the GPTQ layout (``ptq.quant.pack``: qweight int32 [K/8, N], scales fp16 [G, N], qzeros
   [G, N/8], g_idx), symmetric or not. With contiguous groups a tile lies in one group and the scale and
@@ -22,9 +21,10 @@ CUDA cores, each thread keeping its own partial sums until the end.
 The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
 (``_config``, each replayed from a CUDA graph); CUDA-graph capture uses what was tuned before it.
 
-For many rows (prefill) the fastest path is cuBLAS: ``dequantize_int4``/``dequantize_fp4`` write the
-bf16 weight once per call and ``quantize_rows`` quantizes activations per token in one kernel before
-``torch._int_mm`` / ``torch._scaled_mm``.
+For many rows (prefill) cuBLAS does the product: ``dequantize_int4``/``dequantize_fp4`` write the bf16
+weight once per call (for 2048 tokens about a tenth of the product's time, where tinygemm's int4 kernel is
+far slower: ``ptq.bench.kernels``), and ``quantize_rows`` quantizes activations per token in one kernel before
+``torch._int_mm`` (then ``scale_int_product``) / ``torch._scaled_mm``.
 
 Accumulation is fp32 everywhere. Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on
 the CPU in fp32 (it has no bf16 dot), which is how the CPU tests check them.
@@ -98,11 +98,28 @@ if triton is not None:
             return _round_half_even(y / spacing) * spacing
 
     @triton.jit
+    def _codes_to_float(codes, offset: tl.constexpr):
+        """codes - offset as fp32, for integer codes 0 <= c < 2^23: the code written into the mantissa of
+        2^23, then one subtraction. Hopper converts integers to floats at an eighth of its add rate; a
+        one-token kernel converts every weight, so this is its inner loop's cheapest exact form."""
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+    @triton.jit
     def _fp4_values(codes):
-        """E2M1 nibble (sign << 3 | index of the magnitude in 0, .5, 1, 1.5, 2, 3, 4, 6) -> fp32 value."""
-        m = (codes & 7).to(tl.float32)
-        magnitude = tl.where(m < 4, m * 0.5, tl.where(m < 6, m - 2.0, 2.0 * m - 8.0))
-        return tl.where((codes & 8) != 0, -magnitude, magnitude)
+        """E2M1 nibble (sign << 3 | exponent << 1 | mantissa) -> fp32, by building the fp32's bits: exponent
+        e > 0 is 2^(e-1) (1 + m/2), e = 0 is m/2 (0 or 0.5)."""
+        e = (codes >> 1) & 3
+        m = codes & 1
+        bits = tl.where(e > 0, ((e + 126) << 23) | (m << 22), m * (126 << 23)) | ((codes & 8) << 28)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _w8_values(w):
+        """An 8-bit weight tile as fp32: int8 through ``_codes_to_float`` (shifted to 0..255), FP8 by its cast."""
+        if w.dtype == tl.int8:
+            return _codes_to_float(w.to(tl.int32) + 128, 128.0)
+        else:
+            return w.to(tl.float32)
 
     @triton.jit
     def _write_output(acc, y_ptr, ws_ptr, cnt_ptr, rm, rn, mask_m, mask_n, M, N, stride_ym, tile, pid_k,
@@ -156,7 +173,7 @@ if triton is not None:
                 packed = tl.load(w_ptr + rn[None, :] * stride_w + rb[:, None], mask=wmask, other=0).to(tl.int32)
                 sp = s_ptr + rn[None, :] * stride_s + (ke // group)[:, None]
                 if SCALE_KIND == 0:  # E4M3 over the fp32 global scale (NVFP4)
-                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
                 else:  # E8M0: the biased exponent placed in an fp32's exponent field (MX)
                     scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
                 w_even = (_fp4_values(packed & 15) * scale).to(DOT)
@@ -174,7 +191,7 @@ if triton is not None:
                 wmask = mask_k[:, None] & mask_n[None, :]
                 if WEIGHT == 1:  # 8-bit weights [N, K]: the per-channel scale comes after the loop
                     w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=wmask, other=0.0)
-                    acc += tl.dot(x, w.to(tl.float32).to(DOT), input_precision="ieee")
+                    acc += tl.dot(x, _w8_values(w).to(DOT), input_precision="ieee")
                 else:  # INT4, GPTQ layout: 8 codes per int32 along K; zero points stored minus one
                     rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # each word loaded once, its 8 codes unpacked
                     wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
@@ -186,15 +203,15 @@ if triton is not None:
                         scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
                         zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
                         zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
-                        w = (q - zero).to(tl.float32) * scale.to(tl.float32)
+                        w = _codes_to_float(q + 16 - zero, 16.0) * scale.to(tl.float32)
                         acc += tl.dot(x, w.to(DOT), input_precision="ieee")
                     else:  # the tile lies in one group (BLOCK_K divides the group size)
                         g = k0 // group
                         gmask = mask_n & (k0 < K)
                         scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
                         zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=gmask, other=0)
-                        zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15).to(tl.float32)
-                        dots = tl.dot(x, q.to(DOT), input_precision="ieee")
+                        zero = _codes_to_float((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15, 0.0)
+                        dots = tl.dot(x, _codes_to_float(q, 0.0).to(DOT), input_precision="ieee")
                         row_sums = tl.sum(x.to(tl.float32), axis=1)
                         acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
         if WEIGHT == 1:
@@ -236,18 +253,18 @@ if triton is not None:
                     scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
                     scale = scale.to(tl.float32)
                     zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
-                    zero = ((((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15).to(tl.float32)
+                    zero = _codes_to_float((((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15, 0.0)
                     offset = -zero * scale
                 for j in tl.static_range(8):
                     kj = rw * 8 + j
                     xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                    q = ((words >> (4 * j)) & 15).to(tl.float32)
+                    q = _codes_to_float((words >> (4 * j)) & 15, 0.0)
                     if ACT_ORDER:
                         gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
                         sj = tl.load(s_ptr + gj[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
                         zwj = tl.load(z_ptr + gj[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
                         zj = (((zwj >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
-                        w = (q - zj.to(tl.float32)) * sj.to(tl.float32)
+                        w = (q - _codes_to_float(zj, 0.0)) * sj.to(tl.float32)
                     else:
                         w = q * scale + offset
                     acc += xj[:, None] * w
@@ -258,7 +275,7 @@ if triton is not None:
                     x = _quantize_tile(x, x_scale, ACT)
                 wmask = mask_n[:, None] & (rk < K)[None, :]
                 w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=wmask, other=0.0)
-                acc += w.to(tl.float32) * x
+                acc += _w8_values(w) * x
             else:
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 ke = 2 * rb
@@ -268,7 +285,7 @@ if triton is not None:
                 packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=wmask, other=0).to(tl.int32)
                 sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
                 if SCALE_KIND == 0:
-                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
                 else:
                     scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
                 values = _fp4_values(packed & 15) * x_even[None, :] + _fp4_values(packed >> 4) * x_odd[None, :]
@@ -333,7 +350,7 @@ if triton is not None:
             scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=mask, other=0)
             zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
-        w = (q - zero).to(tl.float32) * scale
+        w = _codes_to_float(q + 16 - zero, 16.0) * scale
         tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -347,7 +364,7 @@ if triton is not None:
         packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=mask, other=0).to(tl.int32)
         sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
         if SCALE_KIND == 0:
-            scale = tl.load(sp, mask=mask, other=0.0).to(tl.float32) / tl.load(ts_ptr)
+            scale = tl.load(sp, mask=mask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
         else:
             scale = (tl.load(sp, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
         base = out_ptr + rn[:, None] * K
