@@ -23,7 +23,9 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 TOLERANCE = 1e-2 if ON_GPU else 1e-5  # relative error of the output: bf16 rounding on the GPU, fp32 order here
 ROWS = [1, 7, 16, 33, 65] if INTERPRETED else [1, 7, 16, 33, 64, 2048]
 
-needs_kernels = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="runs on CUDA, or under TRITON_INTERPRET=1")
+needs_kernels = pytest.mark.skipif(
+    not (ON_GPU or INTERPRETED), reason="without CUDA: run by test_kernels_in_triton_interpreter in a child process"
+)
 
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the interpreter's run of this file (CPU machines only)")

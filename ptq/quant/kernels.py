@@ -122,6 +122,22 @@ if triton is not None:
             return w.to(tl.float32)
 
     @triton.jit
+    def _gptq_zeros(z_ptr, groups, rn, stride_s, mask):
+        """4-bit zero points of ``groups`` x columns ``rn`` (broadcast) from qzeros [G, N/8], where the
+        GPTQ layout stores them minus one; int32."""
+        words = tl.load(z_ptr + groups * (stride_s // 8) + rn // 8, mask=mask, other=0)
+        return (((words >> ((rn % 8) * 4)) & 15) + 1) & 15
+
+    @triton.jit
+    def _fp4_scales(s_ptr, ts_ptr, offsets, mask, SCALE_KIND: tl.constexpr):
+        """Block scales as fp32: E4M3 over the fp32 global scale (NVFP4), or E8M0's biased exponent placed
+        in an fp32's exponent field (MX)."""
+        if SCALE_KIND == 0:
+            return tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
+        else:
+            return (tl.load(s_ptr + offsets, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _write_output(acc, y_ptr, ws_ptr, cnt_ptr, rm, rn, mask_m, mask_n, M, N, stride_ym, tile, pid_k,
                       SPLIT_K: tl.constexpr):  # fmt: skip
         """Store a [BLOCK_M, BLOCK_N] result. With SPLIT_K > 1 each program stores its fp32 partial sums
@@ -171,11 +187,7 @@ if triton is not None:
                 x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + ko[None, :], mask=xm & (ko < K)[None, :], other=0.0)
                 wmask = (ke < K)[:, None] & mask_n[None, :]
                 packed = tl.load(w_ptr + rn[None, :] * stride_w + rb[:, None], mask=wmask, other=0).to(tl.int32)
-                sp = s_ptr + rn[None, :] * stride_s + (ke // group)[:, None]
-                if SCALE_KIND == 0:  # E4M3 over the fp32 global scale (NVFP4)
-                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
-                else:  # E8M0: the biased exponent placed in an fp32's exponent field (MX)
-                    scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + (ke // group)[:, None], wmask, SCALE_KIND)
                 w_even = (_fp4_values(packed & 15) * scale).to(DOT)
                 w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
                 acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
@@ -201,16 +213,14 @@ if triton is not None:
                     if ACT_ORDER:
                         g = tl.load(g_ptr + rk, mask=mask_k, other=0)
                         scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
-                        zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
-                        zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+                        zero = _gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, wmask)
                         w = _codes_to_float(q + 16 - zero, 16.0) * scale.to(tl.float32)
                         acc += tl.dot(x, w.to(DOT), input_precision="ieee")
                     else:  # the tile lies in one group (BLOCK_K divides the group size)
                         g = k0 // group
                         gmask = mask_n & (k0 < K)
                         scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
-                        zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=gmask, other=0)
-                        zero = _codes_to_float((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15, 0.0)
+                        zero = _codes_to_float(_gptq_zeros(z_ptr, g, rn, stride_s, gmask), 0.0)
                         dots = tl.dot(x, _codes_to_float(q, 0.0).to(DOT), input_precision="ieee")
                         row_sums = tl.sum(x.to(tl.float32), axis=1)
                         acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
@@ -252,8 +262,7 @@ if triton is not None:
                     g = rw * 8 // group
                     scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
                     scale = scale.to(tl.float32)
-                    zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
-                    zero = _codes_to_float((((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15, 0.0)
+                    zero = _codes_to_float(_gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, wmask), 0.0)
                     offset = -zero * scale
                 for j in tl.static_range(8):
                     kj = rw * 8 + j
@@ -262,8 +271,7 @@ if triton is not None:
                     if ACT_ORDER:
                         gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
                         sj = tl.load(s_ptr + gj[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
-                        zwj = tl.load(z_ptr + gj[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=wmask, other=0)
-                        zj = (((zwj >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+                        zj = _gptq_zeros(z_ptr, gj[:, None], rn[None, :], stride_s, wmask)
                         w = (q - _codes_to_float(zj, 0.0)) * sj.to(tl.float32)
                     else:
                         w = q * scale + offset
@@ -283,11 +291,7 @@ if triton is not None:
                 x_odd = tl.load(x_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
                 wmask = mask_n[:, None] & (ke < K)[None, :]
                 packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=wmask, other=0).to(tl.int32)
-                sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
-                if SCALE_KIND == 0:
-                    scale = tl.load(sp, mask=wmask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
-                else:
-                    scale = (tl.load(sp, mask=wmask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+                scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (ke // group)[None, :], wmask, SCALE_KIND)
                 values = _fp4_values(packed & 15) * x_even[None, :] + _fp4_values(packed >> 4) * x_odd[None, :]
                 acc += values * scale
         if WEIGHT == 0:
@@ -343,13 +347,11 @@ if triton is not None:
         if PLAIN:
             g = tl.program_id(0) * BLOCK_K // group
             scale = tl.load(s_ptr + g * stride_s + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            zw = tl.load(z_ptr + g * (stride_s // 8) + rn // 8, mask=rn < N, other=0)
-            zero = ((((zw >> ((rn % 8) * 4)) & 15) + 1) & 15)[None, :]
+            zero = _gptq_zeros(z_ptr, g, rn, stride_s, rn < N)[None, :]
         else:
             g = tl.load(g_ptr + rk, mask=rk < K, other=0)
             scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            zw = tl.load(z_ptr + g[:, None] * (stride_s // 8) + (rn // 8)[None, :], mask=mask, other=0)
-            zero = (((zw >> ((rn % 8) * 4)[None, :]) & 15) + 1) & 15
+            zero = _gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, mask)
         w = _codes_to_float(q + 16 - zero, 16.0) * scale
         tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -362,11 +364,7 @@ if triton is not None:
         ke = 2 * rb
         mask = (rn < N)[:, None] & (ke < K)[None, :]
         packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=mask, other=0).to(tl.int32)
-        sp = s_ptr + rn[:, None] * stride_s + (ke // group)[None, :]
-        if SCALE_KIND == 0:
-            scale = tl.load(sp, mask=mask, other=0.0).to(tl.float32) * (1.0 / tl.load(ts_ptr))
-        else:
-            scale = (tl.load(sp, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (ke // group)[None, :], mask, SCALE_KIND)
         base = out_ptr + rn[:, None] * K
         tl.store(base + ke[None, :], (_fp4_values(packed & 15) * scale).to(out_ptr.dtype.element_ty), mask=mask)
         odd_mask = (rn < N)[:, None] & (ke + 1 < K)[None, :]
