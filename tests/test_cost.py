@@ -77,3 +77,14 @@ def test_missing_gpu_memory_is_a_clear_error():
     del record["gpu_memory_bytes"]
     with pytest.raises(SystemExit, match="--gpu-memory-gib"):
         cost.cost_rows(record, 3.5, 2048)
+
+
+def test_the_prefills_own_memory_counts_not_what_was_allocated_before_it():
+    """Records that measured the prefill's own activation bytes use them; leftovers of an earlier format in
+    the same process (counted in the peak) do not shrink the KV cache."""
+    record = infer_record()
+    clean = {r["format"]: r["sequences"] for r in cost.cost_rows(record, 3.5, 2048)}
+    for r in record["formats"]:
+        r["prefill_activation_bytes"] = r["prefill_peak_gpu_bytes"] - r["weight_bytes"]
+        r["prefill_peak_gpu_bytes"] += 10 * 10**9  # ten GB left by an earlier format
+    assert {r["format"]: r["sequences"] for r in cost.cost_rows(record, 3.5, 2048)} == clean

@@ -7,7 +7,8 @@ the weights, the measured decode tokens/s at each batch, and the cost per millio
     KV bytes    = 2 (K and V) * layers * KV heads * head dim * 2 (bf16) per token
     cost / 1M   = price per hour / 3600 / (tokens/s) * 1e6
 
-``activations`` is what the prefill of the benchmark needed beyond the weights (its peak minus the weights);
+``activations`` is what the prefill of the benchmark needed beyond what was allocated before it (older
+records: its peak minus the weights);
 ``utilization`` is the share of GPU memory a serving engine may take (vLLM's default, 0.9).
 
     python -m ptq.bench.cost results/bench/infer_....json --price-per-gpu-hour 3.50 [--quality DIR ...] [--out DIR]
@@ -68,8 +69,11 @@ def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int 
     bf16 = next((r for r in record["formats"] if r["format"] == "bf16"), None)
     rows = []
     for r in record["formats"]:
-        peak = r.get("prefill_peak_gpu_bytes", r["peak_gpu_bytes"])  # older records: the peak of the whole run
-        activations = max(0, peak - r["weight_bytes"])
+        if "prefill_activation_bytes" in r:
+            activations = r["prefill_activation_bytes"]
+        else:  # older records: the peak (of the prefill, or of the whole run) less the weights
+            peak = r.get("prefill_peak_gpu_bytes", r["peak_gpu_bytes"])
+            activations = max(0, peak - r["weight_bytes"])
         rates = decode_rates(r)
         rows.append({
             "format": r["format"],

@@ -29,6 +29,7 @@ static KV cache (the kernels' own speed, as serving engines run them).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -146,13 +147,15 @@ def measure(
     g = torch.Generator(device="cpu").manual_seed(0)
     result = {}
     ids = torch.randint(0, vocab, (1, prefill_len), generator=g).to(device)
+    before = torch.cuda.memory_allocated()  # the model (and anything an earlier format left behind)
     torch.cuda.reset_peak_memory_stats()
     times = _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat)
     result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
     result["prefill_s"] = times
     result["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    result["prefill_activation_bytes"] = result["prefill_peak_gpu_bytes"] - before  # what the prefill itself needed
     if max_batch is not None:  # the most sequences whose KV cache fits, given what the prefill needed
-        activations = result["prefill_peak_gpu_bytes"] - weight_bytes
+        activations = result["prefill_activation_bytes"]
         result["max_batch"] = max(
             1,
             concurrent_sequences(
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in record.items() if not isinstance(v, list)}), flush=True)  # not each run
         records.append(record)
         del model
+        gc.collect()  # CUDA graphs and static caches in reference cycles: freed now, not during the next format
         torch.cuda.empty_cache()
         if args.out:  # after every format, so that a run cut short keeps what it measured
             with open(args.out, "w") as f:
