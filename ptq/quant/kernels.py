@@ -51,14 +51,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENABLED = os.environ.get("PTQ_KERNELS", "1") != "0"  # PTQ_KERNELS=0: the layers dequantize and call F.linear
 
 
-def available(x: torch.Tensor) -> bool:
+def available(x: torch.Tensor, fp8: bool = False) -> bool:
     """Whether the kernels can take this input: Triton installed, CUDA (or the interpreter, for tests),
-    and bf16/fp16 activations (fp32 ones take the exact dequantize path)."""
+    and bf16/fp16 activations (fp32 ones take the exact dequantize path). ``fp8``: the weights (or their
+    scales) are E4M3, which Triton converts on compute capability 8.9 and later only."""
     if triton is None or not ENABLED:
         return False
     if INTERPRET:
         return True
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not fp8 or torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 if triton is not None:

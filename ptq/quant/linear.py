@@ -204,13 +204,13 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if kernels.available(x) and flat.shape[0] <= kernels.SKINNY_ROWS:
+        if kernels.available(x, fp8=True) and flat.shape[0] <= kernels.SKINNY_ROWS:
             y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
                                       (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
             y = y.reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
-        if kernels.available(x) and not kernels.INTERPRET and scaled_mm:
+        if kernels.available(x, fp8=True) and not kernels.INTERPRET and scaled_mm:
             qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
         else:
             x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
@@ -267,7 +267,7 @@ class CompactLinear(nn.Module):
         return self.spec.format in ("nvfp4", "mxfp4") and self.g_idx is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_fp4_kernel() and kernels.available(x):
+        if self.uses_fp4_kernel() and kernels.available(x, fp8=self.spec.fmt.has_tensor_scale):  # NVFP4: E4M3 scales
             flat = x.reshape(-1, self.in_features)
             group = self.spec.group_size_for(self.in_features)
             kind = kernels.SCALE_E4M3 if self.spec.fmt.has_tensor_scale else kernels.SCALE_E8M0
