@@ -411,7 +411,8 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 counters for split-K's last-arrival reduction, kept per device: each launch's last
-    programs set theirs back to zero. Grown outside CUDA-graph capture (a captured run has run before)."""
+    programs set theirs back to zero, so launches on one stream share them (launches on concurrent streams
+    would not be safe). Grown outside CUDA-graph capture (a captured run has run before)."""
     counters = _counters.get(device)
     if counters is None or counters.numel() < tiles:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -464,6 +465,8 @@ def _config(key: tuple, candidates: list, run) -> tuple:
 def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
                    tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
     """``skinny_matmul``'s work: the tile for this shape (tuned once), then the one-token or few-token kernel."""
+    if x.stride(-1) != 1:  # the kernels read rows as contiguous runs
+        x = x.contiguous()
     gemv = x.shape[0] == 1 and x.is_contiguous()
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
     if weight == INT4 and g_idx is None and not gemv:  # the dot path's tiles must lie in one group
@@ -481,6 +484,8 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
 
 
 def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     m, k = x.shape
     dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
     q = torch.empty(m, k, dtype=dtype, device=x.device)
