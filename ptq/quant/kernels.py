@@ -428,7 +428,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 1 if gemv else _block_m(m)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
-    workspace = torch.empty(split_k if split_k > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     counters = _tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
     pointers = (x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
@@ -541,6 +541,8 @@ def _(x, w, scale, zero, g_idx, tensor_scale, n, k, stride_w, stride_s, group, w
 def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
                   tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
     """y [M, N] = x [M, K] times the stored weight (see the module docstring for each kind's tensors)."""
+    if not torch.compiler.is_compiling():  # eager: skip the operator's dispatch (decode calls this per linear)
+        return _skinny_matmul(x, w, scale, n, k, strides, group, weight, act, zero, g_idx, tensor_scale, scale_kind)
     return _matmul_op(x, w, scale, zero, g_idx, tensor_scale, n, k, strides[0], strides[1], group, weight, act,
                       scale_kind)  # fmt: skip
 
