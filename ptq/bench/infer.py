@@ -47,7 +47,15 @@ from ptq.quant.weight import QuantizedWeight
 from ptq.results import environment
 
 FORMATS = ("bf16", "w8a8", "fp8", "w4a16", "w4a16-sym", "w4a16-actorder", "w4a16-tinygemm", "nvfp4", "mxfp4")
-LAYER_FORMATS = FORMATS
+
+
+def parse_formats(text: str) -> list[str]:
+    """``--formats``: names from ``FORMATS``, comma-separated; an unknown one stops before any work."""
+    formats = text.split(",")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return formats
 
 
 def act_order_rtn(weight: torch.Tensor, spec: WeightSpec, seed: int = 0) -> QuantizedWeight:
@@ -81,7 +89,7 @@ def make_layer(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
         if fmt == "w4a16-tinygemm":
             layer.use_int4_kernel()
         return layer
-    raise SystemExit(f"--formats: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
 @torch.no_grad()
@@ -281,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    unknown = [f for f in args.formats.split(",") if f not in FORMATS]
-    if unknown:
-        raise SystemExit(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    formats = parse_formats(args.formats)
     if not torch.cuda.is_available():
         raise SystemExit("ptq.bench.infer measures CUDA kernels: run it on a machine with a GPU")
     device = torch.device("cuda")
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
                "env": environment(device), "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
     records = []
-    for fmt in args.formats.split(","):
+    for fmt in formats:
         torch.manual_seed(0)
         model = build_model(args.shape, args.layers, torch.bfloat16, device)
         model.config.use_cache = True

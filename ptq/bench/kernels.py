@@ -20,13 +20,13 @@ import statistics
 
 import torch
 
-from ptq.bench.infer import LAYER_FORMATS, copy_bandwidth, make_layer
+from ptq.bench.infer import FORMATS, copy_bandwidth, make_layer, parse_formats
 from ptq.bench.quant import SHAPES, command_line
 from ptq.checkpoint import module_bytes
 from ptq.results import environment
 
 
-def block_linears(shape: str) -> dict[str, tuple[int, int]]:
+def block_linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of one block's linears."""
     s = SHAPES[shape]
     hidden, inter = s["hidden_size"], s["intermediate_size"]
@@ -67,19 +67,20 @@ def graphed_seconds(calls: list, repeat: int = 5) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
-    p.add_argument("--formats", default=",".join(LAYER_FORMATS))
+    p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--rows", default="1,16,64,2048")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    formats = parse_formats(args.formats)
     if not torch.cuda.is_available():
         raise SystemExit("ptq.bench.kernels measures CUDA kernels: run it on a machine with a GPU")
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     rows = [int(r) for r in args.rows.split(",")]
-    linears = block_linears(args.shape)
+    linears = block_linear_shapes(args.shape)
     record = {"shape": args.shape, "rows": rows, "copy_bytes_per_s": bandwidth, "env": environment(device),
               "command": command_line("python -m ptq.bench.kernels", argv), "formats": []}  # fmt: skip
-    for fmt in args.formats.split(","):
+    for fmt in formats:
         entry = {"format": fmt, "linears": {}}
         for name, (out_features, in_features) in linears.items():
             torch.manual_seed(0)

@@ -132,6 +132,14 @@ if triton is not None:
         return (((words >> ((rn % 8) * 4)) & 15) + 1) & 15
 
     @triton.jit
+    def _int4_weights(codes, s_ptr, z_ptr, groups, rn, stride_s, mask):
+        """Dequantized 4-bit weights (code - zero) * scale, fp32, with each element's group's fp16 scale and
+        zero point gathered from ``groups`` x columns ``rn`` (broadcast against ``codes``)."""
+        scale = tl.load(s_ptr + groups * stride_s + rn, mask=mask, other=0.0).to(tl.float32)
+        zero = _gptq_zeros(z_ptr, groups, rn, stride_s, mask)
+        return _codes_to_float(codes + 16 - zero, 16.0) * scale
+
+    @triton.jit
     def _fp4_scales(s_ptr, ts_ptr, offsets, mask, SCALE_KIND: tl.constexpr):
         """Block scales as fp32: E4M3 over the fp32 global scale (NVFP4), or E8M0's biased exponent placed
         in an fp32's exponent field (MX)."""
@@ -215,9 +223,7 @@ if triton is not None:
                     q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])
                     if ACT_ORDER:
                         g = tl.load(g_ptr + rk, mask=mask_k, other=0)
-                        scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
-                        zero = _gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, wmask)
-                        w = _codes_to_float(q + 16 - zero, 16.0) * scale.to(tl.float32)
+                        w = _int4_weights(q, s_ptr, z_ptr, g[:, None], rn[None, :], stride_s, wmask)
                         acc += tl.dot(x, w.to(DOT), input_precision="ieee")
                     else:  # the tile lies in one group (BLOCK_K divides the group size)
                         g = k0 // group
@@ -270,14 +276,12 @@ if triton is not None:
                 for j in tl.static_range(8):
                     kj = rw * 8 + j
                     xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                    q = _codes_to_float((words >> (4 * j)) & 15, 0.0)
+                    codes = (words >> (4 * j)) & 15
                     if ACT_ORDER:
                         gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
-                        sj = tl.load(s_ptr + gj[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
-                        zj = _gptq_zeros(z_ptr, gj[:, None], rn[None, :], stride_s, wmask)
-                        w = (q - _codes_to_float(zj, 0.0)) * sj.to(tl.float32)
+                        w = _int4_weights(codes, s_ptr, z_ptr, gj[:, None], rn[None, :], stride_s, wmask)
                     else:
-                        w = q * scale + offset
+                        w = _codes_to_float(codes, 0.0) * scale + offset
                     acc += xj[:, None] * w
             elif WEIGHT == 1:
                 rk = k0 + tl.arange(0, BLOCK_K)
@@ -349,13 +353,10 @@ if triton is not None:
         q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])
         if PLAIN:
             g = tl.program_id(0) * BLOCK_K // group
-            scale = tl.load(s_ptr + g * stride_s + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            zero = _gptq_zeros(z_ptr, g, rn, stride_s, rn < N)[None, :]
+            w = _int4_weights(q, s_ptr, z_ptr, g, rn[None, :], stride_s, (rn < N)[None, :])
         else:
             g = tl.load(g_ptr + rk, mask=rk < K, other=0)
-            scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            zero = _gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, mask)
-        w = _codes_to_float(q + 16 - zero, 16.0) * scale
+            w = _int4_weights(q, s_ptr, z_ptr, g[:, None], rn[None, :], stride_s, mask)
         tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

@@ -156,12 +156,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        rows = flat.shape[0]
-        if kernels.available(x) and rows <= kernels.SKINNY_ROWS:
+        rows, fast = flat.shape[0], kernels.available(x)
+        if fast and rows <= kernels.SKINNY_ROWS:
             y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
                                       (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
         else:
-            if kernels.available(x):
+            if fast:
                 qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
             else:
                 x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
@@ -169,7 +169,7 @@ class Int8Linear(nn.Module):
             if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
                 qx = F.pad(qx, (0, 0, 0, 17 - rows))
             product = torch._int_mm(qx, self.weight.t())[:rows]
-            if kernels.available(x):
+            if fast:
                 y = kernels.scale_int_product(product, x_scale, self.weight_scale, x.dtype)
             else:
                 y = (product.float() * x_scale * self.weight_scale).to(x.dtype)
@@ -204,13 +204,14 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if kernels.available(x, fp8=True) and flat.shape[0] <= kernels.SKINNY_ROWS:
+        fast = kernels.available(x, fp8=True)
+        if fast and flat.shape[0] <= kernels.SKINNY_ROWS:
             y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
                                       (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
             y = y.reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
-        if kernels.available(x, fp8=True) and not kernels.INTERPRET and scaled_mm:
+        if fast and not kernels.INTERPRET and scaled_mm:
             qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
         else:
             x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
