@@ -233,3 +233,29 @@ def test_batched_factorizations_give_the_one_by_one_result(act_order, static_gro
         q2, loss2, info2 = gptq_quantize(w, torch.empty(0), spec, 128, 0.01, act_order, static_groups, factor=factor)
         assert torch.equal(q1.qweight, q2.qweight) and torch.equal(q1.g_idx, q2.g_idx)
         assert torch.allclose(loss1, loss2) and info1 == info2
+
+
+@pytest.mark.parametrize("n,leaf", [(1, 4), (7, 4), (100, 8), (129, 1024)])
+def test_triangular_inverse_by_halves_inverts(n, leaf):
+    from ptq.methods.gptq import invert_lower_triangular
+
+    g = torch.Generator().manual_seed(n)
+    L = torch.tril(torch.randn(3, n, n, generator=g, dtype=torch.float64)) / n**0.5
+    L.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(3, n, generator=g, dtype=torch.float64) + 0.5)
+    inverse = invert_lower_triangular(L, leaf=leaf)
+    assert torch.equal(inverse, torch.tril(inverse))  # exactly lower-triangular
+    torch.testing.assert_close(inverse @ L, torch.eye(n, dtype=torch.float64).expand(3, n, n), rtol=0, atol=1e-10)
+
+
+def test_inverse_factor_equals_the_cholesky_factor_of_the_inverse():
+    """GPTQ's U (upper, U^T U = (H + damp I)^-1) from one factorization of the reversed H equals the
+    factor of the explicit inverse, which is how the reference computes it."""
+    from ptq.methods.gptq import inverse_hessian_cholesky
+
+    X = correlated_inputs(600, 300, seed=7).double()
+    H = 2 / X.shape[0] * X.T @ X
+    damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(300, dtype=H.dtype)
+    want = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    U, info = inverse_hessian_cholesky(H.clone(), 0.01)
+    assert info == {"percdamp": 0.01, "retries": 0}
+    torch.testing.assert_close(U, want, rtol=1e-9, atol=1e-12)

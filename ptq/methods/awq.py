@@ -41,6 +41,7 @@ from ptq.methods.stats import (
     add_gram,
     all_sum,
     all_sum_int,
+    complete_gram,
     gather_rows,
     half_precision_products,
     quadratic_form_sum,
@@ -257,6 +258,7 @@ class AWQ(Method):
         gram = torch.zeros(channels, channels, device=original.device)
         for x in inputs:
             add_gram(gram, x.reshape(-1, channels))
+        complete_gram(gram)
         all_sum(gram)  # ``tokens`` is already the count over ranks
         gram_parts = split_bf16(gram) if half_precision_products(inputs[0] if inputs else original) else None
 

@@ -32,6 +32,7 @@ from ptq.methods.stats import (
     all_gather_shares,
     broadcast_object,
     broadcast_tensors,
+    complete_gram,
     reduce_named,
     row_share,
     world,
@@ -46,30 +47,67 @@ LOOPS = ("auto", "torch")  # the column loop: the Triton kernel where it applies
 FACTOR_BATCH_BYTES = 2**31  # the largest stack of Hessians factored at once (a MoE stage's experts)
 
 
+TRIANGULAR_LEAF = 1024  # below this size a triangular inverse is one solve against the identity
+
+
+def invert_lower_triangular(L: torch.Tensor, leaf: int = TRIANGULAR_LEAF) -> torch.Tensor:
+    """L^-1 of lower-triangular matrices [..., n, n], by halves (LAPACK's trtri, blocked):
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. That is 2n^3/3 multiply-adds in matrix
+    products, where a triangular solve against the identity (cuBLAS trsm) does n^3 of them."""
+    out = torch.zeros_like(L)
+    _invert_lower_into(L, out, leaf)
+    return out
+
+
+def _invert_lower_into(L: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
+    n = L.shape[-1]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device).expand_as(L)
+        out.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return
+    h = n // 2 if n < 128 else n // 128 * 64  # halves on a multiple of 64: whole tiles for the products
+    _invert_lower_into(L[..., :h, :h], out[..., :h, :h], leaf)
+    _invert_lower_into(L[..., h:, h:], out[..., h:, h:], leaf)
+    out[..., h:, :h] = (out[..., h:, h:] @ L[..., h:, :h]) @ out[..., :h, :h]
+    out[..., h:, :h].neg_()
+
+
+def upper_cholesky_of_inverse(flipped: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """U upper-triangular with U^T U = H^-1, given J H J ([..., n, n]; J reverses the order), from one
+    Cholesky factorization and no explicit inverse of H: J H J = M M^T with M lower gives
+    H^-1 = (J M^-T J)(J M^-1 J), and U = J M^-1 J is upper-triangular with a positive diagonal, so it is
+    the Cholesky factor GPTQ uses (Algorithm 1's Cholesky(H^-1)^T). Half the work of factoring H,
+    inverting it from that factor and factoring the inverse. Returns (U, info); U is None when some
+    J H J is not (numerically) positive definite or U is not finite (info then says which: nonzero)."""
+    M, info = torch.linalg.cholesky_ex(flipped)
+    if info.any():
+        return None, info
+    inverse = invert_lower_triangular(M)
+    del M
+    finite = torch.isfinite(inverse.sum(dim=(-2, -1)))  # (isfinite(U) would take 1.4 GB of temporaries at 8B)
+    if not finite.all():
+        return None, (~finite).int()
+    return inverse.flip((-2, -1)), info
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
-    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H). Damps ``H`` in place.
+    """Upper Cholesky factor of (H + damp*I)^-1, damp = percdamp * mean(diag H). Consumes H (its memory
+    is released).
 
     If H + damp*I is not positive definite (numerically), the damping is multiplied by 10 and the
     factorization retried; the damping actually used is returned so that it can be recorded.
-    Overwrites H; at most one more [n, n] matrix is alive at a time (Llama-3-8B's down_proj: 822 MB).
+    At most three [n, n] matrices are alive at a time (Llama-3-8B's down_proj: 822 MB each).
     """
     mean_diag = torch.mean(torch.diagonal(H))
+    flipped = H.flip((0, 1))  # J H J: see upper_cholesky_of_inverse
+    H.untyped_storage().resize_(0)
     damp_fraction, added = percdamp, 0.0
     for attempt in range(max_tries):
-        H.diagonal().add_(damp_fraction * mean_diag - added)
+        flipped.diagonal().add_(damp_fraction * mean_diag - added)
         added = damp_fraction * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            H.copy_(L)  # H's memory is reused for each intermediate: L, then H^-1
-            del L
-            Hinv = torch.cholesky_inverse(H)
-            H.copy_(Hinv)
-            del Hinv
-            U, info = torch.linalg.cholesky_ex(H, upper=True)
-            if info == 0 and torch.isfinite(U.sum()):  # (isfinite(U) would take 1.4 GB of temporaries at 8B)
-                return U, {"percdamp": damp_fraction, "retries": attempt}
-            del U
-            H.copy_(torch.linalg.inv(H))  # back to the damped H, to retry with more damping (rare)
+        U, _ = upper_cholesky_of_inverse(flipped)
+        if U is not None:
+            return U, {"percdamp": damp_fraction, "retries": attempt}
         log.warning(
             "Hessian not positive definite with percdamp=%g; retrying with %g", damp_fraction, damp_fraction * 10
         )
@@ -106,13 +144,11 @@ def factor_hessians(hessians: list[torch.Tensor], percdamp: float, act_order: bo
         H = torch.gather(H, 2, perm[:, None, :].expand(-1, n, -1))
         diag = H.diagonal(dim1=-2, dim2=-1)
     diag.add_(percdamp * diag.mean(dim=-1, keepdim=True))
-    L, info = torch.linalg.cholesky_ex(H)
-    del H
-    if info.any():
-        return None
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    del L
-    if info.any() or not torch.isfinite(U.sum()):
+    flipped = H.flip((-2, -1))
+    del H, diag
+    U, _ = upper_cholesky_of_inverse(flipped)
+    del flipped
+    if U is None:
         return None
     for h in hessians:  # consumed: their memory goes now, not when the last expert is solved
         h.untyped_storage().resize_(0)
@@ -339,6 +375,7 @@ class GPTQ(Method):
             tokens[name] += x.shape[0]
 
         ctx.forward_with_input_hooks(readers, accumulate)
+        sums = {name: complete_gram(total) for name, total in sums.items()}
         # Data-parallel ranks: each saw its share of the windows; every rank gets the sums over all of them.
         width = {name: get_weight(linear).shape[1] for name, linear in readers.items()}
         sums = reduce_named(sums, readers, "sum", lambda name: torch.zeros(width[name], width[name], device=ctx.device))

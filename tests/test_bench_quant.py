@@ -1,0 +1,37 @@
+import json
+
+import pytest
+import torch
+
+from ptq.bench.quant import RandomCheckpoint, main, shape_config
+from ptq.lazy import meta_model
+
+
+def test_random_checkpoint_draws_the_same_tensor_for_the_same_name_and_seed():
+    model = meta_model(shape_config("smollm2-135m", 1), torch.bfloat16)
+    a, b = RandomCheckpoint(model, 0, torch.device("cpu")), RandomCheckpoint(model, 1, torch.device("cpu"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    first = a.read(name)
+    assert first.shape == (576, 1536) and first.dtype == torch.bfloat16 and first.device.type == "cpu"
+    assert torch.equal(first, a.read(name))
+    assert not torch.equal(first, b.read(name))  # another seed
+    assert not torch.equal(first[:, :576], a.read("model.layers.0.self_attn.q_proj.weight"))  # another name
+    assert abs(first.float().std().item() - model.config.initializer_range) < 1e-3
+    assert torch.equal(a.read("model.layers.0.input_layernorm.weight"), torch.ones(576, dtype=torch.bfloat16))
+    assert a.bytes_read == (2 * first.numel() + 576 * 576 + 576) * 2  # down twice, q, the norm
+
+
+def test_random_lazy_benchmark_reads_every_block_through_the_lazy_path(tmp_path, capsys):
+    out = tmp_path / "record.json"
+    main(["--shape", "smollm2-135m", "--layers", "2", "--method", "gptq", "--nsamples", "4", "--seqlen", "32",
+          "--batch-size", "2", "--repeat", "1", "--random-lazy", "--offload", "--out", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["random_lazy"] and record["offload"] and record["median_seconds"] > 0
+    model = meta_model(shape_config("smollm2-135m", 2), torch.bfloat16)
+    every_parameter = sum(p.numel() * 2 for p in model.parameters())  # tied head: the embedding once
+    assert record["runs"][0]["checkpoint_bytes_read"] == every_parameter
+
+
+def test_random_lazy_needs_offload():
+    with pytest.raises(SystemExit):
+        main(["--shape", "smollm2-135m", "--layers", "1", "--random-lazy"])
