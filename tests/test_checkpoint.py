@@ -256,3 +256,33 @@ def test_smollm2_compressed_tensors_folders_score_the_same_three_ways(tmp_path):
         assert abs(ppl["ptq_reload"] / ppl["fake_quant"] - 1) < 2e-3, ppl  # fp16 scales in QuantLinear
         assert abs(ppl["transformers"] / ppl["fake_quant"] - 1) < 1e-2, ppl
         assert record["loaded_layers"][layers] == 30 * 7 and record["saved"]["vllm_scheme"].startswith("Compressed")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8", "nvfp4"])
+def test_casting_a_model_keeps_its_quantized_layers_stored_numbers(fmt):
+    """model.to(bfloat16) (what users do after loading) casts the bias, never codes or scales: a cast would
+    round fp32/fp16 scales to bf16 and turn FP8 codes into bf16."""
+    from ptq.quant import WeightSpec
+    from ptq.quant.linear import CompactLinear, Fp8Linear
+
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(32)
+    layers = {
+        "int4": lambda: QuantLinear.from_quantized(
+            quantize_weight(weight, WeightSpec("int", 4, 16, False)), bias, torch.float32
+        ),
+        "int8": lambda: Int8Linear.from_weight(weight, bias),
+        "fp8": lambda: Fp8Linear.from_weight(weight, bias),
+        "nvfp4": lambda: CompactLinear(quantize_weight(weight, WeightSpec.build("nvfp4")), bias, torch.float32),
+    }
+    layer = layers[fmt]()
+    before = {name: t.clone() for name, t in layer.named_buffers() if name != "bias"}
+    x = torch.randn(3, 64)
+    want = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    for name, t in layer.named_buffers():
+        if name != "bias":
+            assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    got = layer(x.bfloat16()).float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2

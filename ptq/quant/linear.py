@@ -41,7 +41,22 @@ from ptq.quant.spec import ACT_SCALE_MIN, PER_CHANNEL, ActSpec, WeightSpec
 from ptq.quant.weight import QuantizedWeight, default_g_idx, quantize_weight, split_fields
 
 
-class QuantLinear(nn.Module):
+class StoredLayer(nn.Module):
+    """A layer whose buffers (bias aside) are stored numbers: codes and scales in the precision their
+    format defines. ``model.to(dtype)``, ``.half()``, ``.bfloat16()`` move them between devices but keep
+    their dtypes (a cast would round fp32 or fp16 scales to bf16 and turn FP8 codes into bf16); the bias
+    follows the model's dtype."""
+
+    def _apply(self, fn, recurse=True):
+        stored = {name: t for name, t in self._buffers.items() if t is not None and name != "bias"}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            if self._buffers[name].dtype != before.dtype:  # the old tensor is intact: move it instead
+                self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
+
+class QuantLinear(StoredLayer):
     PACKED = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ layout's buffers (ptq.quant.pack)
 
     def __init__(self, in_features: int, out_features: int, spec: WeightSpec, bias: bool, dtype=torch.float16):
@@ -130,7 +145,7 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
     True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
     output channel), activations quantized per token (max|x| / 127) at each call."""
@@ -177,7 +192,7 @@ class Int8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: FP8 W8A8 on FP8 tensor cores (Hopper and later; the CPU too) through
     ``torch._scaled_mm`` with row-wise scales: E4M3 weights with one scale per output channel
     (``WeightSpec("fp8_e4m3", 8, -1, True)``, what evaluation rounds to) and activations quantized per
@@ -225,7 +240,7 @@ class Fp8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class CompactLinear(nn.Module):
+class CompactLinear(StoredLayer):
     """A quantized weight in its stored form: codes (4-bit ones two per byte), block scales as the
     format stores them (``ptq.quant.pack.stored_scale``: E4M3 for NVFP4 with its fp32 global scale,
     E8M0 for MX, fp32 otherwise), zero points of asymmetric integers, and g_idx when act-order permuted
@@ -290,7 +305,7 @@ class CompactLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, kernel={kernel}"
 
 
-class LayoutLinear(nn.Module):
+class LayoutLinear(StoredLayer):
     """A weight in a method's own layout (SpQR's outliers and quantized statistics, AQLM's codes and codebooks):
     its tensors kept as buffers, the weight rebuilt (``dequantize``) per call."""
 
