@@ -112,18 +112,19 @@ def available_host_bytes() -> int | None:
 
 def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -> None:
     """Refuse, before sampling anything, calibration whose activations cannot fit: the pipeline keeps a
-    block's inputs and its outputs for every window (host memory when offloading or on the CPU)."""
+    block's inputs for every window, each output written over its input (host memory when offloading or on
+    the CPU), plus a chunk of outputs in flight."""
     if not plan.uses_calibration:
         return
     config = plan.config.get_text_config() if hasattr(plan.config, "get_text_config") else plan.config
     element = torch.finfo(pick_dtype(cfg.model.dtype, device, plan.config)).bits // 8
-    need = 2 * cfg.calib.nsamples * cfg.calib.seqlen * config.hidden_size * element
+    need = (cfg.calib.nsamples + cfg.calib.batch_size) * cfg.calib.seqlen * config.hidden_size * element
     on_host = cfg.offload or device.type == "cpu"
     available = available_host_bytes() if on_host else torch.cuda.mem_get_info(device)[0]
     if available is not None and need > available:
         raise ConfigError(
             f"calib.nsamples={cfg.calib.nsamples} windows of calib.seqlen={cfg.calib.seqlen} tokens need about "
-            f"{need / 2**30:.1f} GiB of {'host' if on_host else 'GPU'} memory for a block's inputs and outputs, more "
+            f"{need / 2**30:.1f} GiB of {'host' if on_host else 'GPU'} memory for a block's inputs, more "
             f"than the {available / 2**30:.1f} GiB available: lower calib.nsamples"
             + ("" if on_host else " or set offload=true (activations in host memory)")
         )

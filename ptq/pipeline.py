@@ -49,6 +49,9 @@ class BlockInputs:
     chunks: list[torch.Tensor]
     kwargs: dict
     captured_batch: int
+    # whether every chunk is finite: one flag, computed where the chunks were computed (on the GPU when
+    # offloading, so no pass over host memory) and read once (``check_finite_activations``)
+    finite: torch.Tensor | None = None
 
     def kwargs_for(self, chunk: torch.Tensor) -> dict:
         n = chunk.shape[0]
@@ -89,7 +92,7 @@ def capture_block_inputs(
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    chunks, kwargs = [], None
+    chunks, kwargs, flags = [], None, []
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with on_device(embedding_modules(model), device):
@@ -98,6 +101,7 @@ def capture_block_inputs(
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
                     pass
+                flags.append(torch.isfinite(captured["hidden"]).all())
                 chunks.append(_to_store(captured["hidden"], store))
                 kwargs = kwargs if kwargs is not None else captured["kwargs"]
     finally:
@@ -105,7 +109,7 @@ def capture_block_inputs(
     kwargs["use_cache"] = False
     kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_value", None)
-    return BlockInputs(chunks, kwargs, min(batch_size, input_ids.shape[0]))
+    return BlockInputs(chunks, kwargs, min(batch_size, input_ids.shape[0]), torch.stack(flags).all())
 
 
 def prefetched(chunks: list[torch.Tensor], device: torch.device):
@@ -202,6 +206,22 @@ class BlockContext:
         outputs = [_to_store(out, chunk.device) for chunk, out in self._each_chunk() if keep_outputs]
         return outputs if keep_outputs else None
 
+    def propagate(self) -> BlockInputs:
+        """The next block's inputs: this block run over every calibration chunk, each output written over its
+        input chunk (same shape and dtype), so no second set of activations is allocated (on the GPU, or as
+        new page-locked host buffers when offloading). The inputs are gone afterwards."""
+        chunks, flags = [], []
+        for chunk, out in self._each_chunk():
+            flags.append(torch.isfinite(out).all())
+            if out.shape == chunk.shape and out.dtype == chunk.dtype:
+                chunks.append(chunk.copy_(out, non_blocking=True))
+            else:
+                chunks.append(_to_store(out, chunk.device))
+        if self.device.type == "cuda":  # host chunks are read next (by the CPU too): the copies must have landed
+            torch.cuda.current_stream(self.device).synchronize()
+        finite = torch.stack(flags).all() if flags else None
+        return BlockInputs(chunks, self.inputs.kwargs, self.inputs.captured_batch, finite)
+
     def capture_calls(self, module: nn.Module, max_tokens: int | None = None) -> list[tuple[tuple, dict]]:
         """The (args, kwargs) with which the block calls ``module``, one per calibration chunk (up to
         ``max_tokens`` tokens), kept on the compute device; each chunk's forward stops there. Calling
@@ -261,8 +281,8 @@ def check_finite_weights(linears: dict[str, nn.Module], prefix: str) -> None:
             )
 
 
-def check_finite_activations(chunks: list[torch.Tensor], where: str) -> None:
-    if chunks and not torch.stack([torch.isfinite(chunk).all() for chunk in chunks]).all():  # one sync
+def check_finite_activations(inputs: BlockInputs, where: str) -> None:
+    if inputs.finite is not None and not inputs.finite:  # one sync
         raise NonFiniteError(
             f"{where} produced non-finite activations (inf/NaN) on the calibration data: in fp16 this is often "
             "an overflow; try model.dtype=bfloat16 or float32"
@@ -363,7 +383,7 @@ def run_blocks(
     if needs_calibration:
         start = time.perf_counter()
         inputs = capture_block_inputs(model, calib_ids, device, batch_size, store)
-        check_finite_activations(inputs.chunks, "the embeddings")
+        check_finite_activations(inputs, "the embeddings")
         _sync(device)
         report["capture_s"] = time.perf_counter() - start
         if device.type == "cuda":
@@ -394,8 +414,8 @@ def run_blocks(
             if stack is not None and keep_unfused:
                 stack.release_fused()
             if inputs is not None and index + 1 < len(blocks):
-                inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
-                check_finite_activations(inputs.chunks, f"block {index} ({prefix})")
+                inputs = ctx.propagate()
+                check_finite_activations(inputs, f"block {index} ({prefix})")
             if on_quantized is not None:
                 for name, qweight in ctx.quantized.items():
                     on_quantized(f"{prefix}.{name}", qweight)
@@ -443,7 +463,7 @@ def blockwise_logits(model: nn.Module, input_ids: torch.Tensor, device: torch.de
             home = next(block.parameters()).device
             block.to(device)
             ctx = BlockContext(-1, block, {}, (), inputs, device)
-            inputs = BlockInputs(ctx.forward(keep_outputs=True), inputs.kwargs, inputs.captured_batch)
+            inputs = ctx.propagate()
             block.to(home)
             if borrowed:
                 lazy.release(block)

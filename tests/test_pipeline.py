@@ -45,6 +45,25 @@ def test_pipeline_propagates_the_same_hidden_states_as_the_model(arch_model, bat
         torch.testing.assert_close(seen, reference[i], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_each_block_output_is_written_over_its_input_chunk(offload):
+    """No second set of calibration activations: block i + 1 reads the very buffers block i read."""
+
+    class RecordBuffers(Method):
+        name, needs_calibration = "buffers", True
+
+        def __init__(self):
+            super().__init__(WeightSpec("int", 4, -1, False))
+            self.pointers = []
+
+        def quantize_block(self, ctx):
+            self.pointers.append([chunk.data_ptr() for chunk in ctx.inputs.chunks])
+
+    step = RecordBuffers()
+    run_blocks(tiny_model("llama"), [step], ids(n=5), torch.device("cpu"), offload=offload, batch_size=2)
+    assert len(step.pointers) > 1 and all(p == step.pointers[0] for p in step.pointers)
+
+
 def test_pipeline_with_offload_gives_the_same_result():
     x = ids(n=4)
     a, b = tiny_model("llama"), tiny_model("llama")

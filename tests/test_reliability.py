@@ -92,7 +92,7 @@ BAD_INPUT = [
     (["method=gptq", "calib=file", "calib.path=/nonexistent/c.txt"], "calib.path='/nonexistent/c.txt' does not exist"),
     (["method=gptq", "calib=file", "calib.path={empty}"], "holds no text"),
     (["method=gptq", "calib=file", "calib.path={short}"], "not more than one window of calib.seqlen=64"),
-    (["method=gptq", "calib.nsamples=100000000"], "GiB of host memory for a block's inputs and outputs"),
+    (["method=gptq", "calib.nsamples=100000000"], "GiB of host memory for a block's inputs, more than"),
     (["eval.tasks=[piqa,no_such_task]"], "eval.tasks: 'no_such_task' has no local data"),
     (["device=cuda:7"], "device=cuda:7"),
     (["method=gptq", "calib=wikitext2"], "Offline, use calib=wikitext2_valid"),
