@@ -113,17 +113,27 @@ class LazyModel:
         self.materialized_blocks -= 1
 
 
-def load_skeleton(path: str, dtype: torch.dtype) -> LazyModel:
-    """The model on the meta device (buffers such as rotary tables real), with everything outside the
-    decoder blocks read from the checkpoint."""
+def meta_model(config, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with its parameters on the meta device (buffers such as rotary tables real)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     model.config.use_cache = False
-    lazy = LazyModel(model, ShardedCheckpoint(path), dtype)
+    return model
+
+
+def lazy_model(model: nn.Module, checkpoint, dtype: torch.dtype) -> LazyModel:
+    """A ``LazyModel`` of a meta-device model with everything outside the decoder blocks read now."""
+    lazy = LazyModel(model, checkpoint, dtype)
     lazy.load_all_but_blocks()
     return lazy
+
+
+def load_skeleton(path: str, dtype: torch.dtype) -> LazyModel:
+    """The model on the meta device, with everything outside the decoder blocks read from the checkpoint."""
+    from transformers import AutoConfig
+
+    return lazy_model(meta_model(AutoConfig.from_pretrained(path), dtype), ShardedCheckpoint(path), dtype)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import statistics
 import sys
 import time
+import zlib
 
 import torch
 
 import ptq
 from ptq.api import join_ranks, leave_ranks
-from ptq.lazy import load_skeleton
+from ptq.lazy import lazy_model, load_skeleton, meta_model
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
 
@@ -31,6 +33,16 @@ SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
         max_position_embeddings=8192,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     ),
     "llama-2-70b": dict(
         hidden_size=8192,
@@ -74,13 +86,47 @@ def command_line(program: str, argv: list[str] | None) -> str:
     return " ".join([program, *(argv if argv is not None else sys.argv[1:])])
 
 
-def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shape_config(shape: str, layers: int | None):
+    from transformers import AutoConfig
 
     kwargs = dict(SHAPES[shape])
     if layers:
         kwargs["num_hidden_layers"] = layers
-    config = AutoConfig.for_model(kwargs.pop("model_type", "llama"), **kwargs, use_cache=False)
+    return AutoConfig.for_model(kwargs.pop("model_type", "llama"), **kwargs, use_cache=False)
+
+
+class RandomCheckpoint:
+    """Stands in for the ``ShardedCheckpoint`` of a random model too large to write out (a 70B model is
+    140 GB in bf16): each tensor is drawn when the pipeline reads it, on ``device`` (fast), seeded by its
+    name, and handed over in host memory as a shard's tensor is (disk reads are not part of the timing).
+    Values as transformers initializes a Llama: matrices normal(0, initializer_range), vectors (norms) ones."""
+
+    def __init__(self, model, seed: int, device: torch.device) -> None:
+        self.folder = f"random weights (seed {seed})"
+        self.shapes = {name: param.shape for name, param in model.named_parameters()}
+        self.weight_map = dict.fromkeys(self.shapes, "random")
+        self.seed, self.std, self.device = seed, model.config.initializer_range, device
+        self.dtype = next(model.parameters()).dtype
+        self.bytes_read = 0
+
+    def read(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if len(shape) == 1:
+            tensor = torch.ones(shape, dtype=self.dtype)
+        else:
+            generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+            drawn = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype).mul_(self.std)
+            # page-locked, as a loader that reads shards into pinned buffers would hand it over: the copy
+            # to the GPU then runs at full speed (the time to read a real checkpoint from disk is not counted)
+            tensor = torch.empty(shape, dtype=self.dtype, pin_memory=drawn.is_cuda).copy_(drawn)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    config = shape_config(shape, layers)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # fused expert parameters (3-D) may be left uninitialized: give them values
@@ -137,7 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--from-checkpoint", default=None, help="quantize a checkpoint, one block at a time from its shards (--offload)"
     )
+    p.add_argument(
+        "--random-lazy",
+        action="store_true",
+        help="(--offload) draw each block's random weights when the pipeline reads it, through the path that reads "
+        "checkpoint shards: shapes too large to build whole or write out (a 70B model)",
+    )
     args = p.parse_args(argv)
+    if (args.random_lazy or args.from_checkpoint) and not args.offload:
+        p.error("--random-lazy and --from-checkpoint read one block at a time: add --offload")
+    if args.random_lazy and args.from_checkpoint:
+        p.error("--random-lazy draws the weights that --from-checkpoint would read: give one of them")
     if args.write_checkpoint:
         where = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # random init is fast there
         model = build_model(args.shape, args.layers, getattr(torch, args.dtype), where)
@@ -149,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     # torchrun: every rank builds the same seeded model and calibration windows, and the pipeline splits the
     # windows over the ranks (ptq/methods/stats.py); rank 0 reports.
     rank, ranks, device = join_ranks("auto")
+    # the pipeline's lines (one per block, with its ETA) on stderr, from rank 0; the records go to stdout
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     dtype = getattr(torch, args.dtype)
     options: dict = {}
     for item in args.option:
@@ -163,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
         lazy = None
         if args.from_checkpoint:  # the skeleton on the meta device; blocks read as the pipeline reaches them
             lazy = load_skeleton(args.from_checkpoint, dtype)
+            model = lazy.model
+        elif args.random_lazy:
+            skeleton = meta_model(shape_config(args.shape, args.layers), dtype)
+            lazy = lazy_model(skeleton, RandomCheckpoint(skeleton, rep, device), dtype)
             model = lazy.model
         else:
             model = build_model(args.shape, args.layers, dtype, device)
@@ -225,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "seqlen": args.seqlen,
         "offload": args.offload,
         "from_checkpoint": bool(args.from_checkpoint),
+        "random_lazy": args.random_lazy,
         "dtype": args.dtype,
         "options": recipe.options,
         "world_size": ranks,
