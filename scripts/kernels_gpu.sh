@@ -4,6 +4,7 @@
 # 1. the kernel tests on CUDA; 2. every format's linears of one Llama-3-8B block, timed from CUDA graphs
 # (ptq.bench.kernels); 3. ncu's memory throughput of the one-token kernel on the largest linear (where
 # Nsight Compute runs); 4. the whole-model benchmark (ptq.bench.infer) with the cost report.
+# COMPILE=1 adds the torch.compiled decode (step fusion around the linears) to 4.
 set -u
 out=$1 formats=${2:-bf16,w4a16,w8a8,fp8,nvfp4,mxfp4,w4a16-actorder,w4a16-tinygemm}
 mkdir -p "$out"
@@ -25,5 +26,5 @@ for fmt in ('w4a16', 'w8a8', 'nvfp4'):
 " > "$out/ncu.log" 2>&1
     grep -E "gemv|dram__|registers|warps_active" "$out/ncu.log" | head -40
 fi
-timeout ${INFER_LIMIT:-400} python -m ptq.bench.infer --formats "$formats" --decode-batches 1,16 --repeat 3 \
+timeout ${INFER_LIMIT:-400} python -m ptq.bench.infer --formats "$formats" --decode-batches 1,16 --repeat 3 ${COMPILE:+--compile} \
     --price-per-gpu-hour 3.50 --out "$out/infer.json" 2>&1 | grep -v Warn | cut -c1-400 | tail -12

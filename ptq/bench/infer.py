@@ -23,7 +23,8 @@ weights once per step needs at that rate (block linears and the LM head; the dis
 format.
 Decode is measured twice: eager (each step launches every kernel from Python; at batch 1 that
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
-static KV cache (the kernels' own speed, as serving engines run them).
+static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
+step compiled by torch.compile (its elementwise kernels fused) and captured the same way.
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ def measure(
     repeat: int,
     weight_bytes: int = 0,
     max_batch: tuple[int, int] | None = None,
+    compiled: bool = False,
 ):
-    """``decode_batches`` may hold ``"max"``: resolved with ``max_batch`` = (KV bytes per token, context)."""
+    """``decode_batches`` may hold ``"max"``: resolved with ``max_batch`` = (KV bytes per token, context).
+    ``compiled``: also the graphed decode of the torch.compile'd model (``decode_b*_compiled_*``)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -203,6 +206,13 @@ def measure(
             result[f"decode_b{batch}_s"] = graphed
         except Exception as err:  # a model whose forward cannot be captured: eager numbers only
             result[f"decode_b{batch}_graph_error"] = f"{type(err).__name__}: {err}"[:300]
+        if compiled:
+            try:
+                graphed = [graphed_decode(model, ids, steps, compiled=True) for _ in range(repeat)]
+                result[f"decode_b{batch}_compiled_tokens_per_s"] = batch * steps / statistics.median(graphed)
+                result[f"decode_b{batch}_compiled_s"] = graphed
+            except Exception as err:
+                result[f"decode_b{batch}_compiled_error"] = f"{type(err).__name__}: {err}"[:300]
     result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return result
 
@@ -239,9 +249,11 @@ def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
 
 
 @torch.no_grad()
-def graphed_decode(model, prompt_ids: torch.Tensor, steps: int) -> float:
+def graphed_decode(model, prompt_ids: torch.Tensor, steps: int, compiled: bool = False) -> float:
     """Seconds for ``steps`` greedy decode steps replayed from one CUDA graph (static KV cache): what
-    serving engines do, so that the time is the kernels' and not Python's launching them."""
+    serving engines do, so that the time is the kernels' and not Python's launching them. ``compiled``: the
+    step is the torch.compile'd model's (inductor fuses the norms, rotary and activation kernels around the
+    linears; ptq's kernels stay whole, as custom operators), captured the same way."""
     from transformers import StaticCache
 
     device = prompt_ids.device
@@ -252,8 +264,11 @@ def graphed_decode(model, prompt_ids: torch.Tensor, steps: int) -> float:
     token = out.logits[:, -1:].argmax(-1)
     position = torch.tensor([prompt], device=device)
 
+    forward = torch.compile(model, dynamic=False) if compiled else model
+
     def step():
-        return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
+        return forward(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
+                       logits_to_keep=1)  # fmt: skip
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -287,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
+    p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
@@ -321,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             "block_linear_params": linear_params,
             "weight_bytes_per_step": weight_bytes_per_step(model),
             **measure(model, model.config.vocab_size, args.prefill, batches, args.prompt, args.steps, args.repeat,
-                      weights, (kv, args.context)),
+                      weights, (kv, args.context), args.compile),
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)
