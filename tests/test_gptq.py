@@ -259,3 +259,23 @@ def test_inverse_factor_equals_the_cholesky_factor_of_the_inverse():
     U, info = inverse_hessian_cholesky(H.clone(), 0.01)
     assert info == {"percdamp": 0.01, "retries": 0}
     torch.testing.assert_close(U, want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_non_finite_inverse_is_retried_from_the_rebuilt_hessian(monkeypatch):
+    """Should the triangular inverse overflow, the damped J H J is rebuilt from its factor (its memory was
+    released) and factored again with more damping: the result is then exactly a 10x-damped factor."""
+    from ptq.methods import gptq
+
+    X = correlated_inputs(300, 40, seed=8).double()
+    H = 2 / X.shape[0] * X.T @ X
+    real, calls = gptq.invert_lower_triangular, []
+
+    def overflow_once(L, leaf=gptq.TRIANGULAR_LEAF):
+        calls.append(L.shape)
+        return real(L, leaf) * (float("inf") if len(calls) == 1 else 1)
+
+    monkeypatch.setattr(gptq, "invert_lower_triangular", overflow_once)
+    U, info = gptq.inverse_hessian_cholesky(H.clone(), 0.01)
+    assert info == {"percdamp": 0.1, "retries": 1} and len(calls) == 2
+    damped = H + 0.1 * torch.diagonal(H).mean() * torch.eye(40, dtype=H.dtype)
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-9, atol=1e-12)

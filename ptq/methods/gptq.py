@@ -72,22 +72,24 @@ def _invert_lower_into(L: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
     out[..., h:, :h].neg_()
 
 
-def upper_cholesky_of_inverse(flipped: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def upper_cholesky_of_inverse(flipped: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """U upper-triangular with U^T U = H^-1, given J H J ([..., n, n]; J reverses the order), from one
     Cholesky factorization and no explicit inverse of H: J H J = M M^T with M lower gives
     H^-1 = (J M^-T J)(J M^-1 J), and U = J M^-1 J is upper-triangular with a positive diagonal, so it is
     the Cholesky factor GPTQ uses (Algorithm 1's Cholesky(H^-1)^T). Half the work of factoring H,
-    inverting it from that factor and factoring the inverse. Returns (U, info); U is None when some
-    J H J is not (numerically) positive definite or U is not finite (info then says which: nonzero)."""
+    inverting it from that factor and factoring the inverse.
+
+    Returns (U, None) with ``flipped``'s memory released (two [n, n] matrices alive at most, plus the
+    inversion's temporaries of half that), or (None, J H J) when some J H J is not (numerically) positive
+    definite or U is not finite, to retry with more damping."""
     M, info = torch.linalg.cholesky_ex(flipped)
     if info.any():
-        return None, info
+        return None, flipped
+    flipped.untyped_storage().resize_(0)  # M M^T gives it back if the inverse is not finite (rare)
     inverse = invert_lower_triangular(M)
-    del M
-    finite = torch.isfinite(inverse.sum(dim=(-2, -1)))  # (isfinite(U) would take 1.4 GB of temporaries at 8B)
-    if not finite.all():
-        return None, (~finite).int()
-    return inverse.flip((-2, -1)), info
+    if not torch.isfinite(inverse.sum()):  # (isfinite(inverse) would take 1.4 GB of temporaries at 8B)
+        return None, M @ M.mT
+    return torch.ops.aten.flip.out(inverse, [-2, -1], out=M), None  # U in M's memory
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -96,7 +98,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 
 
     If H + damp*I is not positive definite (numerically), the damping is multiplied by 10 and the
     factorization retried; the damping actually used is returned so that it can be recorded.
-    At most three [n, n] matrices are alive at a time (Llama-3-8B's down_proj: 822 MB each).
+    At most two [n, n] matrices are alive at a time (Llama-3-8B's down_proj: 822 MB each), plus the
+    triangular inverse's temporaries.
     """
     mean_diag = torch.mean(torch.diagonal(H))
     flipped = H.flip((0, 1))  # J H J: see upper_cholesky_of_inverse
@@ -105,7 +108,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 
     for attempt in range(max_tries):
         flipped.diagonal().add_(damp_fraction * mean_diag - added)
         added = damp_fraction * mean_diag
-        U, _ = upper_cholesky_of_inverse(flipped)
+        U, flipped = upper_cholesky_of_inverse(flipped)
         if U is not None:
             return U, {"percdamp": damp_fraction, "retries": attempt}
         log.warning(
@@ -147,7 +150,6 @@ def factor_hessians(hessians: list[torch.Tensor], percdamp: float, act_order: bo
     flipped = H.flip((-2, -1))
     del H, diag
     U, _ = upper_cholesky_of_inverse(flipped)
-    del flipped
     if U is None:
         return None
     for h in hessians:  # consumed: their memory goes now, not when the last expert is solved
