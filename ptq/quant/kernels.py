@@ -108,6 +108,16 @@ if triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
     @triton.jit
+    def _code_over_16_plus_one(words, SHIFT: tl.constexpr):
+        """1 + q / 16 as fp32 for the 4-bit code q at bit SHIFT of each int32 word: q moved to mantissa bits
+        19..22 under 1.0's exponent (exact for 0 <= q < 16)."""
+        if SHIFT <= 19:
+            bits = (words << (19 - SHIFT)) & 0x780000
+        else:  # an arithmetic shift: the sign bits it brings in are masked off
+            bits = (words >> (SHIFT - 19)) & 0x780000
+        return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _fp4_values(codes):
         """E2M1 nibble (sign << 3 | exponent << 1 | mantissa) -> fp32, by building the fp32's bits: exponent
         e > 0 is 2^(e-1) (1 + m/2), e = 0 is m/2 (0 or 0.5)."""
@@ -267,22 +277,29 @@ if triton is not None:
                 rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 wmask = (rw * 8 < K)[:, None] & mask_n[None, :]
                 words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask, other=0)
-                if not ACT_ORDER:  # a word's 8 columns share a group: w = q * s - z * s per word row
+                if ACT_ORDER:
+                    for j in tl.static_range(8):
+                        kj = rw * 8 + j
+                        xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                        gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
+                        w = _int4_weights((words >> (4 * j)) & 15, s_ptr, z_ptr, gj[:, None], rn[None, :], stride_s,
+                                          wmask)  # fmt: skip
+                        acc += xj[:, None] * w
+                else:  # a word's 8 columns share a group, so its scale and zero apply once per word row:
+                    # sum_j x_j (q_j - z) s = 16 s sum_j x_j (1 + q_j / 16) - (16 + z) s sum_j x_j, where 1 + q/16
+                    # is q's bits shifted under the exponent of 1.0 (a shift, a mask, an OR: no conversion)
                     g = rw * 8 // group
                     scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
                     scale = scale.to(tl.float32)
                     zero = _codes_to_float(_gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, wmask), 0.0)
-                    offset = -zero * scale
-                for j in tl.static_range(8):
-                    kj = rw * 8 + j
-                    xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                    codes = (words >> (4 * j)) & 15
-                    if ACT_ORDER:
-                        gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
-                        w = _int4_weights(codes, s_ptr, z_ptr, gj[:, None], rn[None, :], stride_s, wmask)
-                    else:
-                        w = _codes_to_float(codes, 0.0) * scale + offset
-                    acc += xj[:, None] * w
+                    sums = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+                    x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+                    for j in tl.static_range(8):
+                        kj = rw * 8 + j
+                        xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                        sums += xj[:, None] * _code_over_16_plus_one(words, 4 * j)
+                        x_sum += xj
+                    acc += (16.0 * scale) * sums - ((16.0 + zero) * scale) * x_sum[:, None]
             elif WEIGHT == 1:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + one[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
