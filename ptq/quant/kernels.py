@@ -188,6 +188,7 @@ if triton is not None:
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+        NIBBLE_DOTS: tl.constexpr,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
@@ -213,6 +214,25 @@ if triton is not None:
                 w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
                 acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
                 acc += tl.dot(x_odd.to(DOT), w_odd, input_precision="ieee")
+            elif NIBBLE_DOTS:  # INT4 in one group per tile: x's columns 8 apart against one nibble of every word,
+                # eight dots of BLOCK_K / 8, so the words' codes are never interleaved into a [BLOCK_K, BLOCK_N] tile
+                rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
+                words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask_words, other=0)
+                dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for j in tl.static_range(8):
+                    kj = rw * 8 + j
+                    xmask = mask_m[:, None] & (kj < K)[None, :]
+                    xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0).to(DOT)
+                    wj = _codes_to_float((words >> (4 * j)) & 15, 0.0).to(DOT)
+                    dots += tl.dot(xj, wj, input_precision="ieee")
+                    row_sums += tl.sum(xj.to(tl.float32), axis=1)
+                g = k0 // group
+                gmask = mask_n & (k0 < K)
+                scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
+                zero = _codes_to_float(_gptq_zeros(z_ptr, g, rn, stride_s, gmask), 0.0)
+                acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
             else:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mask_k = rk < K
@@ -393,10 +413,14 @@ if triton is not None:
 
 
 # Candidate tiles (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per weight kind; the first is the
-# default when nothing was tuned. INT4's BLOCK_K must divide the group size (checked at the call).
+# default when nothing was tuned. INT4's BLOCK_K must divide the group size (checked at the call). A sixth
+# field NIBBLE picks INT4's eight-dots variant (x's columns 8 apart against one nibble of each word), tuned
+# against the one that interleaves the codes; never first, so untuned runs keep the tested default.
+NIBBLE = "nibble"
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
-           (64, 64, 8, 4, 4)],
+           (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
+           (32, 128, 8, 4, 4, NIBBLE)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3)],
     FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
 }  # fmt: skip
@@ -441,7 +465,7 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
             gemv=False):  # fmt: skip
-    block_n, block_k, split_k, warps, stages = config
+    block_n, block_k, split_k, warps, stages, *variant = config
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 1 if gemv else _block_m(m)
@@ -458,7 +482,8 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         _gemv_kernel[grid[:2]](*pointers, n, k, strides[0], strides[1], group, **common)
     else:
         _skinny_kernel[grid](*pointers, m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
-                             DOT=_dot_dtype(x), BLOCK_M=block_m, **common)  # fmt: skip
+                             DOT=_dot_dtype(x), BLOCK_M=block_m, NIBBLE_DOTS=NIBBLE in variant and not act_order,
+                             **common)  # fmt: skip
     return y
 
 
