@@ -152,6 +152,27 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m,n,k", [(65, 96, 200), (130, 264, 512)])
+def test_every_int8_gemm_tile_gives_the_library_products_bits(m, n, k):
+    """ptq's one-pass int8 GEMM (every candidate tile, edges partial) against torch._int_mm and the scaling
+    pass: int32 sums are exact and the scales are applied in the same order, so the outputs are equal."""
+    from ptq.quant import kernels
+
+    g = torch.Generator().manual_seed(m)
+    qx = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEVICE)
+    x_scale = (torch.rand(m, 1, generator=g) / 100).to(DEVICE)
+    w_scale = (torch.rand(n, generator=g) / 100).to(DEVICE)
+    exact = (qx.double() @ w.double().t()) * x_scale.double() * w_scale.double()
+    want = kernels._launch_int8_gemm(kernels.LIBRARY, qx, x_scale, w, w_scale, DTYPE)
+    assert relative_error(want, exact) < TOLERANCE
+    for config in kernels.INT8_GEMM_CANDIDATES:
+        got = kernels._launch_int8_gemm(config, qx, x_scale, w, w_scale, DTYPE)
+        assert torch.equal(got, want), config
+    assert torch.equal(kernels.int8_matmul(qx, x_scale, w, w_scale, DTYPE), want)  # the tuned choice
+
+
+@needs_kernels
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_quantize_rows_gives_the_reference_codes(fmt):
     from ptq.quant import kernels

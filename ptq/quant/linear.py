@@ -10,7 +10,8 @@ one dequantize or activation-quantize kernel for more (prefill). Elsewhere they 
   weight-only matmul instead (``aten._weight_int4pack_mm``, "tinygemm"; measured against ours in
   ``ptq.bench.infer``).
 - ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
-  token on the fly; for prefill ``torch._int_mm`` (int8 x int8 -> int32).
+  token on the fly; for prefill ``torch._int_mm`` (int8 x int8 -> int32) or ptq's one-pass int8 GEMM,
+  whichever is faster for the shape.
 - ``Fp8Linear``: FP8 W8A8. E4M3 weights per output channel, activations quantized per token on the
   fly; for prefill ``torch._scaled_mm`` with row-wise scales (FP8 tensor cores on Hopper); fp32 on the CPU.
 - ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
@@ -175,19 +176,16 @@ class Int8Linear(StoredLayer):
         if fast and rows <= kernels.SKINNY_ROWS:
             y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
                                       (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
+        elif fast:
+            qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
+            y = kernels.int8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
         else:
-            if fast:
-                qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
-            else:
-                x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
-                qx = torch.round(flat.float() / x_scale).to(torch.int8)
+            x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
+            qx = torch.round(flat.float() / x_scale).to(torch.int8)
             if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
                 qx = F.pad(qx, (0, 0, 0, 17 - rows))
             product = torch._int_mm(qx, self.weight.t())[:rows]
-            if fast:
-                y = kernels.scale_int_product(product, x_scale, self.weight_scale, x.dtype)
-            else:
-                y = (product.float() * x_scale * self.weight_scale).to(x.dtype)
+            y = (product.float() * x_scale * self.weight_scale).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
