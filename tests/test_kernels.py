@@ -152,6 +152,26 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
 
 
 @needs_kernels
+def test_every_one_token_w8a8_tile_gives_the_exact_product_of_the_codes():
+    """The one-token kernel's W8A8 tiles, with float sums and with int32 sums of the codes' products, against
+    the exact product of the codes the layer gives (the activation rounded per token inside the kernel)."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import Int8Linear
+
+    layer = Int8Linear.from_weight(torch.randn(96, 1000, generator=torch.Generator().manual_seed(0)), None)
+    layer = layer.to(DEVICE)
+    x = inputs(1, 1000)
+    x_scale = (x.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    want = torch.round(x.float() / x_scale).double() @ layer.dequantized_weight(torch.float32).double().t()
+    want = (want * x_scale.double()).float()
+    assert any(kernels.INT_SUMS in config for config in kernels.GEMV_CANDIDATES[kernels.W8])
+    for config in kernels.GEMV_CANDIDATES[kernels.W8]:
+        got = kernels._launch(config, x, layer.weight, layer.weight_scale, None, None, None, 96, 1000, (1000, 0), 0,
+                              kernels.W8, kernels.ACT_INT8, False, 0, True)  # fmt: skip
+        assert relative_error(got, want) < TOLERANCE, config
+
+
+@needs_kernels
 @pytest.mark.parametrize("m,n,k", [(65, 96, 200), (130, 264, 512)])
 def test_every_int8_gemm_tile_gives_the_library_products_bits(m, n, k):
     """ptq's one-pass int8 GEMM (every candidate tile, edges partial) against torch._int_mm and the scaling

@@ -277,7 +277,7 @@ if triton is not None:
         N, K, stride_w, stride_s, group,
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, QMAX: tl.constexpr,
-        TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr,
     ):  # fmt: skip
         """One token (M = 1) on the CUDA cores: each thread multiplies and adds its weights into its own
         partial sums over all of its K tiles, one reduction at the end (no tensor-core layout shuffles,
@@ -290,6 +290,8 @@ if triton is not None:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
         if WEIGHT == 0:  # INT4, GPTQ layout [K/8, N]: partial sums [words, N]
             acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        elif INT_SUMS:  # int8 weights times int8 activations: exact int32 sums, no conversion to float per weight
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
         else:  # K-contiguous rows [N, K] (W8) or [N, K/2] (FP4): partial sums [N, K tile]
             acc = tl.zeros([BLOCK_N, BLOCK_K // (2 if WEIGHT == 2 else 1)], dtype=tl.float32)
         for i in range(TILES):
@@ -328,7 +330,10 @@ if triton is not None:
                     x = _quantize_tile(x, x_scale, ACT)
                 wmask = mask_n[:, None] & (rk < K)[None, :]
                 w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=wmask, other=0.0)
-                acc += _w8_values(w) * x
+                if INT_SUMS:
+                    acc += w.to(tl.int32) * x.to(tl.int32)
+                else:
+                    acc += _w8_values(w) * x
             else:
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 ke = 2 * rb
@@ -342,7 +347,7 @@ if triton is not None:
         if WEIGHT == 0:
             y = tl.sum(acc, axis=0)
         else:
-            y = tl.sum(acc, axis=1)
+            y = tl.sum(acc, axis=1).to(tl.float32)
         if WEIGHT == 1:
             y = y * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
         if ACT != 0:
@@ -449,6 +454,7 @@ if triton is not None:
 # field NIBBLE picks INT4's eight-dots variant (x's columns 8 apart against one nibble of each word), tuned
 # against the one that interleaves the codes; never first, so untuned runs keep the tested default.
 NIBBLE = "nibble"
+INT_SUMS = "int_sums"  # one-token W8A8 with int8 weights: int32 sums of the codes' products (else ignored)
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
@@ -458,11 +464,13 @@ CANDIDATES = {
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
 # loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
+# A sixth field INT_SUMS: for int8 W8A8, the codes' products summed in int32 (tuned against float sums).
 GEMV_CANDIDATES = {
     INT4: [(64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
            (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
     W8: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
-         (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
+         (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
+         (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
     FP4: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
           (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
@@ -511,7 +519,8 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
                   ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
     if gemv:
-        _gemv_kernel[grid[:2]](*pointers, n, k, strides[0], strides[1], group, **common)
+        int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
+        _gemv_kernel[grid[:2]](*pointers, n, k, strides[0], strides[1], group, INT_SUMS=int_sums, **common)
     else:
         _skinny_kernel[grid](*pointers, m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
                              DOT=_dot_dtype(x), BLOCK_M=block_m, NIBBLE_DOTS=NIBBLE in variant and not act_order,
