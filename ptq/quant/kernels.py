@@ -665,51 +665,80 @@ def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=
 
 
 @torch.library.custom_op("ptq::quantize_rows", mutates_args=())
-def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
+def _quantize_rows_op(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows(x, act)
 
 
-@quantize_rows.register_fake
+@_quantize_rows_op.register_fake
 def _(x, act):
     dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
 @torch.library.custom_op("ptq::int8_matmul", mutates_args=())
-def int8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """W8A8 for many tokens: int8 codes [M, K] with per-token scales [M, 1] times int8 weights [N, K] with
-    per-channel scales [N] -> [M, N] in ``dtype``, by whichever of torch._int_mm (+ one scaling pass) and
-    ptq's one-pass int8 GEMM is faster for the shape (the same bits either way)."""
+def _int8_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     return _int8_matmul(qx, x_scale, w, w_scale, dtype)
 
 
-@int8_matmul.register_fake
+@_int8_matmul_op.register_fake
 def _(qx, x_scale, w, w_scale, dtype):
     return qx.new_empty(qx.shape[0], w.shape[0], dtype=dtype)
 
 
 @torch.library.custom_op("ptq::dequantize_int4", mutates_args=())
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
-                    dtype: torch.dtype, group: int = 0) -> torch.Tensor:  # fmt: skip
-    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
-    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
+def _dequantize_int4_op(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
+                        dtype: torch.dtype, group: int = 0) -> torch.Tensor:  # fmt: skip
     return _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group)
 
 
-@dequantize_int4.register_fake
+@_dequantize_int4_op.register_fake
 def _(qweight, scales, qzeros, g_idx, dtype, group=0):
     return qweight.new_empty(qweight.shape[0] * 8, qweight.shape[1], dtype=dtype)
 
 
 @torch.library.custom_op("ptq::dequantize_fp4", mutates_args=())
-def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, k: int, group: int,
-                   scale_kind: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
+def _dequantize_fp4_op(codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, k: int,
+                       group: int, scale_kind: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     return _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype)
 
 
-@dequantize_fp4.register_fake
+@_dequantize_fp4_op.register_fake
 def _(codes, scale, tensor_scale, k, group, scale_kind, dtype):
     return codes.new_empty(codes.shape[0], k, dtype=dtype)
+
+
+# The public entry points: eager calls go straight to the work (a prefill calls them once per linear, and the
+# operator's dispatch costs CPU time the GPU may wait for); under torch.compile, the operators above.
+def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
+    if not torch.compiler.is_compiling():
+        return _quantize_rows(x, act)
+    return _quantize_rows_op(x, act)
+
+
+def int8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """W8A8 for many tokens: int8 codes [M, K] with per-token scales [M, 1] times int8 weights [N, K] with
+    per-channel scales [N] -> [M, N] in ``dtype``, by whichever of torch._int_mm (+ one scaling pass) and
+    ptq's one-pass int8 GEMM is faster for the shape (the same bits either way)."""
+    if not torch.compiler.is_compiling():
+        return _int8_matmul(qx, x_scale, w, w_scale, dtype)
+    return _int8_matmul_op(qx, x_scale, w, w_scale, dtype)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
+                    dtype: torch.dtype, group: int = 0) -> torch.Tensor:  # fmt: skip
+    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
+    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
+    if not torch.compiler.is_compiling():
+        return _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group)
+    return _dequantize_int4_op(qweight, scales, qzeros, g_idx, dtype, group)
+
+
+def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, k: int, group: int,
+                   scale_kind: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
+    if not torch.compiler.is_compiling():
+        return _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype)
+    return _dequantize_fp4_op(codes, scale, tensor_scale, k, group, scale_kind, dtype)
