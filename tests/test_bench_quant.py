@@ -36,3 +36,15 @@ def test_random_lazy_benchmark_reads_every_block_through_the_lazy_path(tmp_path,
 def test_random_lazy_needs_offload():
     with pytest.raises(SystemExit):
         main(["--shape", "smollm2-135m", "--layers", "1", "--random-lazy"])
+
+
+def test_kernel_records_compare_each_format_with_bf16_once_it_is_measured():
+    from ptq.bench.kernels import add_speedups
+
+    record = {"formats": [{"format": "w4a16", "block_seconds": {1: 2.0}}]}
+    add_speedups(record)  # bf16 not measured yet (a run cut short): nothing to compare with
+    assert "block_speedup_vs_bf16" not in record["formats"][0]
+    record["formats"].insert(0, {"format": "bf16", "block_seconds": {1: 3.0}})
+    add_speedups(record)
+    assert record["formats"][1]["block_speedup_vs_bf16"] == {1: 1.5}
+    assert record["formats"][0]["block_speedup_vs_bf16"] == {1: 1.0}

@@ -101,15 +101,21 @@ def main(argv: list[str] | None = None) -> None:
         entry["block_bytes"] = sum(v["bytes"] for v in entry["linears"].values())
         record["formats"].append(entry)
         print(fmt, {m: f"{t * 1e6:.0f} us" for m, t in entry["block_seconds"].items()}, flush=True)
-    base = next((f for f in record["formats"] if f["format"] == "bf16"), None)
+        add_speedups(record)
+        if args.out:  # after every format, so that a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=2)
     for entry in record["formats"]:
-        if base is not None:
-            speedup = {m: base["block_seconds"][m] / t for m, t in entry["block_seconds"].items()}
-            entry["block_speedup_vs_bf16"] = speedup
+        if "block_speedup_vs_bf16" in entry:
             print(entry["format"], {m: f"{s:.2f}x" for m, s in entry["block_speedup_vs_bf16"].items()})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
+
+
+def add_speedups(record: dict) -> None:
+    """Each format's block time against bf16's, where bf16 was measured."""
+    base = next((f for f in record["formats"] if f["format"] == "bf16"), None)
+    for entry in record["formats"] if base is not None else []:
+        seconds = entry["block_seconds"]
+        entry["block_speedup_vs_bf16"] = {m: base["block_seconds"][m] / t for m, t in seconds.items()}
 
 
 if __name__ == "__main__":
