@@ -3,15 +3,17 @@ decoder block at a time from its safetensors shards.
 
 With ``offload=true`` and a local safetensors checkpoint, ``run`` loads only the skeleton (parameters
 on the meta device), the embeddings, the final norm and the LM head. The pipeline then reads each
-block's tensors from the shards right before it quantizes the block, and afterwards keeps the block's
-linears only in compact form (``ptq.quant.linear.quantized_linear``): host memory holds one bf16
-block plus the packed model so far, not the bf16 model (a 70B model is ~140 GB in bf16, ~37 GB packed
-at 4 bits).
+block's tensors from the shards right before it quantizes the block (the next block's are read in a
+background thread meanwhile, so disk reads overlap the work), and afterwards keeps the block's linears only
+in compact form (``ptq.quant.linear.quantized_linear``): host memory holds two bf16 blocks (the current one
+and the one read ahead) plus the packed model so far, not the bf16 model (a 70B model is ~140 GB in bf16,
+~37 GB packed at 4 bits).
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -72,18 +74,36 @@ class LazyModel:
         self.block_ids = {id(b) for b in get_blocks(model)}
         self.materialized_blocks = 0
         self.peak_materialized_blocks = 0
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, Future] = {}
+
+    def _to_read(self, module: nn.Module) -> list[tuple[str, str]]:
+        """(parameter name, checkpoint key) of the parameters of ``module`` still on the meta device."""
+        prefix = self.names[id(module)]
+        wanted = []
+        for name, param in module.named_parameters():
+            key = f"{prefix}.{name}" if prefix else name
+            if param.is_meta and not is_tied_head(self.model.config, key):  # a tied head: tie_weights(), no read
+                wanted.append((name, key))
+        return wanted
+
+    def read_ahead(self, module: nn.Module) -> None:
+        """Start reading ``module``'s tensors in a background thread (file reads release the GIL), so that the
+        next block is in host memory when the pipeline reaches it; ``load`` then takes them."""
+        keys = [key for _, key in self._to_read(module) if key in self.checkpoint.weight_map]
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptq-read-ahead")
+        self._ahead[id(module)] = self._reader.submit(lambda: {key: self.checkpoint.read(key) for key in keys})
 
     def load(self, module: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        prefix = self.names[id(module)]
-        for name, param in list(module.named_parameters()):
-            key = f"{prefix}.{name}" if prefix else name
-            if not param.is_meta or is_tied_head(self.model.config, key):
-                continue  # a tied head gets the embedding matrix from tie_weights(), not a second read
+        ahead = self._ahead.pop(id(module), None)
+        values = ahead.result() if ahead is not None else {}
+        for name, key in self._to_read(module):
             if key not in self.checkpoint.weight_map:
                 raise PackError(f"{self.checkpoint.folder}: no tensor {key!r} in the checkpoint")
-            value = self.checkpoint.read(key)
+            value = values.pop(key) if key in values else self.checkpoint.read(key)
             set_module_tensor_to_device(module, name, "cpu", value=value.to(self.dtype))
         if id(module) in self.block_ids:
             self.materialized_blocks += 1

@@ -395,6 +395,8 @@ def run_blocks(
             start = time.perf_counter()
             if lazy is not None:
                 lazy.load(block)
+                if index + 1 < len(blocks):  # the next block's tensors are read while this one is quantized
+                    lazy.read_ahead(blocks[index + 1])
             home = next(block.parameters()).device
             block.to(device)
             prefix = module_names[id(block)]

@@ -118,3 +118,33 @@ def test_offloaded_lazy_run_saves_block_by_block_and_loads_back(tmp_path):
     loaded = json.loads((tmp_path / "l" / "result.json").read_text())
     want, got = quantized["metrics"]["ppl"]["wikitext2"], loaded["metrics"]["ppl"]["wikitext2"]
     assert abs(got / want - 1) < 1e-3, (got, want)
+
+
+def test_the_next_block_is_read_ahead_in_the_background(tmp_path):
+    """While block i is quantized, block i + 1's tensors are read in another thread (disk reads overlap the
+    work); each tensor is still read once, and the result is the same as reading each block when it is reached."""
+    import threading
+
+    sharded(tmp_path)
+    calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for read_ahead in (True, False):
+        lazy = load_skeleton(str(tmp_path), torch.float32)
+        if not read_ahead:
+            lazy.read_ahead = lambda module: None
+        readers, original = {}, lazy.checkpoint.read
+
+        def read(key, original=original, readers=readers):
+            readers[key] = threading.current_thread().name
+            return original(key)
+
+        lazy.checkpoint.read = read
+        ptq.quantize(lazy.model, method="gptq", bits=4, group_size=32, calib=calib, device="cpu", offload=True,
+                     lazy=lazy)  # fmt: skip
+        runs[read_ahead] = (readers, lazy.model)
+    readers = runs[True][0]
+    assert {name for key, name in readers.items() if key.startswith("model.layers.1.")} == {"ptq-read-ahead_0"}
+    assert all(name == threading.current_thread().name for key, name in readers.items() if "layers" not in key)
+    x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(runs[True][1](x).logits, runs[False][1](x).logits)

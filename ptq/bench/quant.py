@@ -108,6 +108,8 @@ class RandomCheckpoint:
         self.seed, self.std, self.device = seed, model.config.initializer_range, device
         self.dtype = next(model.parameters()).dtype
         self.bytes_read = 0
+        # its own stream: drawing the next block (read ahead in a thread) does not queue behind the current one
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def read(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
@@ -115,10 +117,11 @@ class RandomCheckpoint:
             tensor = torch.ones(shape, dtype=self.dtype)
         else:
             generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-            drawn = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype).mul_(self.std)
-            # page-locked, as a loader that reads shards into pinned buffers would hand it over: the copy
-            # to the GPU then runs at full speed (the time to read a real checkpoint from disk is not counted)
-            tensor = torch.empty(shape, dtype=self.dtype, pin_memory=drawn.is_cuda).copy_(drawn)
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                drawn = torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype).mul_(self.std)
+                # page-locked, as a loader that reads shards into pinned buffers would hand it over: the copy
+                # to the GPU then runs at full speed (the time to read a real checkpoint is not counted)
+                tensor = torch.empty(shape, dtype=self.dtype, pin_memory=drawn.is_cuda).copy_(drawn)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
