@@ -48,3 +48,12 @@ def test_kernel_records_compare_each_format_with_bf16_once_it_is_measured():
     add_speedups(record)
     assert record["formats"][1]["block_speedup_vs_bf16"] == {1: 1.5}
     assert record["formats"][0]["block_speedup_vs_bf16"] == {1: 1.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message a machine without a GPU gets")
+@pytest.mark.parametrize("module", ["ptq.bench.infer", "ptq.bench.kernels"])
+def test_kernel_benchmarks_say_they_need_a_gpu(module):
+    import importlib
+
+    with pytest.raises(SystemExit, match=f"{module} measures CUDA kernels: run it on a machine with a GPU"):
+        importlib.import_module(module).main(["--formats", "bf16"])

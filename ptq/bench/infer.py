@@ -59,6 +59,13 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
+def cuda_or_exit(program: str) -> torch.device:
+    """The GPU a kernel benchmark measures on, or one sentence and exit where there is none."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{program} measures CUDA kernels: run it on a machine with a GPU")
+    return torch.device("cuda")
+
+
 def act_order_rtn(weight: torch.Tensor, spec: WeightSpec, seed: int = 0) -> QuantizedWeight:
     """RTN with groups over a random permutation of the columns: the layout GPTQ's act-order stores
     (g_idx not sorted), for measuring what act-order costs a kernel."""
@@ -306,9 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
-    if not torch.cuda.is_available():
-        raise SystemExit("ptq.bench.infer measures CUDA kernels: run it on a machine with a GPU")
-    device = torch.device("cuda")
+    device = cuda_or_exit("ptq.bench.infer")
     bandwidth = copy_bandwidth(device)
     batches = [b if b == "max" else int(b) for b in args.decode_batches.split(",")]
     summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,

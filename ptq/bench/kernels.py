@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from ptq.bench.infer import FORMATS, copy_bandwidth, make_layer, parse_formats
+from ptq.bench.infer import FORMATS, copy_bandwidth, cuda_or_exit, make_layer, parse_formats
 from ptq.bench.quant import SHAPES, command_line
 from ptq.checkpoint import module_bytes
 from ptq.results import environment
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
-    if not torch.cuda.is_available():
-        raise SystemExit("ptq.bench.kernels measures CUDA kernels: run it on a machine with a GPU")
-    device = torch.device("cuda")
+    device = cuda_or_exit("ptq.bench.kernels")
     bandwidth = copy_bandwidth(device)
     rows = [int(r) for r in args.rows.split(",")]
     linears = block_linear_shapes(args.shape)

@@ -24,6 +24,9 @@ from ptq.lazy import lazy_model, load_skeleton, meta_model
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
 
+LLAMA_70B_BLOCKS = dict(  # Llama-2-70B and Llama-3-70B share their decoder blocks
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+)
 SHAPES = {
     "llama-3-8b": dict(
         hidden_size=4096,
@@ -34,25 +37,8 @@ SHAPES = {
         vocab_size=128256,
         max_position_embeddings=8192,
     ),
-    "llama-3-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    "llama-2-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
+    "llama-3-70b": dict(**LLAMA_70B_BLOCKS, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-2-70b": dict(**LLAMA_70B_BLOCKS, vocab_size=32000, max_position_embeddings=4096),
     # Qwen3-30B-A3B: 48 blocks of 128 routed experts (8 active), no shared expert; about 61 GB in bf16.
     "qwen3-30b-a3b": dict(
         model_type="qwen3_moe",

@@ -33,6 +33,7 @@ the CPU in fp32 (it has no bf16 dot), which is how the CPU tests check them.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -568,6 +569,7 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
 
 
 def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -610,6 +612,9 @@ def _launch_int8_gemm(config, qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
 
 
 def _int8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
+    """W8A8 for many tokens: int8 codes [M, K] with per-token scales [M, 1] times int8 weights [N, K] with
+    per-channel scales [N] -> [M, N] in ``dtype``, by whichever of torch._int_mm (+ one scaling pass) and
+    ptq's one-pass int8 GEMM is faster for the shape (the same bits either way)."""
     m, k = qx.shape
     n = w.shape[0]
     # torch._int_mm takes more than 16 rows and multiples of 8; the library path runs untuned where it can
@@ -622,6 +627,8 @@ def _int8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
 
 
 def _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
+    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
+    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
@@ -631,6 +638,7 @@ def _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> t
 
 
 def _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> torch.Tensor:
+    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
     n = codes.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
@@ -708,37 +716,18 @@ def _(codes, scale, tensor_scale, k, group, scale_kind, dtype):
     return codes.new_empty(codes.shape[0], k, dtype=dtype)
 
 
-# The public entry points: eager calls go straight to the work (a prefill calls them once per linear, and the
-# operator's dispatch costs CPU time the GPU may wait for); under torch.compile, the operators above.
-def quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scales [M, 1] fp32), per token, in one kernel."""
-    if not torch.compiler.is_compiling():
-        return _quantize_rows(x, act)
-    return _quantize_rows_op(x, act)
+def _eager_or_operator(work, operator):
+    """A public entry point: ``work`` itself in eager calls (a prefill calls these once per linear, and the
+    operator's dispatch costs CPU time the GPU may wait for), ``operator`` under torch.compile."""
+
+    @functools.wraps(work)
+    def entry(*args, **kwargs):
+        return operator(*args, **kwargs) if torch.compiler.is_compiling() else work(*args, **kwargs)
+
+    return entry
 
 
-def int8_matmul(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """W8A8 for many tokens: int8 codes [M, K] with per-token scales [M, 1] times int8 weights [N, K] with
-    per-channel scales [N] -> [M, N] in ``dtype``, by whichever of torch._int_mm (+ one scaling pass) and
-    ptq's one-pass int8 GEMM is faster for the shape (the same bits either way)."""
-    if not torch.compiler.is_compiling():
-        return _int8_matmul(qx, x_scale, w, w_scale, dtype)
-    return _int8_matmul_op(qx, x_scale, w, w_scale, dtype)
-
-
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
-                    dtype: torch.dtype, group: int = 0) -> torch.Tensor:  # fmt: skip
-    """GPTQ-packed 4-bit weight -> W^T [K, N] in ``dtype`` (what ``x @ W^T`` needs). ``group``: the group
-    size when column k is in group k // group (a multiple of 64, or at least K); 0: follow g_idx."""
-    if not torch.compiler.is_compiling():
-        return _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group)
-    return _dequantize_int4_op(qweight, scales, qzeros, g_idx, dtype, group)
-
-
-def dequantize_fp4(codes: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor | None, k: int, group: int,
-                   scale_kind: int, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """FP4 nibbles [N, ceil(K/2)] with block scales [N, ceil(K/group)] -> W [N, K] in ``dtype``."""
-    if not torch.compiler.is_compiling():
-        return _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype)
-    return _dequantize_fp4_op(codes, scale, tensor_scale, k, group, scale_kind, dtype)
+quantize_rows = _eager_or_operator(_quantize_rows, _quantize_rows_op)
+int8_matmul = _eager_or_operator(_int8_matmul, _int8_matmul_op)
+dequantize_int4 = _eager_or_operator(_dequantize_int4, _dequantize_int4_op)
+dequantize_fp4 = _eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)
