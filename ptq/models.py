@@ -339,6 +339,16 @@ def is_linear(module: nn.Module) -> bool:
 Stages = tuple[tuple[tuple[str, ...], ...], ...]
 
 
+def block_output_parts(arch: Arch) -> tuple[str, str] | None:
+    """(module, linear) such that a block's output is the input of ``module`` plus the output of ``linear``:
+    in a pre-norm residual block the stream entering the MLP's norm, plus the MLP's output projection
+    (Llama: ``out = h + down_proj(x)`` with h the input of ``post_attention_layernorm``). None where the
+    architecture table does not describe the residual stream, or the MLP is a mixture of experts."""
+    if arch.residual is None or arch.experts is not None:
+        return None
+    return arch.residual.readers[-1][0], arch.residual.mlp_out
+
+
 def block_layout(model: nn.Module, block: nn.Module) -> tuple[dict[str, nn.Module], Stages]:
     """The quantizable linears of one block, by name in true-sequential order, and their stages: groups
     of linears that read the same input, and the groups whose inputs one forward pass yields together

@@ -13,6 +13,7 @@ Calibration activations are kept in chunks of ``batch_size`` windows, on the com
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,17 @@ from torch import nn
 from ptq import moe
 from ptq.bars import Bar
 from ptq.errors import UserError
-from ptq.models import block_layout, embedding_modules, get_arch, get_blocks, get_weight, head_modules, set_weight
+from ptq.models import (
+    block_layout,
+    block_output_parts,
+    embedding_modules,
+    get_arch,
+    get_blocks,
+    get_submodule,
+    get_weight,
+    head_modules,
+    set_weight,
+)
 from ptq.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -157,6 +168,11 @@ class BlockContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # integer weights, by linear name
     peak_gpu_bytes: dict = field(default_factory=dict)  # CUDA: highest allocation so far, at each phase's end
     moe: dict | None = None  # a MoE block's expert accounting (ptq.moe.summary)
+    # (module, linear): the block's output is the input of ``module`` plus the output of ``linear``
+    # (``models.block_output_parts``); set while the block's last step runs, None where that may not be used
+    output_parts: tuple[str, str] | None = None
+    # per chunk (stored chunk, residual, the linear's input), kept by a statistics pass (``keep_output_parts``)
+    kept: list | None = field(default=None, repr=False)
 
     @property
     def sequential(self) -> tuple[tuple[str, ...], ...]:
@@ -169,6 +185,8 @@ class BlockContext:
         linear = self.linears[name]
         set_weight(linear, qweight.dequantize().to(get_weight(linear).dtype))
         self.quantized[name] = qweight
+        if self.kept is not None and name != self.output_parts[1]:
+            self.kept = None  # what was kept came from the block before this change
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -193,6 +211,7 @@ class BlockContext:
         """Run the block on every calibration chunk; yields (stored chunk, block output or None).
         With ``stop_early`` a hook may raise _StopForward to skip the rest of a chunk's forward.
         ``max_tokens``: only the first chunks (see ``chunks``)."""
+        self.kept = None  # a new pass: whatever an earlier one kept may be out of date
         for chunk, hidden in prefetched(self.chunks(max_tokens), self.device):
             try:
                 yield chunk, _run(self.block, hidden, self.inputs.kwargs_for(hidden))
@@ -209,9 +228,11 @@ class BlockContext:
     def propagate(self) -> BlockInputs:
         """The next block's inputs: this block run over every calibration chunk, each output written over its
         input chunk (same shape and dtype), so no second set of activations is allocated (on the GPU, or as
-        new page-locked host buffers when offloading). The inputs are gone afterwards."""
+        new page-locked host buffers when offloading). The inputs are gone afterwards. Where the last
+        statistics pass kept the residual and the last linear's input (``keep_output_parts``), each output is
+        that sum, with the same operations as the block's own last step, instead of a pass through the block."""
         chunks, flags = [], []
-        for chunk, out in self._each_chunk():
+        for chunk, out in self._kept_outputs() if self.kept is not None else self._each_chunk():
             flags.append(torch.isfinite(out).all())
             if out.shape == chunk.shape and out.dtype == chunk.dtype:
                 chunks.append(chunk.copy_(out, non_blocking=True))
@@ -221,6 +242,28 @@ class BlockContext:
             torch.cuda.current_stream(self.device).synchronize()
         finite = torch.stack(flags).all() if flags else None
         return BlockInputs(chunks, self.inputs.kwargs, self.inputs.captured_batch, finite)
+
+    def _kept_outputs(self):
+        """(stored chunk, block output) from what ``forward_with_input_hooks`` kept, freed as it goes."""
+        kept, self.kept = self.kept, None
+        linear = self.linears[self.output_parts[1]]
+        while kept:
+            chunk, residual, x = kept.pop(0)
+            yield chunk, residual + linear(x)
+
+    def _can_keep(self, modules: dict[str, nn.Module], max_tokens: int | None) -> bool:
+        """Whether a pass over ``modules`` may keep what ``propagate`` needs to skip its own pass: the output
+        parts are known, the pass reads the last linear alone over every chunk, the chunks are on the compute
+        device (offloading keeps nothing more there) and the kept tensors fit in its free memory."""
+        if self.output_parts is None or list(modules) != [self.output_parts[1]] or max_tokens is not None:
+            return False
+        chunks = self.inputs.chunks
+        if not chunks or any(chunk.device.type != self.device.type for chunk in chunks):
+            return False
+        tokens = sum(chunk.shape[0] * chunk.shape[1] for chunk in chunks)
+        width = get_weight(self.linears[self.output_parts[1]]).shape[1] + chunks[0].shape[-1]
+        need = tokens * width * chunks[0].element_size()
+        return need + max(2 << 30, need // 10) <= free_memory(self.device)
 
     def capture_calls(self, module: nn.Module, max_tokens: int | None = None) -> list[tuple[tuple, dict]]:
         """The (args, kwargs) with which the block calls ``module``, one per calibration chunk (up to
@@ -240,16 +283,27 @@ class BlockContext:
             handle.remove()
         return calls
 
-    def forward_with_input_hooks(self, modules: dict[str, nn.Module], on_input, max_tokens: int | None = None) -> None:
+    def forward_with_input_hooks(
+        self, modules: dict[str, nn.Module], on_input, max_tokens: int | None = None, keep_output_parts: bool = False
+    ) -> None:
         """Run the block over the calibration inputs (up to ``max_tokens`` tokens, see ``chunks``),
         calling ``on_input(name, x)`` with the input of each listed module (x: [batch, seq, features]).
         Each chunk's forward stops as soon as every listed module has seen its input: the rest of the
-        block is not needed for these statistics."""
+        block is not needed for these statistics.
+
+        ``keep_output_parts``: the caller will change no weight but that of ``output_parts``' linear before
+        ``propagate``. If that linear is the one listed (the last true-sequential stage) and the tensors fit,
+        each chunk's residual and the linear's input are kept, and ``propagate`` adds them up instead of
+        running the block again."""
         seen: set[str] = set()
+        keep = keep_output_parts and self._can_keep(modules, max_tokens)
+        residuals, kept_inputs = [], []
 
         def hook(name):
             def capture(_module, args):
                 on_input(name, args[0])
+                if keep:
+                    kept_inputs.append(args[0])
                 seen.add(name)
                 if len(seen) == len(modules):
                     seen.clear()
@@ -258,12 +312,16 @@ class BlockContext:
             return capture
 
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+        if keep:
+            residual_module = get_submodule(self.block, self.output_parts[0])
+            handles.append(residual_module.register_forward_pre_hook(lambda _module, args: residuals.append(args[0])))
         try:
-            for _ in self._each_chunk(stop_early=True, max_tokens=max_tokens):
-                pass
+            stored = [chunk for chunk, _ in self._each_chunk(stop_early=True, max_tokens=max_tokens)]
         finally:
             for handle in handles:
                 handle.remove()
+        if keep and len(residuals) == len(kept_inputs) == len(stored):
+            self.kept = list(zip(stored, residuals, kept_inputs, strict=True))
 
 
 class NonFiniteError(UserError):
@@ -297,9 +355,25 @@ def check_all_quantized(ctx: BlockContext, prefix: str) -> None:
         raise RuntimeError(f"{prefix}: the steps left {len(left)} linear(s) unquantized, e.g. {left[0]}")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's caching
+    allocator holds unused; on the CPU the free physical memory (0 where the system does not say)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _quantize_block(ctx: BlockContext, steps: list, prefix: str) -> None:
     check_finite_weights(ctx.linears, prefix)
+    output_parts = ctx.output_parts
     for step in steps:
+        # only the last step may keep what saves the propagation pass: a later one would change the block
+        ctx.output_parts = output_parts if step is steps[-1] else None
+        ctx.kept = None
         step.quantize_block(ctx)
     check_all_quantized(ctx, prefix)
 
@@ -405,6 +479,8 @@ def run_blocks(
             # quantizers sit on their inputs (a restored block is put back as it was saved).
             stack = moe.unfuse(block, arch.experts, experts) if not restored or keep_unfused else None
             ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
+            # input quantizers change what the linears compute from their inputs: then the block runs whole
+            ctx.output_parts = None if keep_unfused else block_output_parts(arch)
             if restored:
                 entry = _restore_block(ctx, steps, progress)
             else:

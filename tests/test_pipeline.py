@@ -144,3 +144,74 @@ def test_early_stopping_input_hooks_see_what_a_full_forward_sees(arch_model):
     assert step.early.keys() == step.full.keys() and len(step.early) == 4 * len(get_blocks(arch_model))
     for key in step.full:
         assert torch.equal(torch.cat(step.early[key]), torch.cat(step.full[key])), key
+
+
+def residual_model(kind: str) -> torch.nn.Module:
+    """A tiny model of each architecture whose table entry describes the residual stream."""
+    import transformers as tf
+
+    if kind == "llama":
+        return tiny_model("llama")
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    classes = {"mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+               "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}  # fmt: skip
+    config, model = classes[kind]
+    model = model(config(**common))
+    model.config.use_cache = False
+    return model.eval()
+
+
+def quantize_recording_propagation(monkeypatch, model, fold: bool, **settings) -> tuple[list, list]:
+    """GPTQ through ``ptq.quantize``; returns the blocks whose outputs came from what the last stage kept,
+    and each block's propagated outputs. ``fold=False``: as if the architecture table did not know them."""
+    from ptq import pipeline
+
+    used, propagated = [], []
+    kept_outputs, propagate = pipeline.BlockContext._kept_outputs, pipeline.BlockContext.propagate
+
+    def recorded_propagate(ctx):
+        outputs = propagate(ctx)
+        propagated.append(torch.cat([chunk.cpu() for chunk in outputs.chunks]))
+        return outputs
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.BlockContext, "_kept_outputs", lambda ctx: used.append(ctx.index) or kept_outputs(ctx))
+        patch.setattr(pipeline.BlockContext, "propagate", recorded_propagate)
+        if not fold:
+            patch.setattr(pipeline, "block_output_parts", lambda arch: None)
+        ptq.quantize(model, method="gptq", bits=4, group_size=16, **settings)
+    return used, propagated
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_gptq_last_stage_gives_the_block_outputs_without_another_pass(kind, monkeypatch):
+    """GPTQ's last true-sequential pass keeps the residual and down_proj's input; the next block's inputs are
+    their sum, bit for bit what running the quantized block gives (models.block_output_parts says so)."""
+    settings = dict(calib=ids(n=5), device="cpu", batch_size=2)
+    folded, plain = residual_model(kind), residual_model(kind)
+    used, outputs = quantize_recording_propagation(monkeypatch, folded, fold=True, **settings)
+    assert used == [0]  # the last block has no next block
+    unused, plain_outputs = quantize_recording_propagation(monkeypatch, plain, fold=False, **settings)
+    assert unused == [] and len(outputs) == len(plain_outputs) == 1
+    assert torch.equal(outputs[0], plain_outputs[0])
+    for (name, a), b in zip(folded.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_only_the_last_step_may_replace_the_propagation_pass(monkeypatch):
+    """A step after GPTQ may change the block: then the block runs again to give the next block's inputs."""
+    from ptq import pipeline
+    from ptq.methods.gptq import GPTQ
+
+    used = []
+    kept_outputs = pipeline.BlockContext._kept_outputs
+    monkeypatch.setattr(pipeline.BlockContext, "_kept_outputs", lambda ctx: used.append(ctx.index) or kept_outputs(ctx))
+    spec = WeightSpec("int", 4, 16, False)
+    run_blocks(tiny_model("llama"), [GPTQ(spec), RecordInputs()], ids(n=4), torch.device("cpu"), offload=False)
+    assert used == []
+    run_blocks(tiny_model("llama"), [GPTQ(spec)], ids(n=4), torch.device("cpu"), offload=False)
+    assert used == [0]
+    run_blocks(tiny_model("llama"), [GPTQ(spec, true_sequential=False)], ids(n=4), torch.device("cpu"), offload=False)
+    assert used == [0]  # one pass for every group: the pass sees no quantized weights, so nothing is kept

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -68,7 +69,10 @@ SHAPES = {
 
 
 def command_line(program: str, argv: list[str] | None) -> str:
-    """How this benchmark was invoked, for its record."""
+    """How this benchmark was invoked, for its record (under torchrun, as a torchrun command)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        program = program.replace("python -m", f"torchrun --nproc-per-node {local_ranks} -m", 1)
     return " ".join([program, *(argv if argv is not None else sys.argv[1:])])
 
 
