@@ -28,6 +28,7 @@ def test_random_lazy_benchmark_reads_every_block_through_the_lazy_path(tmp_path,
     record = json.loads(out.read_text())
     assert record["random_lazy"] and record["offload"] and record["median_seconds"] > 0
     assert len(record["runs"][0]["block_s"]) == 2
+    assert record["runs"][0]["peak_bytes_per_rank"] == [[0, record["runs"][0]["peak_rss_bytes"]]]  # CPU: no GPU bytes
     model = meta_model(shape_config("smollm2-135m", 2), torch.bfloat16)
     every_parameter = sum(p.numel() * 2 for p in model.parameters())  # tied head: the embedding once
     assert record["runs"][0]["checkpoint_bytes_read"] == every_parameter

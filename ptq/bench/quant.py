@@ -22,6 +22,7 @@ import torch
 import ptq
 from ptq.api import join_ranks, leave_ranks
 from ptq.lazy import lazy_model, load_skeleton, meta_model
+from ptq.methods.stats import gather_rows
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         rss = peak_memory(device)["peak_rss_bytes"]  # of this process so far: with --from-checkpoint, the host's peak
+        per_rank = gather_rows(torch.tensor([[float(peak or 0), float(rss or 0)]], dtype=torch.float64))
         block_s = [b["seconds"] for b in report["blocks"]]
         phases: dict = {}
         for block in report["blocks"]:
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": seconds,
             "peak_gpu_bytes": peak,
             "peak_rss_bytes": rss,
+            # every rank's [peak GPU bytes, peak host RSS bytes], in rank order (one row without torchrun)
+            "peak_bytes_per_rank": [[int(v) for v in row] for row in per_rank.tolist()],
             "checkpoint_bytes_read": lazy.checkpoint.bytes_read if lazy else None,
             "capture_s": report["capture_s"],
             "capture_peak_gpu_bytes": report.get("capture_peak_gpu_bytes"),
