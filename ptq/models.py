@@ -339,14 +339,30 @@ def is_linear(module: nn.Module) -> bool:
 Stages = tuple[tuple[tuple[str, ...], ...], ...]
 
 
-def block_output_parts(arch: Arch) -> tuple[str, str] | None:
-    """(module, linear) such that a block's output is the input of ``module`` plus the output of ``linear``:
-    in a pre-norm residual block the stream entering the MLP's norm, plus the MLP's output projection
-    (Llama: ``out = h + down_proj(x)`` with h the input of ``post_attention_layernorm``). None where the
-    architecture table does not describe the residual stream, or the MLP is a mixture of experts."""
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A pre-norm residual block in the parts between its linears, as the residual stream of the architecture
+    table describes it: for block input x, ``h = x + attention_out(a)`` (a: the attention's output before its
+    output projection), ``y = mlp_norm(h)``, the module ``mlp`` maps y to ``mlp_out``'s input d, and the block's
+    output is ``h + mlp_out(d)``. ``mlp_in``: the first linear reading y. With these a block can be run from
+    the middle (``ptq.block_parts``)."""
+
+    attention_out: str
+    mlp_norm: str
+    mlp: str
+    mlp_in: str
+    mlp_out: str
+
+
+def residual_block(arch: Arch) -> ResidualBlock | None:
+    """The parts of the architecture's blocks; None where the table does not describe the residual stream, or
+    the MLP is a mixture of experts."""
     if arch.residual is None or arch.experts is not None:
         return None
-    return arch.residual.readers[-1][0], arch.residual.mlp_out
+    stream = arch.residual
+    mlp_norm, mlp_readers = stream.readers[-1]
+    mlp = mlp_readers[0].rsplit(".", 1)[0]
+    return ResidualBlock(stream.attention_out, mlp_norm, mlp, mlp_readers[0], stream.mlp_out)
 
 
 def block_layout(model: nn.Module, block: nn.Module) -> tuple[dict[str, nn.Module], Stages]:

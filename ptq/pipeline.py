@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ptq import moe
+from ptq import block_parts, moe
 from ptq.bars import Bar
 from ptq.errors import UserError
 from ptq.models import (
+    ResidualBlock,
     block_layout,
-    block_output_parts,
     embedding_modules,
     get_arch,
     get_blocks,
-    get_submodule,
     get_weight,
     head_modules,
+    residual_block,
     set_weight,
 )
 from ptq.quant.weight import QuantizedWeight
@@ -168,11 +168,10 @@ class BlockContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # integer weights, by linear name
     peak_gpu_bytes: dict = field(default_factory=dict)  # CUDA: highest allocation so far, at each phase's end
     moe: dict | None = None  # a MoE block's expert accounting (ptq.moe.summary)
-    # (module, linear): the block's output is the input of ``module`` plus the output of ``linear``
-    # (``models.block_output_parts``); set while the block's last step runs, None where that may not be used
-    output_parts: tuple[str, str] | None = None
-    # per chunk (stored chunk, residual, the linear's input), kept by a statistics pass (``keep_output_parts``)
-    kept: list | None = field(default=None, repr=False)
+    # the block's parts between its linears (``models.residual_block``), for running it from the middle
+    # (``ptq.block_parts``); set while the block's last step runs, None where that may not be done
+    parts: ResidualBlock | None = None
+    kept: block_parts.Kept | None = field(default=None, repr=False)  # what the last statistics pass kept
 
     @property
     def sequential(self) -> tuple[tuple[str, ...], ...]:
@@ -185,7 +184,7 @@ class BlockContext:
         linear = self.linears[name]
         set_weight(linear, qweight.dequantize().to(get_weight(linear).dtype))
         self.quantized[name] = qweight
-        if self.kept is not None and name != self.output_parts[1]:
+        if self.kept is not None and name not in self.kept.may_change:
             self.kept = None  # what was kept came from the block before this change
 
     def add_time(self, phase: str, seconds: float) -> None:
@@ -229,10 +228,15 @@ class BlockContext:
         """The next block's inputs: this block run over every calibration chunk, each output written over its
         input chunk (same shape and dtype), so no second set of activations is allocated (on the GPU, or as
         new page-locked host buffers when offloading). The inputs are gone afterwards. Where the last
-        statistics pass kept the residual and the last linear's input (``keep_output_parts``), each output is
-        that sum, with the same operations as the block's own last step, instead of a pass through the block."""
+        statistics pass stopped at the last linear's input and kept it (``forward_with_input_hooks``), the
+        block is finished from there instead of run again."""
         chunks, flags = [], []
-        for chunk, out in self._kept_outputs() if self.kept is not None else self._each_chunk():
+        kept, self.kept = self.kept, None
+        if kept is not None and kept.point == block_parts.OUTPUT:
+            outputs = block_parts.block_outputs(self.parts, self.block, kept)
+        else:
+            outputs = self._each_chunk()
+        for chunk, out in outputs:
             flags.append(torch.isfinite(out).all())
             if out.shape == chunk.shape and out.dtype == chunk.dtype:
                 chunks.append(chunk.copy_(out, non_blocking=True))
@@ -243,26 +247,13 @@ class BlockContext:
         finite = torch.stack(flags).all() if flags else None
         return BlockInputs(chunks, self.inputs.kwargs, self.inputs.captured_batch, finite)
 
-    def _kept_outputs(self):
-        """(stored chunk, block output) from what ``forward_with_input_hooks`` kept, freed as it goes."""
-        kept, self.kept = self.kept, None
-        linear = self.linears[self.output_parts[1]]
-        while kept:
-            chunk, residual, x = kept.pop(0)
-            yield chunk, residual + linear(x)
-
-    def _can_keep(self, modules: dict[str, nn.Module], max_tokens: int | None) -> bool:
-        """Whether a pass over ``modules`` may keep what ``propagate`` needs to skip its own pass: the output
-        parts are known, the pass reads the last linear alone over every chunk, the chunks are on the compute
-        device (offloading keeps nothing more there) and the kept tensors fit in its free memory."""
-        if self.output_parts is None or list(modules) != [self.output_parts[1]] or max_tokens is not None:
-            return False
+    def _can_keep(self, point: str | None) -> bool:
+        """Whether a pass that stops at ``point`` may keep its tensors: the chunks are on the compute device
+        (offloading keeps nothing more there) and the tensors fit in its free memory, with room to spare."""
         chunks = self.inputs.chunks
-        if not chunks or any(chunk.device.type != self.device.type for chunk in chunks):
+        if point is None or not chunks or any(chunk.device.type != self.device.type for chunk in chunks):
             return False
-        tokens = sum(chunk.shape[0] * chunk.shape[1] for chunk in chunks)
-        width = get_weight(self.linears[self.output_parts[1]]).shape[1] + chunks[0].shape[-1]
-        need = tokens * width * chunks[0].element_size()
+        need = block_parts.kept_bytes(self.parts, point, self.block, chunks)
         return need + max(2 << 30, need // 10) <= free_memory(self.device)
 
     def capture_calls(self, module: nn.Module, max_tokens: int | None = None) -> list[tuple[tuple, dict]]:
@@ -284,26 +275,49 @@ class BlockContext:
         return calls
 
     def forward_with_input_hooks(
-        self, modules: dict[str, nn.Module], on_input, max_tokens: int | None = None, keep_output_parts: bool = False
+        self, modules: dict[str, nn.Module], on_input, max_tokens: int | None = None, keep: bool = False
     ) -> None:
         """Run the block over the calibration inputs (up to ``max_tokens`` tokens, see ``chunks``),
         calling ``on_input(name, x)`` with the input of each listed module (x: [batch, seq, features]).
         Each chunk's forward stops as soon as every listed module has seen its input: the rest of the
         block is not needed for these statistics.
 
-        ``keep_output_parts``: the caller will change no weight but that of ``output_parts``' linear before
-        ``propagate``. If that linear is the one listed (the last true-sequential stage) and the tensors fit,
-        each chunk's residual and the linear's input are kept, and ``propagate`` adds them up instead of
-        running the block again."""
+        ``keep``: before its next pass the caller changes no weight but those of the listed module's group
+        (GPTQ's true-sequential stages). Where the block's parts are known (``parts``) and the pass stops at a
+        point the block can be continued from, the pass keeps what it computed, and the next one (or
+        ``propagate``) continues from there instead of starting over (``ptq.block_parts``)."""
+        kept, self.kept = self.kept, None
+        names = list(modules)
+        point = None
+        if keep and self.parts is not None and max_tokens is None:
+            point = block_parts.stop_point(self.parts, names)
+        keeping = self._can_keep(point)
+        firsts, seconds = [], []
+        if point is not None and kept is not None and block_parts.can_continue(kept, point):
+            stored = []
+            for chunk, first, second in block_parts.continued(self.parts, self.block, kept):
+                on_input(names[0], second)
+                if keeping:
+                    stored.append(chunk)
+                    firsts.append(first)
+                    seconds.append(second)
+        else:
+            to_keep = point if keeping else None
+            stored = self._pass_with_input_hooks(modules, on_input, max_tokens, to_keep, firsts, seconds)
+        if keeping and len(firsts) == len(seconds) == len(stored):
+            group = next(group for group in self.sequential if names[0] in group)
+            self.kept = block_parts.Kept(point, list(zip(stored, firsts, seconds, strict=True)), frozenset(group))
+
+    def _pass_with_input_hooks(self, modules, on_input, max_tokens, point, firsts: list, seconds: list) -> list:
+        """A pass from the block's start for ``forward_with_input_hooks``; where ``point`` is given, the tensors
+        to keep go into ``firsts`` and ``seconds``. Returns the stored chunks it ran."""
         seen: set[str] = set()
-        keep = keep_output_parts and self._can_keep(modules, max_tokens)
-        residuals, kept_inputs = [], []
 
         def hook(name):
             def capture(_module, args):
                 on_input(name, args[0])
-                if keep:
-                    kept_inputs.append(args[0])
+                if point is not None:
+                    seconds.append(args[0])
                 seen.add(name)
                 if len(seen) == len(modules):
                     seen.clear()
@@ -312,16 +326,13 @@ class BlockContext:
             return capture
 
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-        if keep:
-            residual_module = get_submodule(self.block, self.output_parts[0])
-            handles.append(residual_module.register_forward_pre_hook(lambda _module, args: residuals.append(args[0])))
+        if point is not None:
+            handles += block_parts.keeping_hooks(self.parts, point, self.block, firsts)
         try:
-            stored = [chunk for chunk, _ in self._each_chunk(stop_early=True, max_tokens=max_tokens)]
+            return [chunk for chunk, _ in self._each_chunk(stop_early=True, max_tokens=max_tokens)]
         finally:
             for handle in handles:
                 handle.remove()
-        if keep and len(residuals) == len(kept_inputs) == len(stored):
-            self.kept = list(zip(stored, residuals, kept_inputs, strict=True))
 
 
 class NonFiniteError(UserError):
@@ -369,10 +380,10 @@ def free_memory(device: torch.device) -> int:
 
 def _quantize_block(ctx: BlockContext, steps: list, prefix: str) -> None:
     check_finite_weights(ctx.linears, prefix)
-    output_parts = ctx.output_parts
+    parts = ctx.parts
     for step in steps:
-        # only the last step may keep what saves the propagation pass: a later one would change the block
-        ctx.output_parts = output_parts if step is steps[-1] else None
+        # only the last step may keep what a pass computed: a later one would change the block under it
+        ctx.parts = parts if step is steps[-1] else None
         ctx.kept = None
         step.quantize_block(ctx)
     check_all_quantized(ctx, prefix)
@@ -480,7 +491,7 @@ def run_blocks(
             stack = moe.unfuse(block, arch.experts, experts) if not restored or keep_unfused else None
             ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
             # input quantizers change what the linears compute from their inputs: then the block runs whole
-            ctx.output_parts = None if keep_unfused else block_output_parts(arch)
+            ctx.parts = None if keep_unfused else residual_block(arch)
             if restored:
                 entry = _restore_block(ctx, steps, progress)
             else:

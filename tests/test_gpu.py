@@ -42,19 +42,20 @@ def test_gptq_pipeline_on_gpu_matches_cpu(offload):
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_gptq_block_outputs_from_the_last_stage_equal_a_pass_in_bf16_on_gpu(offload, monkeypatch):
-    """Resident, the next block's inputs come from the last stage's pass (residual + down_proj(x), the block's
-    own operations): bit for bit what running the block gives. Offloaded, nothing more is kept on the GPU."""
-    from tests.test_pipeline import quantize_recording_propagation
+def test_gptq_stages_continued_from_the_last_pass_equal_passes_from_the_start_in_bf16_on_gpu(offload, monkeypatch):
+    """Resident, each true-sequential pass continues the block from the previous one, and the next block's inputs
+    are finished from the last: bit for bit what passes from the block's start give. Offloaded, nothing more is
+    kept on the GPU."""
+    from tests.test_pipeline import quantize_recording_shortcuts
 
     calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
     settings = dict(calib=calib, device="cuda", offload=offload)
-    folded, plain = tiny_model("llama").to(torch.bfloat16), tiny_model("llama").to(torch.bfloat16)
-    used, outputs = quantize_recording_propagation(monkeypatch, folded, fold=True, **settings)
-    assert used == ([] if offload else [0])
-    _, plain_outputs = quantize_recording_propagation(monkeypatch, plain, fold=False, **settings)
+    fast, plain = tiny_model("llama").to(torch.bfloat16), tiny_model("llama").to(torch.bfloat16)
+    events, outputs, _ = quantize_recording_shortcuts(monkeypatch, fast, shortcuts=True, **settings)
+    assert events == ([] if offload else ["attention", "mlp", "output", "attention", "mlp"])
+    _, plain_outputs, _ = quantize_recording_shortcuts(monkeypatch, plain, shortcuts=False, **settings)
     assert torch.equal(outputs[0], plain_outputs[0])
-    for (name, a), b in zip(folded.state_dict().items(), plain.state_dict().values(), strict=True):
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

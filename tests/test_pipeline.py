@@ -163,13 +163,14 @@ def residual_model(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-def quantize_recording_propagation(monkeypatch, model, fold: bool, **settings) -> tuple[list, list]:
-    """GPTQ through ``ptq.quantize``; returns the blocks whose outputs came from what the last stage kept,
-    and each block's propagated outputs. ``fold=False``: as if the architecture table did not know them."""
+def quantize_recording_shortcuts(monkeypatch, model, shortcuts: bool, **settings) -> tuple[list, list, dict]:
+    """GPTQ through ``ptq.quantize``. Returns where a pass continued from what the previous one kept (the
+    point it had stopped at, or "output" where the block's outputs were finished from there), each block's
+    propagated outputs, and the report. ``shortcuts=False``: as if the architecture table had no block parts."""
     from ptq import pipeline
 
-    used, propagated = [], []
-    kept_outputs, propagate = pipeline.BlockContext._kept_outputs, pipeline.BlockContext.propagate
+    propagated = []
+    propagate = pipeline.BlockContext.propagate
 
     def recorded_propagate(ctx):
         outputs = propagate(ctx)
@@ -177,41 +178,62 @@ def quantize_recording_propagation(monkeypatch, model, fold: bool, **settings) -
         return outputs
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.BlockContext, "_kept_outputs", lambda ctx: used.append(ctx.index) or kept_outputs(ctx))
+        events = record_shortcuts(patch)
         patch.setattr(pipeline.BlockContext, "propagate", recorded_propagate)
-        if not fold:
-            patch.setattr(pipeline, "block_output_parts", lambda arch: None)
-        ptq.quantize(model, method="gptq", bits=4, group_size=16, **settings)
-    return used, propagated
+        if not shortcuts:
+            patch.setattr(pipeline, "residual_block", lambda arch: None)
+        report = ptq.quantize(model, method="gptq", bits=4, group_size=16, **settings)
+    return events, propagated, report
+
+
+def record_shortcuts(patch) -> list:
+    """The list into which each continued pass puts the point it continued from ("output": finishing the
+    block's outputs), while ``patch`` (a monkeypatch) lasts."""
+    from ptq import block_parts
+
+    events = []
+    continued, block_outputs = block_parts.continued, block_parts.block_outputs
+    patch.setattr(block_parts, "continued", lambda p, b, kept: events.append(kept.point) or continued(p, b, kept))
+    patch.setattr(block_parts, "block_outputs", lambda p, b, kept: events.append("output") or block_outputs(p, b, kept))
+    return events
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
-def test_gptq_last_stage_gives_the_block_outputs_without_another_pass(kind, monkeypatch):
-    """GPTQ's last true-sequential pass keeps the residual and down_proj's input; the next block's inputs are
-    their sum, bit for bit what running the quantized block gives (models.block_output_parts says so)."""
+def test_gptq_stages_continue_the_block_from_the_last_pass_bit_for_bit(kind, monkeypatch):
+    """Each true-sequential pass continues the block from where the previous one stopped, and the next block's
+    inputs are finished from the last one (models.residual_block): the same Hessians, losses, weights and
+    propagated hidden states, bit for bit, as passes from the block's start."""
     settings = dict(calib=ids(n=5), device="cpu", batch_size=2)
-    folded, plain = residual_model(kind), residual_model(kind)
-    used, outputs = quantize_recording_propagation(monkeypatch, folded, fold=True, **settings)
-    assert used == [0]  # the last block has no next block
-    unused, plain_outputs = quantize_recording_propagation(monkeypatch, plain, fold=False, **settings)
-    assert unused == [] and len(outputs) == len(plain_outputs) == 1
+    fast, plain = residual_model(kind), residual_model(kind)
+    events, outputs, report = quantize_recording_shortcuts(monkeypatch, fast, shortcuts=True, **settings)
+    # per block the MLP's pass continues from the attention's, down_proj's from the MLP's, and the next block's
+    # inputs are finished from down_proj's (the last block has no next block)
+    assert events == EVERY_SHORTCUT
+    none, plain_outputs, plain_report = quantize_recording_shortcuts(monkeypatch, plain, shortcuts=False, **settings)
+    assert none == [] and len(outputs) == len(plain_outputs) == 1
     assert torch.equal(outputs[0], plain_outputs[0])
-    for (name, a), b in zip(folded.state_dict().items(), plain.state_dict().values(), strict=True):
+    for block, plain_block in zip(report["blocks"], plain_report["blocks"], strict=True):
+        assert block["layers"] == plain_block["layers"]  # losses, damping, token counts
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
-def test_only_the_last_step_may_replace_the_propagation_pass(monkeypatch):
-    """A step after GPTQ may change the block: then the block runs again to give the next block's inputs."""
-    from ptq import pipeline
+EVERY_SHORTCUT = ["attention", "mlp", "output", "attention", "mlp"]  # of a two-block model
+
+
+@pytest.mark.parametrize(
+    "label,expected",
+    [("gptq", EVERY_SHORTCUT), ("gptq then another step", []), ("gptq, one pass per block", []),
+     ("gptq, offloaded on the CPU", EVERY_SHORTCUT)],
+)  # fmt: skip
+def test_only_a_last_true_sequential_step_keeps_what_a_pass_computed(label, expected, monkeypatch):
+    """A step after GPTQ may change the block, and one pass for every group precedes every solve: then each
+    pass starts from the block's input. (On the CPU the offloaded chunks are on the compute device.)"""
     from ptq.methods.gptq import GPTQ
 
-    used = []
-    kept_outputs = pipeline.BlockContext._kept_outputs
-    monkeypatch.setattr(pipeline.BlockContext, "_kept_outputs", lambda ctx: used.append(ctx.index) or kept_outputs(ctx))
     spec = WeightSpec("int", 4, 16, False)
-    run_blocks(tiny_model("llama"), [GPTQ(spec), RecordInputs()], ids(n=4), torch.device("cpu"), offload=False)
-    assert used == []
-    run_blocks(tiny_model("llama"), [GPTQ(spec)], ids(n=4), torch.device("cpu"), offload=False)
-    assert used == [0]
-    run_blocks(tiny_model("llama"), [GPTQ(spec, true_sequential=False)], ids(n=4), torch.device("cpu"), offload=False)
-    assert used == [0]  # one pass for every group: the pass sees no quantized weights, so nothing is kept
+    steps = {"gptq then another step": [GPTQ(spec), RecordInputs()],
+             "gptq, one pass per block": [GPTQ(spec, true_sequential=False)]}.get(label, [GPTQ(spec)])  # fmt: skip
+    events = record_shortcuts(monkeypatch)
+    run_blocks(tiny_model("llama"), steps, ids(n=4), torch.device("cpu"), offload="offloaded" in label)
+    assert events == expected

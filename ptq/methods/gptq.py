@@ -376,8 +376,9 @@ class GPTQ(Method):
             add_gram(sums[name], x, self.hessian)
             tokens[name] += x.shape[0]
 
-        # each stage changes only its own groups' weights: the last stage's pass may keep the block's outputs' parts
-        ctx.forward_with_input_hooks(readers, accumulate, keep_output_parts=True)
+        # each stage changes only its own groups' weights before the next pass: the pipeline may keep what this
+        # pass computed, and the next pass continue from there
+        ctx.forward_with_input_hooks(readers, accumulate, keep=True)
         sums = {name: complete_gram(total) for name, total in sums.items()}
         # Data-parallel ranks: each saw its share of the windows; every rank gets the sums over all of them.
         width = {name: get_weight(linear).shape[1] for name, linear in readers.items()}
