@@ -37,6 +37,16 @@ class Kept:
     may_change: frozenset[str]
 
 
+def has_hooks(block: nn.Module) -> bool:
+    """Whether running parts of ``block`` would skip code that running it whole runs: forward hooks or pre-hooks
+    on it or any of its modules (or on every module), or accelerate's hooks (a model dispatched over devices)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in block.modules())
+
+
 def stop_point(parts: ResidualBlock, names: list[str]) -> str | None:
     """Where a pass that reads the inputs of ``names`` stops, if the block can be continued from there."""
     if len(names) != 1:

@@ -490,8 +490,9 @@ def run_blocks(
             # quantizers sit on their inputs (a restored block is put back as it was saved).
             stack = moe.unfuse(block, arch.experts, experts) if not restored or keep_unfused else None
             ctx = BlockContext(index, block, *block_layout(model, block), inputs, device, min_tokens=experts.min_tokens)
-            # input quantizers change what the linears compute from their inputs: then the block runs whole
-            ctx.parts = None if keep_unfused else residual_block(arch)
+            # input quantizers change what the linears compute from their inputs, and hooks would be skipped:
+            # then every pass runs the block from its start
+            ctx.parts = None if keep_unfused or block_parts.has_hooks(block) else residual_block(arch)
             if restored:
                 entry = _restore_block(ctx, steps, progress)
             else:

@@ -224,16 +224,20 @@ EVERY_SHORTCUT = ["attention", "mlp", "output", "attention", "mlp"]  # of a two-
 @pytest.mark.parametrize(
     "label,expected",
     [("gptq", EVERY_SHORTCUT), ("gptq then another step", []), ("gptq, one pass per block", []),
-     ("gptq, offloaded on the CPU", EVERY_SHORTCUT)],
+     ("gptq, offloaded on the CPU", EVERY_SHORTCUT), ("gptq, a hook on the first block's MLP", EVERY_SHORTCUT[3:])],
 )  # fmt: skip
 def test_only_a_last_true_sequential_step_keeps_what_a_pass_computed(label, expected, monkeypatch):
-    """A step after GPTQ may change the block, and one pass for every group precedes every solve: then each
-    pass starts from the block's input. (On the CPU the offloaded chunks are on the compute device.)"""
+    """A step after GPTQ may change the block, one pass for every group precedes every solve, and running parts
+    of a block would skip the hooks on its modules: then each pass starts from the block's input. (On the CPU
+    the offloaded chunks are on the compute device.)"""
     from ptq.methods.gptq import GPTQ
 
     spec = WeightSpec("int", 4, 16, False)
     steps = {"gptq then another step": [GPTQ(spec), RecordInputs()],
              "gptq, one pass per block": [GPTQ(spec, true_sequential=False)]}.get(label, [GPTQ(spec)])  # fmt: skip
+    model = tiny_model("llama")
+    if "hook" in label:
+        model.model.layers[0].mlp.register_forward_hook(lambda _module, _inputs, out: out * 2)
     events = record_shortcuts(monkeypatch)
-    run_blocks(tiny_model("llama"), steps, ids(n=4), torch.device("cpu"), offload="offloaded" in label)
+    run_blocks(model, steps, ids(n=4), torch.device("cpu"), offload="offloaded" in label)
     assert events == expected
