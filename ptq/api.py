@@ -82,6 +82,7 @@ def run_steps(
     on_block_done=None,
     progress=None,
     experts=None,
+    activations: str = "auto",
 ) -> dict:
     """Run prepared steps (``prepare_steps``) through the block pipeline; returns its report with
     the stored size of the result (``storage``)."""
@@ -95,8 +96,9 @@ def run_steps(
             on_quantized(name, qweight)
 
     report = run_blocks(
-        model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done, progress, experts
-    )
+        model, steps, calib, resolve_device(device), offload, batch_size, record, lazy, on_block_done, progress,
+        experts, activations,
+    )  # fmt: skip
     report["storage"] = storage.summary(model)
     return report
 
@@ -112,6 +114,7 @@ def quantize(
     lazy=None,
     on_block_done=None,
     experts=None,
+    activations: str = "auto",
     **settings,
 ) -> dict:
     """Quantize a Hugging Face causal LM in place, block by block; returns the pipeline's report.
@@ -130,7 +133,8 @@ def quantize(
     takes both (``store.add``, ``store.block_done``) and writes the checkpoint as blocks finish, then
     ``store.save(model, tokenizer)`` writes the rest. ``lazy``: a ``ptq.lazy.LazyModel`` whose blocks
     are read from the checkpoint one at a time (needs ``offload``). ``experts``: a ``ptq.moe.MoEPolicy``
-    for mixture-of-experts models (``calibrate_all_experts``, ``min_tokens``).
+    for mixture-of-experts models (``calibrate_all_experts``, ``min_tokens``). ``activations``: where the
+    calibration activations live: ``auto`` (host memory with ``offload``, else the device), ``host`` or ``device``.
     """
     if recipe is None:
         recipe = Recipe.build(**settings)
@@ -138,5 +142,6 @@ def quantize(
         raise UserError(f"give either a recipe or settings, not both (got a recipe and {sorted(settings)})")
     steps = prepare_steps(recipe, model.config)
     return run_steps(
-        model, steps, calib, device, offload, batch_size, on_quantized, lazy, on_block_done, experts=experts
-    )
+        model, steps, calib, device, offload, batch_size, on_quantized, lazy, on_block_done, experts=experts,
+        activations=activations,
+    )  # fmt: skip

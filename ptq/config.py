@@ -14,6 +14,7 @@ from ptq.data import CALIB_SETS, check_eval_source
 from ptq.errors import UserError
 from ptq.methods import METHODS
 from ptq.moe import MoEPolicy
+from ptq.pipeline import ACTIVATION_PLACES
 from ptq.quant.pack import PACKED_BITS
 from ptq.recipe import Recipe
 from ptq.storage import compressed_tensors
@@ -50,6 +51,9 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8  # windows per block forward in the pipeline
+    # where the calibration activations live: auto (in host memory with offload=true, else on the device),
+    # host, or device (with offload=true: only the model is offloaded)
+    activations: str = "auto"
 
 
 @dataclass
@@ -187,6 +191,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require_int("calib.seqlen", c.seqlen, 2)
     _require_int("calib.seed", c.seed)
     _require_int("calib.batch_size", c.batch_size, 1)
+    if c.activations not in ACTIVATION_PLACES:
+        raise ConfigError(
+            f"calib.activations={c.activations!r} is unknown; choose one of {', '.join(ACTIVATION_PLACES)}"
+        )
     if c.path is None and c.name not in CALIB_SETS:
         raise ConfigError(
             f"calib={c.name!r} is unknown; choose one of {', '.join(sorted(CALIB_SETS))}, "

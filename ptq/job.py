@@ -23,6 +23,7 @@ from ptq.data import EVAL_SETS
 from ptq.eval.perplexity import per_example, perplexity_of, token_nll
 from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
+from ptq.pipeline import activation_store
 from ptq.results import environment, write_json
 from ptq.storage import compressed_tensors
 from ptq.storage.progress import Progress
@@ -119,14 +120,14 @@ def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -
     config = plan.config.get_text_config() if hasattr(plan.config, "get_text_config") else plan.config
     element = torch.finfo(pick_dtype(cfg.model.dtype, device, plan.config)).bits // 8
     need = (cfg.calib.nsamples + cfg.calib.batch_size) * cfg.calib.seqlen * config.hidden_size * element
-    on_host = cfg.offload or device.type == "cpu"
+    on_host = activation_store(cfg.calib.activations, cfg.offload, device).type == "cpu"
     available = available_host_bytes() if on_host else torch.cuda.mem_get_info(device)[0]
     if available is not None and need > available:
         raise ConfigError(
             f"calib.nsamples={cfg.calib.nsamples} windows of calib.seqlen={cfg.calib.seqlen} tokens need about "
             f"{need / 2**30:.1f} GiB of {'host' if on_host else 'GPU'} memory for a block's inputs, more "
             f"than the {available / 2**30:.1f} GiB available: lower calib.nsamples"
-            + ("" if on_host else " or set offload=true (activations in host memory)")
+            + ("" if on_host else " or set calib.activations=host (or offload=true)")
         )
 
 
@@ -289,6 +290,7 @@ def quantize(
         device=device,
         offload=cfg.offload,
         batch_size=cfg.calib.batch_size,
+        activations=cfg.calib.activations,
         on_quantized=loaded.store.add if loaded.store else None,
         lazy=loaded.lazy,
         on_block_done=loaded.store.block_done if loaded.store else None,

@@ -403,6 +403,20 @@ def _restore_block(ctx: BlockContext, steps: list, progress) -> dict:
     return entry
 
 
+ACTIVATION_PLACES = ("auto", "host", "device")
+
+
+def activation_store(activations: str, offload: bool, device: torch.device) -> torch.device:
+    """Where the calibration activations live: ``host`` (streamed to ``device`` chunk by chunk), ``device``, or
+    ``auto``: in host memory when offloading, else on the device. On the device they cost no transfers, and
+    GPTQ's passes can continue from one another (``ptq.block_parts``)."""
+    if activations not in ACTIVATION_PLACES:
+        raise UserError(f"activations={activations!r} is unknown; choose one of {', '.join(ACTIVATION_PLACES)}")
+    if activations == "auto":
+        activations = "host" if offload else "device"
+    return torch.device("cpu") if activations == "host" else device
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -421,6 +435,7 @@ def run_blocks(
     on_block_done=None,
     progress=None,
     experts: moe.MoEPolicy | None = None,
+    activations: str = "auto",
 ) -> dict:
     """Quantize ``model`` in place, block by block, with each step in ``steps`` in order (steps
     already prepared for this model: ``ptq.api.prepare_steps``).
@@ -435,7 +450,8 @@ def run_blocks(
     (``ptq.storage.progress.Progress``): each finished block is saved there, and its first ``done``
     blocks are restored from it instead of quantized again (resume); they still run forward, which
     recomputes the calibration inputs of the next block. ``experts``: how a mixture-of-experts model's
-    experts are calibrated (``ptq.moe.MoEPolicy``; its defaults when None).
+    experts are calibrated (``ptq.moe.MoEPolicy``; its defaults when None). ``activations``: where the
+    calibration activations live (``activation_store``).
     """
     if lazy is not None and not offload:
         raise ValueError("loading blocks lazily from the checkpoint needs offload=true")
@@ -457,7 +473,7 @@ def run_blocks(
         calib_ids = shard_windows(calib_ids)
     if not offload:
         model.to(device)
-    store = torch.device("cpu") if offload else device
+    store = activation_store(activations, offload, device)
     report: dict = {"blocks": [], "capture_s": 0.0, "world_size": ranks}
     for step in steps:  # the model-level stage (rotations of the embedding and head), before any capture
         described = step.transform_model(model)

@@ -44,6 +44,7 @@ def test_paper_profile_is_one_setting_away():
         ("bits=16", "bits=16 is not a quantized format: use method=none"),
         ("device=cuda:x", "device='cuda:x' is unknown"),
         ("calib.nsamples=0", "calib.nsamples=0 must be at least 1"),
+        ("calib.activations=gpu", "calib.activations='gpu' is unknown; choose one of auto, host, device"),
         ("device=tpu", "device='tpu' is unknown"),
         ("eval.ppl=[wikitext3]", "eval.ppl has an unknown data set 'wikitext3'"),
         ("model.dtype=float8", "model.dtype='float8' is unknown"),

@@ -41,18 +41,22 @@ def test_gptq_pipeline_on_gpu_matches_cpu(offload):
     torch.testing.assert_close(on_gpu.cpu()(x).logits, on_cpu(x).logits, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_gptq_stages_continued_from_the_last_pass_equal_passes_from_the_start_in_bf16_on_gpu(offload, monkeypatch):
-    """Resident, each true-sequential pass continues the block from the previous one, and the next block's inputs
-    are finished from the last: bit for bit what passes from the block's start give. Offloaded, nothing more is
-    kept on the GPU."""
+@pytest.mark.parametrize("offload,activations", [(False, "auto"), (True, "auto"), (True, "device")])
+def test_gptq_stages_continued_from_the_last_pass_equal_passes_from_the_start_in_bf16_on_gpu(
+    offload, activations, monkeypatch
+):
+    """With the activations on the GPU, each true-sequential pass continues the block from the previous one, and
+    the next block's inputs are finished from the last: bit for bit what passes from the block's start give. With
+    the activations in host memory (offloading's default) nothing more is kept on the GPU."""
     from tests.test_pipeline import quantize_recording_shortcuts
 
     calib = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
-    settings = dict(calib=calib, device="cuda", offload=offload)
+    settings = dict(calib=calib, device="cuda", offload=offload, activations=activations)
     fast, plain = tiny_model("llama").to(torch.bfloat16), tiny_model("llama").to(torch.bfloat16)
     events, outputs, _ = quantize_recording_shortcuts(monkeypatch, fast, shortcuts=True, **settings)
-    assert events == ([] if offload else ["attention", "mlp", "output", "attention", "mlp"])
+    on_host = offload and activations == "auto"
+    assert events == ([] if on_host else ["attention", "mlp", "output", "attention", "mlp"])
+    assert next(fast.parameters()).device.type == ("cpu" if offload else "cuda")
     _, plain_outputs, _ = quantize_recording_shortcuts(monkeypatch, plain, shortcuts=False, **settings)
     assert torch.equal(outputs[0], plain_outputs[0])
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values(), strict=True):

@@ -241,3 +241,14 @@ def test_only_a_last_true_sequential_step_keeps_what_a_pass_computed(label, expe
     events = record_shortcuts(monkeypatch)
     run_blocks(model, steps, ids(n=4), torch.device("cpu"), offload="offloaded" in label)
     assert events == expected
+
+
+def test_activations_live_in_host_memory_when_offloading_unless_told():
+    from ptq.errors import UserError
+    from ptq.pipeline import activation_store
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert activation_store("auto", True, gpu) == cpu and activation_store("auto", False, gpu) == gpu
+    assert activation_store("device", True, gpu) == gpu and activation_store("host", False, gpu) == cpu
+    with pytest.raises(UserError, match="activations='gpu' is unknown; choose one of auto, host, device"):
+        activation_store("gpu", False, gpu)

@@ -166,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--layers", type=int, default=None, help="truncate the model to this many blocks")
     p.add_argument("--offload", action="store_true", help="model starts in host memory; one block on the GPU")
+    p.add_argument(
+        "--activations",
+        default="auto",
+        choices=["auto", "host", "device"],
+        help="where the calibration activations live (auto: host memory with --offload, else the GPU)",
+    )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--option", action="append", default=[], help="method option, e.g. gptq.act_order=true")
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 offload=args.offload,
                 lazy=lazy,
                 batch_size=args.batch_size,
+                activations=args.activations,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "offload": args.offload,
+        "activations": args.activations,
         "from_checkpoint": bool(args.from_checkpoint),
         "random_lazy": args.random_lazy,
         "dtype": args.dtype,
