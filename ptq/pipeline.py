@@ -172,6 +172,7 @@ class BlockContext:
     # (``ptq.block_parts``); set while the block's last step runs, None where that may not be done
     parts: ResidualBlock | None = None
     kept: block_parts.Kept | None = field(default=None, repr=False)  # what the last statistics pass kept
+    continued: int = 0  # passes (and the propagation) that continued from what a pass kept
 
     @property
     def sequential(self) -> tuple[tuple[str, ...], ...]:
@@ -234,6 +235,7 @@ class BlockContext:
         kept, self.kept = self.kept, None
         if kept is not None and kept.point == block_parts.OUTPUT:
             outputs = block_parts.block_outputs(self.parts, self.block, kept)
+            self.continued += 1
         else:
             outputs = self._each_chunk()
         for chunk, out in outputs:
@@ -294,6 +296,7 @@ class BlockContext:
         keeping = self._can_keep(point)
         firsts, seconds = [], []
         if point is not None and kept is not None and block_parts.can_continue(kept, point):
+            self.continued += 1
             stored = []
             for chunk, first, second in block_parts.continued(self.parts, self.block, kept):
                 on_input(names[0], second)
@@ -546,7 +549,7 @@ def run_blocks(
                 continue
             report["blocks"].append(
                 {"index": index, "seconds": seconds, "timings": ctx.timings, "peak_gpu_bytes": ctx.peak_gpu_bytes,
-                 "layers": ctx.stats, "moe": ctx.moe}
+                 "layers": ctx.stats, "moe": ctx.moe, "continued_passes": ctx.continued}
             )  # fmt: skip
             log.info("block %d/%d quantized in %.2f s (%s)", index + 1, len(blocks), seconds, bar.eta())
     return report

@@ -214,6 +214,8 @@ def test_gptq_stages_continue_the_block_from_the_last_pass_bit_for_bit(kind, mon
     assert torch.equal(outputs[0], plain_outputs[0])
     for block, plain_block in zip(report["blocks"], plain_report["blocks"], strict=True):
         assert block["layers"] == plain_block["layers"]  # losses, damping, token counts
+    assert [b["continued_passes"] for b in report["blocks"]] == [3, 2]
+    assert [b["continued_passes"] for b in plain_report["blocks"]] == [0, 0]
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             "capture_s": report["capture_s"],
             "capture_peak_gpu_bytes": report.get("capture_peak_gpu_bytes"),
             "block_s_median": statistics.median(block_s) if block_s else None,
+            # passes that continued from what the previous one kept (ptq/block_parts.py), over all blocks
+            "continued_passes": sum(block.get("continued_passes", 0) for block in report["blocks"]),
             "block_s": block_s,  # each block's seconds: the first (kernels compiled) apart from the steady state
             **phases,
         }
