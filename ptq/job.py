@@ -23,7 +23,7 @@ from ptq.data import EVAL_SETS
 from ptq.eval.perplexity import per_example, perplexity_of, token_nll
 from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
-from ptq.pipeline import activation_store
+from ptq.pipeline import activation_store, available_host_bytes
 from ptq.results import environment, write_json
 from ptq.storage import compressed_tensors
 from ptq.storage.progress import Progress
@@ -100,15 +100,6 @@ def check(cfg: RunConfig, named: list[str] | tuple = ()) -> Plan:
         )  # fmt: skip
     tokenizer = models.load_tokenizer(source)
     return Plan(source, config, steps, loaded_checkpoint, uses_calibration, context, tasks, tokenizer)
-
-
-def available_host_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux: no estimate, no refusal
-        return None
 
 
 def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -> None:

@@ -13,7 +13,6 @@ Calibration activations are kept in chunks of ``batch_size`` windows, on the com
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -369,16 +368,23 @@ def check_all_quantized(ctx: BlockContext, prefix: str) -> None:
         raise RuntimeError(f"{prefix}: the steps left {len(left)} linear(s) unquantized, e.g. {left[0]}")
 
 
+def available_host_bytes() -> int | None:
+    """The host memory the system says is available (Linux's MemAvailable); None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: no estimate
+        return None
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's caching
-    allocator holds unused; on the CPU the free physical memory (0 where the system does not say)."""
+    allocator holds unused; on the CPU the available host memory (0 where the system does not say)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    return available_host_bytes() or 0
 
 
 def _quantize_block(ctx: BlockContext, steps: list, prefix: str) -> None:
