@@ -254,3 +254,22 @@ def test_activations_live_in_host_memory_when_offloading_unless_told():
     assert activation_store("device", True, gpu) == gpu and activation_store("host", False, gpu) == cpu
     with pytest.raises(UserError, match="activations='gpu' is unknown; choose one of auto, host, device"):
         activation_store("gpu", False, gpu)
+
+
+def test_blocks_with_hooks_are_never_run_in_parts():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from ptq.block_parts import has_hooks
+
+    block = get_blocks(tiny_model("llama"))[0]
+    assert not has_hooks(block)
+    handle = register_module_forward_hook(lambda _module, _inputs, out: out)  # on every module
+    try:
+        assert has_hooks(block)
+    finally:
+        handle.remove()
+    block.self_attn.register_forward_pre_hook(lambda _module, args: None)
+    assert has_hooks(block)
+    other = get_blocks(tiny_model("llama"))[1]
+    other.mlp._hf_hook = object()  # accelerate's dispatch
+    assert has_hooks(other)
