@@ -66,11 +66,11 @@ def kept_bytes(parts: ResidualBlock, point: str, block: nn.Module, chunks: list[
     return tokens * (hidden + second) * chunks[0].element_size()
 
 
-def keeping_hooks(parts: ResidualBlock, point: str, block: nn.Module, firsts: list) -> list:
-    """Hooks that record, per chunk, the first tensor a pass stopping at ``point`` keeps: the block's input
-    (attention), or the residual stream entering the MLP's norm (the MLP, down_proj)."""
+def keeping_hook(parts: ResidualBlock, point: str, block: nn.Module, firsts: list):
+    """A hook that records, per chunk, the first tensor a pass stopping at ``point`` keeps: the block's input
+    (attention), or the residual stream entering the MLP's norm (the MLP, down_proj). Returns its handle."""
     module = block if point == ATTENTION else get_submodule(block, parts.mlp_norm)
-    return [module.register_forward_pre_hook(lambda _module, args: firsts.append(args[0]))]
+    return module.register_forward_pre_hook(lambda _module, args: firsts.append(args[0]))
 
 
 def can_continue(kept: Kept, point: str) -> bool:

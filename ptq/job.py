@@ -23,7 +23,7 @@ from ptq.data import EVAL_SETS
 from ptq.eval.perplexity import per_example, perplexity_of, token_nll
 from ptq.eval.tasks import evaluate_tasks, resolve_tasks, task_data_dir
 from ptq.lazy import has_safetensors, load_skeleton
-from ptq.pipeline import activation_store, available_host_bytes
+from ptq.pipeline import activation_store, available_host_bytes, free_memory
 from ptq.results import environment, write_json
 from ptq.storage import compressed_tensors
 from ptq.storage.progress import Progress
@@ -112,7 +112,7 @@ def check_calibration_memory(cfg: RunConfig, plan: Plan, device: torch.device) -
     element = torch.finfo(pick_dtype(cfg.model.dtype, device, plan.config)).bits // 8
     need = (cfg.calib.nsamples + cfg.calib.batch_size) * cfg.calib.seqlen * config.hidden_size * element
     on_host = activation_store(cfg.calib.activations, cfg.offload, device).type == "cpu"
-    available = available_host_bytes() if on_host else torch.cuda.mem_get_info(device)[0]
+    available = available_host_bytes() if on_host else free_memory(device)
     if available is not None and need > available:
         raise ConfigError(
             f"calib.nsamples={cfg.calib.nsamples} windows of calib.seqlen={cfg.calib.seqlen} tokens need about "

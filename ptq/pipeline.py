@@ -329,7 +329,7 @@ class BlockContext:
 
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
         if point is not None:
-            handles += block_parts.keeping_hooks(self.parts, point, self.block, firsts)
+            handles.append(block_parts.keeping_hook(self.parts, point, self.block, firsts))
         try:
             return [chunk for chunk, _ in self._each_chunk(stop_early=True, max_tokens=max_tokens)]
         finally:
@@ -393,7 +393,6 @@ def _quantize_block(ctx: BlockContext, steps: list, prefix: str) -> None:
     for step in steps:
         # only the last step may keep what a pass computed: a later one would change the block under it
         ctx.parts = parts if step is steps[-1] else None
-        ctx.kept = None
         step.quantize_block(ctx)
     check_all_quantized(ctx, prefix)
 

@@ -23,6 +23,7 @@ import ptq
 from ptq.api import join_ranks, leave_ranks
 from ptq.lazy import lazy_model, load_skeleton, meta_model
 from ptq.methods.stats import gather_rows
+from ptq.pipeline import ACTIVATION_PLACES
 from ptq.recipe import Recipe
 from ptq.results import environment, peak_memory
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--activations",
         default="auto",
-        choices=["auto", "host", "device"],
+        choices=ACTIVATION_PLACES,
         help="where the calibration activations live (auto: host memory with --offload, else the GPU)",
     )
     p.add_argument("--repeat", type=int, default=3)
