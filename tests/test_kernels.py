@@ -172,6 +172,57 @@ def test_every_one_token_w8a8_tile_gives_the_exact_product_of_the_codes():
 
 
 @needs_kernels
+@pytest.mark.parametrize("even", [False, True])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8", "nvfp4", "mxfp4"])
+def test_one_token_kernels_over_several_k_tiles(fmt, even):
+    """The one-token kernels that read whole columns (INT4) or rows (W8, FP4) of the weight, every candidate,
+    over several K tiles and split-K: K = 4640 partial in N, K, the group and the tiles; or even (the unmasked
+    path: N a multiple of every tile's columns, K of its K tile). W8A8 against the exact product of the
+    layer's codes."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import CompactLinear, Fp8Linear, Int8Linear, QuantLinear
+
+    n, k = ((1024 if fmt == "int4" else 32), 4096) if even else (96, 4640)
+
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    x = inputs(1, k)
+    act = kernels.ACT_NONE
+    if fmt == "int4":
+        layer = QuantLinear.from_quantized(quantize_weight(weight, WeightSpec("int", 4, 128, False)), None, DTYPE)
+        layer = layer.to(DEVICE)
+        args = (layer.qweight, layer.scales, layer.qzeros, None, (layer.qweight.stride(0), layer.scales.stride(0)), 128)
+        kind, marker, want = kernels.INT4, kernels.COLUMNS, x.float() @ layer.dequantized_weight(torch.float32).t()
+    elif fmt in ("int8", "fp8"):
+        cls, act, qmax = (Int8Linear, kernels.ACT_INT8, 127.0) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8, 448.0)
+        layer = cls.from_weight(weight, None).to(DEVICE)
+        args = (layer.weight, layer.weight_scale, None, None, (k, 0), 0)
+        x_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+        qx = torch.round(x.float() / x_scale) if fmt == "int8" else (x.float() / x_scale).to(torch.float8_e4m3fn)
+        want = (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
+        kind, marker = kernels.W8, kernels.ROWS
+    else:
+        layer = CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), None, DTYPE).to(DEVICE)
+        block = 16 if fmt == "nvfp4" else 32
+        strides = (layer.codes.stride(0), layer.scale.stride(0))
+        args = (layer.codes, layer.scale, None, layer.tensor_scale, strides, block)
+        kind, marker, want = kernels.FP4, kernels.ROWS, x.float() @ layer.dequantized_weight(torch.float32).t()
+    w, scale, zero, tensor_scale, strides, group = args
+    scale_kind = kernels.SCALE_E4M3 if fmt == "nvfp4" else kernels.SCALE_E8M0
+    configs = [c for c in kernels.GEMV_CANDIDATES[kind] if marker in c]
+    assert configs
+    for config in configs:
+
+        def run(config=config):
+            return kernels._launch(config, x, w, scale, zero, None, tensor_scale, n, k, strides, group, kind, act,
+                                   False, scale_kind, True)  # fmt: skip
+
+        got = run()
+        assert relative_error(got, want) < TOLERANCE, config
+        assert torch.equal(run(), got), config  # split-K's counters were left at zero for the next call
+    assert not kernels._counters[x.device].any()
+
+
+@needs_kernels
 @pytest.mark.parametrize("m,n,k", [(65, 96, 200), (130, 264, 512)])
 def test_every_int8_gemm_tile_gives_the_library_products_bits(m, n, k):
     """ptq's one-pass int8 GEMM (every candidate tile, edges partial) against torch._int_mm and the scaling

@@ -16,8 +16,11 @@ dequantize it tile by tile in registers, so that a decode step reads 4 or 8 bits
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output over 1/SPLIT_K of the K tiles; with
 SPLIT_K > 1 (more programs for narrow layers) the last program of a tile to finish adds the others' fp32
-partial sums (``_write_output``). One token takes ``_gemv_kernel`` instead: the same weight kinds on the
-CUDA cores, each thread keeping its own partial sums until the end.
+partial sums (``_write_output``). One token runs on the CUDA cores, near the memory bound when each thread
+sums its own products and converts a weight in one or two integer operations: ``_int4_gemv_kernel`` (INT4
+with contiguous groups: a thread holds whole columns of a group's words), ``_w8_gemv_kernel`` and
+``_fp4_gemv_kernel`` (8-bit and FP4 weights, K contiguous: a thread holds 16 or 32 K of several rows), and
+``_gemv_kernel`` for the rest (act-order's gathered groups, FP4 rows that are not whole int32 words).
 The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
 (``_config``, each replayed from a CUDA graph); CUDA-graph capture uses what was tuned before it.
 
@@ -356,6 +359,162 @@ if triton is not None:
         _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
 
     @triton.jit
+    def _columns_of_eight(x):
+        """The 8 columns [R] of an [R, 8] tile, in order (register moves: no shared memory)."""
+        rows: tl.constexpr = x.shape[0]
+        even, odd = tl.split(tl.reshape(x, [rows, 4, 2]))  # columns 0 2 4 6 | 1 3 5 7
+        c04, c26 = tl.split(tl.reshape(even, [rows, 2, 2]))  # 0 4 | 2 6
+        c15, c37 = tl.split(tl.reshape(odd, [rows, 2, 2]))  # 1 5 | 3 7
+        c0, c4 = tl.split(c04)
+        c2, c6 = tl.split(c26)
+        c1, c5 = tl.split(c15)
+        c3, c7 = tl.split(c37)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
+    def _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS: tl.constexpr, EVEN: tl.constexpr):
+        """Words [ROWS, BLOCK_N] and x [ROWS, 8] of K tile ``t`` (zeros past the end unless EVEN)."""
+        rw = t * ROWS + tl.arange(0, ROWS)
+        kk = rw[:, None] * 8 + tl.arange(0, 8)[None, :]
+        if EVEN:
+            return tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :]), tl.load(x_ptr + kk)
+        wmask = (rw < k_words)[:, None] & mask_n[None, :]
+        words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask, other=0)
+        return words, tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+
+    @triton.jit
+    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s, group,
+                          BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr,
+                          EVEN: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+        """One token times a GPTQ-packed 4-bit weight with contiguous groups, near the memory bound: each
+        thread holds whole columns of a tile of ROWS words (8 K each, one group: ROWS * 8 divides it), so the
+        sum over the tile is the thread's own and its group's scale and zero point apply once per column
+        (STAGES > 1: Triton pipelines the tile loads through shared memory, keeping loads in flight).
+        A code becomes a float in one AND: the nibble left in place is the bit pattern of the subnormal
+        q 2^(p - 149) (p its bit offset, below the exponent), and x's column is prescaled by 2^(100 - p), so
+        every product is exactly q x 2^-49 up to the FMA's rounding (fp32 subnormals are kept: no FTZ).
+        EVEN: K, N and the tiles split evenly, no masks."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        k_words = (K + 7) // 8
+        last = tl.cdiv(k_words, ROWS) - 1
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            t = pid_k + i * SPLIT_K
+            words, x = _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS, EVEN)
+            xf = x.to(tl.float32)
+            columns = _columns_of_eight(xf)
+            upper = words >> 12  # codes 5, 6, 7 at bits 8, 12, 16 (code 5 in place would touch the exponent)
+            dots = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(8):
+                # code j at bit p = 4 j (j < 5) or 4 j - 12 (of upper)
+                codes = (words if j < 5 else upper) & (15 << (4 * j - 12 * (j // 5)))
+                xj = columns[j] * 2.0 ** (100 - 4 * j + 12 * (j // 5))
+                dots += codes.to(tl.float32, bitcast=True) * xj[:, None]
+            g = t * ROWS * 8 // group
+            gmask = mask_n & (t <= last)
+            scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
+            zero = _gptq_zeros(z_ptr, g, rn, stride_s, gmask).to(tl.float32)
+            acc += scale * (tl.sum(dots, axis=0) * (2.0**49) - zero * tl.sum(tl.sum(xf, axis=1), axis=0))
+        one = tl.arange(0, 1)
+        _write_output(acc[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k,
+                      SPLIT_K)  # fmt: skip
+
+    @triton.jit
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, ACT: tl.constexpr,
+                        QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, EVEN: tl.constexpr,
+                        STAGES: tl.constexpr):  # fmt: skip
+        """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
+        weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
+        sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
+        all its rows. Same rounding and sums as ``_gemv_kernel``. EVEN: no masks."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        one = tl.arange(0, 1)
+        if ACT != 0:
+            x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            # loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
+            # [rows, K / 16, 16] so that the sum over the last axis is the thread's own
+            rk = (pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
+            w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + rk).to(tl.float32)
+                w = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)
+            if ACT != 0:
+                x = _quantize_tile(x[None, :], x_scale, ACT)
+            x = tl.reshape(x, [1, BLOCK_K // 16, 16])
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16])
+            if INT_SUMS:
+                acc += tl.sum(w.to(tl.int32) * x.to(tl.int32), axis=2)
+            else:
+                acc += tl.sum(_w8_values(w) * x, axis=2)
+        y = tl.sum(acc.to(tl.float32), axis=1) * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
+        if ACT != 0:
+            y = y * x_scale
+        _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
+
+    @triton.jit
+    def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s,
+                         SCALE_KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
+                         STAGES: tl.constexpr):  # fmt: skip
+        """One token times NVFP4 / MXFP4 weights read as int32 words of 8 nibbles ([N, K / 8], K contiguous):
+        each thread reads 4 words (32 K) of BLOCK_N rows per K tile, sums each scale block (BLOCK = 16 or 32
+        K: 2 or 4 words) itself and scales it. A nibble (sign, e1 e0 m at bit p) becomes an fp32 by moving
+        e1 e0 m to bits 22..24 and the sign to bit 31: that float is the E2M1 value times 2^-126 (e = 0 gives
+        the subnormal m 2^-127, e > 0 2^(e - 127) (1 + m / 2)); x is prescaled by 2^100 and the block sums
+        by 2^26. EVEN: no masks."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        words_per_block: tl.constexpr = BLOCK // 8
+        blocks: tl.constexpr = 4 // words_per_block  # scale blocks in a thread's 4 words
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 32, blocks], dtype=tl.float32)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            # loaded as [rows, words] (whole rows in each thread), then seen as [rows, K / 32, 4 words]
+            k0 = (pid_k + i * SPLIT_K) * BLOCK_K
+            rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            rb = k0 // BLOCK + tl.arange(0, BLOCK_K // BLOCK)
+            w_ptrs = w_ptr + rn[:, None] * stride_w + rw[None, :]
+            s_offsets = rn[:, None] * stride_s + rb[None, :]
+            if EVEN:
+                words = tl.load(w_ptrs)
+                scale = _fp4_scales(s_ptr, ts_ptr, s_offsets, mask_n[:, None], SCALE_KIND)
+            else:
+                words = tl.load(w_ptrs, mask=mask_n[:, None] & (rw * 8 < K)[None, :], other=0)
+                scale = _fp4_scales(s_ptr, ts_ptr, s_offsets, mask_n[:, None] & (rb * BLOCK < K)[None, :], SCALE_KIND)
+            words = tl.reshape(words, [BLOCK_N, BLOCK_K // 32, 4])
+            scale = tl.reshape(scale, [BLOCK_N, BLOCK_K // 32, blocks])
+            # x [1, K / 32, 4 words, 8 codes], prescaled by 2^100 (once per tile)
+            kk = rw[:, None] * 8 + tl.arange(0, 8)[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + kk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = tl.reshape(x * 2.0**100, [1, BLOCK_K // 32, 4, 8])
+            # code c's sign (bit 4 c + 3) to bit 31 by one shift; the arithmetic shift right by 6 then takes
+            # e1 e0 m from bits 28..30 to 22..24 and keeps the sign in bit 31
+            shifts = 28 - 4 * tl.arange(0, 8)
+            bits = ((words[:, :, :, None] << shifts[None, None, None, :]) >> 6) & -2118123520  # 0x81C00000
+            sums = tl.sum(bits.to(tl.float32, bitcast=True) * x, axis=3)
+            if words_per_block == 2:
+                sums = tl.sum(tl.reshape(sums, [BLOCK_N, BLOCK_K // 32, 2, 2]), axis=3)
+            else:
+                sums = tl.sum(sums, axis=2, keep_dims=True)
+            acc += sums * scale
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) * 2.0**26
+        one = tl.arange(0, 1)
+        _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
+
+    @triton.jit
     def _scale_product_kernel(y_ptr, sx_ptr, sw_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """out = (y * s_x[m]) * s_w[n] in the output's dtype: torch._int_mm's int32 product scaled back in one
         pass (in PyTorch ops: four passes over the [M, N] result)."""
@@ -466,13 +625,29 @@ CANDIDATES = {
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
 # loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
 # A sixth field INT_SUMS: for int8 W8A8, the codes' products summed in int32 (tuned against float sums).
+# W8 and FP4 take _w8_gemv_kernel / _fp4_gemv_kernel (the ROWS entries: BLOCK_N, num_warps, programs per
+# multiprocessor that split-K aims at, STAGES; BLOCK_K is 16 (W8) or 32 (FP4) K per thread),
+# FP4 where its rows are whole int32 words and its blocks 16 or 32; the others take _gemv_kernel.
+ROWS = "rows"
+# INT4 with contiguous groups takes _int4_gemv_kernel (the COLUMNS entries: BLOCK_N, ROWS of words per tile,
+# programs per multiprocessor that split-K aims at, num_warps, STAGES: more than 1 pipelines the tile loads
+# through shared memory); act-order takes the gathering kernel.
+COLUMNS = "columns"
 GEMV_CANDIDATES = {
-    INT4: [(64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
+    INT4: [(1024, 16, 3, 8, 1, COLUMNS), (512, 16, 4, 4, 1, COLUMNS), (256, 16, 8, 2, 1, COLUMNS),
+           (1024, 16, 3, 8, 3, COLUMNS), (512, 8, 4, 4, 3, COLUMNS), (1024, 8, 4, 4, 1, COLUMNS),
+           (2048, 8, 2, 8, 1, COLUMNS), (256, 16, 8, 2, 3, COLUMNS),
+           (64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
            (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
-    W8: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
+    W8: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (16, 8, 2, 1, ROWS),
+         (4, 4, 8, 1, ROWS), (8, 4, 4, 1, ROWS, INT_SUMS), (16, 4, 4, 1, ROWS, INT_SUMS),
+         (8, 2, 8, 1, ROWS, INT_SUMS),
+         (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
-    FP4: [(16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
+    FP4: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (4, 4, 8, 1, ROWS),
+          (16, 8, 2, 1, ROWS),
+          (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
           (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
 _tuned: dict[tuple, tuple] = {}
@@ -504,8 +679,64 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _even_split(tiles: int, wanted: int) -> int:
+    """A split of ``tiles`` K tiles near ``wanted`` programs per column block: the largest divisor of
+    ``tiles`` not above it (every program the same work, no masks) unless that is less than half of it."""
+    wanted = max(1, min(wanted, tiles))
+    divisor = max(d for d in range(1, wanted + 1) if tiles % d == 0)
+    return divisor if 2 * divisor >= wanted else wanted
+
+
+def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
+    block_n, rows, per_sm, warps, stages, _ = config
+    tiles = triton.cdiv(k, 8 * rows)
+    columns = triton.cdiv(n, block_n)
+    split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    even = k % (8 * rows) == 0 and n % block_n == 0 and tiles % split_k == 0
+    _int4_gemv_kernel[(columns, split_k)](x, w, scale, zero, y, workspace, _tile_counters(x.device, columns), n, k,
+                                          strides[0], strides[1], group, BLOCK_N=block_n, ROWS=rows,
+                                          SPLIT_K=split_k, TILES=triton.cdiv(tiles, split_k), EVEN=even,
+                                          STAGES=stages, num_warps=warps)  # fmt: skip
+    return y
+
+
+def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind):
+    block_n, warps, per_sm, stages, _, *variant = config
+    block_k = (16 if weight == W8 else 32) * 32 * warps
+    tiles = triton.cdiv(k, block_k)
+    columns = triton.cdiv(n, block_n)
+    split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
+    even = k % block_k == 0 and n % block_n == 0 and tiles % split_k == 0
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, TILES=triton.cdiv(tiles, split_k), EVEN=even,
+                  STAGES=stages, num_warps=warps)  # fmt: skip
+    counters = _tile_counters(x.device, columns)
+    if weight == W8:
+        int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
+        _w8_gemv_kernel[(columns, split_k)](x, w, scale, y, workspace, counters, n, k, strides[0], ACT=act,
+                                            QMAX=QMAX[act], ROW_TILES=tiles, INT_SUMS=int_sums, **common)  # fmt: skip
+    else:
+        words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
+        _fp4_gemv_kernel[(columns, split_k)](x, words, scale, scale if tensor_scale is None else tensor_scale, y,
+                                             workspace, counters, n, k, words.stride(0), strides[1],
+                                             SCALE_KIND=scale_kind, BLOCK=group, **common)  # fmt: skip
+    return y
+
+
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
             gemv=False):  # fmt: skip
+    if gemv and COLUMNS in config:
+        return _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group)
+    if gemv and ROWS in config:
+        return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind)
     block_n, block_k, split_k, warps, stages, *variant = config
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -554,6 +785,11 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
         x = x.contiguous()
     gemv = x.shape[0] == 1 and x.is_contiguous()
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
+    if weight == INT4 and gemv:  # contiguous groups: the COLUMNS kernel where its tiles lie in one group
+        fits = [c for c in candidates if COLUMNS in c and (group % (8 * c[1]) == 0 or group >= k)]
+        candidates = fits if g_idx is None and fits else [c for c in candidates if COLUMNS not in c]
+    if weight == FP4 and gemv and not (group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0):
+        candidates = [c for c in candidates if ROWS not in c]  # the words kernel reads rows of whole int32 words
     if weight == INT4 and g_idx is None and not gemv:  # the dot path's tiles must lie in one group
         candidates = [c for c in candidates if group % c[1] == 0 or group >= k]
         if not candidates:
