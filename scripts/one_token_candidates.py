@@ -1,0 +1,98 @@
+"""Every one-token candidate tile of ptq's kernels on the Llama-3-8B linears, timed (GPU only).
+
+    python scripts/one_token_candidates.py [--formats int4,int8,fp8,nvfp4,mxfp4] [--linears q,k,gate,down]
+
+For each format and linear: copies of the layer that hold more than the L2 cache, one CUDA graph that calls
+each candidate on all of them (``triton.testing.do_bench_cudagraph``, median), the time per call, the
+bandwidth of reading the layer's bytes in that time, and the relative error against the layer's own output
+(the dequantize-then-matmul reference for weight-only formats; W8A8 layers compute the same product). The
+fastest five per linear are printed, with bf16 (cuBLAS) for reference. What the tuner then picks per shape
+is what ``python -m ptq.bench.kernels`` times.
+"""
+
+import argparse
+
+import torch
+import triton
+
+from ptq.quant import WeightSpec, kernels, quantize_weight
+from ptq.quant.linear import CompactLinear, Fp8Linear, Int8Linear, QuantLinear
+
+SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
+BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1.0, "fp8": 1.0, "nvfp4": 0.5625, "mxfp4": 0.53125}
+L2_FLUSH_BYTES = 150e6
+
+
+def layer(fmt, weight):
+    if fmt == "int4":
+        spec = WeightSpec("int", 4, 128, False)
+        return QuantLinear.from_quantized(quantize_weight(weight, spec), None, torch.bfloat16)
+    if fmt == "int8":
+        return Int8Linear.from_weight(weight, None)
+    if fmt == "fp8":
+        return Fp8Linear.from_weight(weight, None)
+    return CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), None, torch.bfloat16)
+
+
+def seconds_per_call(calls) -> float:
+    """Median seconds of one call when all ``calls`` replay from one CUDA graph."""
+    total = triton.testing.do_bench_cudagraph(lambda: [call() for call in calls], rep=50, return_mode="median")
+    return total * 1e-3 / len(calls)
+
+
+def copies(nbytes: float) -> int:
+    return max(2, int(L2_FLUSH_BYTES // nbytes))
+
+
+def launcher(fmt, m, n, k):
+    """The kernel arguments of layer ``m`` for ``kernels._launch`` (one token)."""
+    if fmt == "int4":
+        return lambda c, x: kernels._launch(c, x, m.qweight, m.scales, m.qzeros, None, None, n, k,
+                                            (m.qweight.stride(0), m.scales.stride(0)), 128, kernels.INT4, 0, False, 0,
+                                            True)  # fmt: skip
+    if fmt in ("int8", "fp8"):
+        act = kernels.ACT_INT8 if fmt == "int8" else kernels.ACT_FP8
+        return lambda c, x: kernels._launch(c, x, m.weight, m.weight_scale, None, None, None, n, k, (k, 0), 0,
+                                            kernels.W8, act, False, 0, True)  # fmt: skip
+    group, kind = (16, kernels.SCALE_E4M3) if fmt == "nvfp4" else (32, kernels.SCALE_E8M0)
+    return lambda c, x: kernels._launch(c, x, m.codes, m.scale, None, None, m.tensor_scale, n, k,
+                                        (m.codes.stride(0), m.scale.stride(0)), group, kernels.FP4, 0, False, kind,
+                                        True)  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--formats", default="int4,int8,fp8,nvfp4,mxfp4")
+    p.add_argument("--linears", default="q,k,gate,down")
+    args = p.parse_args()
+    x_all = {}
+    for name in args.linears.split(","):
+        n, k = SHAPES[name]
+        x = x_all.setdefault(k, torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(2 * n * k))]
+        bf16 = seconds_per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
+        print(f"{name} n={n} k={k}: bf16 {bf16 * 1e6:.1f} us ({2 * n * k / bf16 / 1e12:.2f} TB/s)")
+        del dense
+        for fmt in args.formats.split(","):
+            nbytes = n * k * BYTES_PER_WEIGHT[fmt]
+            layers = [layer(fmt, torch.randn(n, k, device="cuda") * 0.02).cuda() for _ in range(copies(nbytes))]
+            want = layers[0](x).float()
+            kind = {"int4": kernels.INT4, "int8": kernels.W8, "fp8": kernels.W8}.get(fmt, kernels.FP4)
+            rows = []
+            for config in kernels.GEMV_CANDIDATES[kind]:
+                runs = [launcher(fmt, m, n, k) for m in layers]
+                try:
+                    got = runs[0](config, x).float()
+                    t = seconds_per_call([lambda r=r, c=config, x=x: r(c, x) for r in runs])
+                except Exception as err:  # a tile that does not compile for this shape
+                    print(f"  {fmt} {config}: {type(err).__name__}")
+                    continue
+                rows.append((t, config, ((got - want).norm() / want.norm()).item()))
+            for t, config, err in sorted(rows, key=lambda r: r[0])[:5]:
+                print(f"  {fmt:6s} {t * 1e6:7.1f} us  {nbytes / t / 1e12:5.2f} TB/s  error {err:.1e}  {config}")
+            del layers
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
