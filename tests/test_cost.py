@@ -88,3 +88,18 @@ def test_the_prefills_own_memory_counts_not_what_was_allocated_before_it():
         r["prefill_activation_bytes"] = r["prefill_peak_gpu_bytes"] - r["weight_bytes"]
         r["prefill_peak_gpu_bytes"] += 10 * 10**9  # ten GB left by an earlier format
     assert {r["format"]: r["sequences"] for r in cost.cost_rows(record, 3.5, 2048)} == clean
+
+
+def test_compiled_decode_rates_price_the_tokens_only_when_asked():
+    """A record of ptq.bench.infer --compile holds both rates per batch; the report reads one mode, and asking
+    for compiled rates a record does not have is one sentence, not a crash."""
+    record = infer_record()
+    for row, speedup in zip(record["formats"], (1.4, 1.6), strict=True):
+        row["decode_b1_compiled_tokens_per_s"] = row["decode_b1_tokens_per_s"] * speedup
+    graph = cost.cost_rows(record, 3.5, 2048)
+    assert [r["tokens_per_s"] for r in graph] == [{1: 130.0, 16: 1500.0}, {1: 180.0, 16: 1100.0}]
+    compiled = cost.cost_rows(record, 3.5, 2048, mode="compiled")
+    assert [r["tokens_per_s"] for r in compiled] == [{1: 130.0 * 1.4}, {1: 180.0 * 1.6}]
+    assert compiled[1]["cost_per_million"][1] == pytest.approx(3.5 / 3600 / (180.0 * 1.6) * 1e6)
+    with pytest.raises(SystemExit, match="no compiled decode rates"):
+        cost.cost_rows(infer_record(), 3.5, 2048, mode="compiled")

@@ -11,7 +11,8 @@ the weights, the measured decode tokens/s at each batch, and the cost per millio
 records: its peak minus the weights);
 ``utilization`` is the share of GPU memory a serving engine may take (vLLM's default, 0.9).
 
-    python -m ptq.bench.cost results/bench/infer_....json --price-per-gpu-hour 3.50 [--quality DIR ...] [--out DIR]
+    python -m ptq.bench.cost results/bench/infer_....json --price-per-gpu-hour 3.50 [--decode compiled]
+        [--quality DIR ...] [--out DIR]
 
 ``--quality``: records of ``ptq.run`` on a (small) model with the same formats; the plot puts each format's cost per
 million tokens against that model's perplexity, labeled as measured on a different model than the speed.
@@ -45,18 +46,29 @@ def cost_per_million(price_per_hour: float, tokens_per_s: float | None) -> float
     return None if not tokens_per_s else price_per_hour / 3600 / tokens_per_s * 1e6
 
 
-def decode_rates(row: dict) -> dict[int, float]:
-    """{batch: tokens/s} of a format's measured decode (CUDA-graph numbers where the record has them)."""
+DECODE_MODES = ("graph", "compiled")  # the step's kernels replayed from a CUDA graph; the torch.compile'd step
+
+
+def decode_rates(row: dict, mode: str = "graph") -> dict[int, float]:
+    """{batch: tokens/s} of a format's measured decode in ``mode`` (``decode_b{batch}_tokens_per_s`` for the
+    CUDA-graph numbers, ``decode_b{batch}_compiled_tokens_per_s`` for the compiled step's)."""
+    suffix = "_compiled_tokens_per_s" if mode == "compiled" else "_tokens_per_s"
     rates = {}
     for key, value in row.items():
-        if key.startswith("decode_b") and key.endswith("_tokens_per_s") and "eager" not in key:
-            rates[int(key.removeprefix("decode_b").removesuffix("_tokens_per_s"))] = value
+        batch = key.removeprefix("decode_b").removesuffix(suffix)
+        if key.startswith("decode_b") and key.endswith(suffix) and batch.isdigit():
+            rates[int(batch)] = value
     return dict(sorted(rates.items()))
 
 
 def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int | None = None,
-              utilization: float = UTILIZATION) -> list[dict]:  # fmt: skip
+              utilization: float = UTILIZATION, mode: str = "graph") -> list[dict]:  # fmt: skip
     """One row per format of an infer record: memory, concurrency, measured tokens/s and cost per batch."""
+    if mode not in DECODE_MODES:
+        raise SystemExit(f"--decode {mode!r}: choose from {', '.join(DECODE_MODES)}")
+    if not any(decode_rates(r, mode) for r in record["formats"]):
+        raise SystemExit(f"the record has no {mode} decode rates: run ptq.bench.infer with --compile, or pass "
+                         f"--decode graph")  # fmt: skip
     from ptq.bench.quant import SHAPES
 
     gpu_bytes = gpu_bytes or record.get("gpu_memory_bytes")
@@ -74,7 +86,7 @@ def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int 
         else:  # older records: the peak (of the prefill, or of the whole run) less the weights
             peak = r.get("prefill_peak_gpu_bytes", r["peak_gpu_bytes"])
             activations = max(0, peak - r["weight_bytes"])
-        rates = decode_rates(r)
+        rates = decode_rates(r, mode)
         rows.append({
             "format": r["format"],
             "weight_gb": r["weight_bytes"] / 1e9,
@@ -86,7 +98,7 @@ def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int 
     return rows
 
 
-def cost_table(rows: list[dict], context: int, price_per_hour: float) -> str:
+def cost_table(rows: list[dict], context: int, price_per_hour: float, mode: str = "graph") -> str:
     batches = sorted({b for r in rows for b in r["tokens_per_s"]})
     head = ["format", "weights GB", "vs bf16", f"sequences of {context} tok"]
     head += [f"tok/s b{b}" for b in batches] + [f"$/1M tok b{b}" for b in batches]
@@ -97,7 +109,11 @@ def cost_table(rows: list[dict], context: int, price_per_hour: float) -> str:
         cells += [f"{r['tokens_per_s'][b]:,.0f}" if b in r["tokens_per_s"] else "—" for b in batches]
         cells += [f"{r['cost_per_million'][b]:.2f}" if r["cost_per_million"].get(b) else "—" for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nPrice: ${price_per_hour:.2f} per GPU-hour; cost per million output tokens at each measured batch.")
+    decode = "the torch.compiled step" if mode == "compiled" else "kernels replayed from a CUDA graph"
+    lines.append(
+        f"\nPrice: ${price_per_hour:.2f} per GPU-hour; cost per million output tokens at each measured batch "
+        f"(decode: {decode})."
+    )
     return "\n".join(lines)
 
 
@@ -121,7 +137,7 @@ def best_quality(records: list[dict], fmt: str, metric: str = "wikitext2") -> di
     return min(scored, key=lambda r: r["metrics"]["ppl"][metric], default=None)
 
 
-def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path: Path) -> bool:
+def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path: Path, mode: str = "graph") -> bool:
     """Cost per million tokens at ``batch`` (x) against perplexity (y) per format; False if nothing to plot."""
     import matplotlib
 
@@ -141,7 +157,8 @@ def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path
         ax.scatter(cost, ppl)
         ax.annotate(f"{fmt} ({method})", (cost, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     models = sorted({p[4] for p in points})
-    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, measured speed)")
+    step = "compiled step" if mode == "compiled" else "CUDA-graph step"
+    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, {step}, measured speed)")
     ax.set_ylabel(f"WikiText-2 perplexity of {', '.join(models)}")
     ax.set_title("cost vs quality (quality measured on a different model than the speed)", fontsize=9)
     fig.tight_layout()
@@ -151,18 +168,18 @@ def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path
 
 
 def report(record: dict, price_per_hour: float, context: int, gpu_bytes: int | None = None,
-           quality: list[dict] | None = None, out: Path | None = None) -> dict:  # fmt: skip
-    rows = cost_rows(record, price_per_hour, context, gpu_bytes)
-    text = cost_table(rows, context, price_per_hour)
+           quality: list[dict] | None = None, out: Path | None = None, mode: str = "graph") -> dict:  # fmt: skip
+    rows = cost_rows(record, price_per_hour, context, gpu_bytes, mode=mode)
+    text = cost_table(rows, context, price_per_hour, mode)
     print(text)
-    result = {"price_per_gpu_hour": price_per_hour, "context": context, "rows": rows}
+    result = {"price_per_gpu_hour": price_per_hour, "context": context, "decode": mode, "rows": rows}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cost.md").write_text(text + "\n")
         (out / "cost.json").write_text(json.dumps(result, indent=1))
         if quality:
             batch = max(b for r in rows for b in r["tokens_per_s"])
-            plot_cost_vs_quality(rows, quality, batch, out / "cost_vs_quality.png")
+            plot_cost_vs_quality(rows, quality, batch, out / "cost_vs_quality.png", mode)
     return result
 
 
@@ -180,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=2048, help="tokens of KV cache each sequence holds")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="when the record does not say")
     p.add_argument("--quality", nargs="*", default=[], help="ptq.run records (files or folders) for the plot")
+    p.add_argument(
+        "--decode",
+        default="graph",
+        choices=DECODE_MODES,
+        help="which decode rates price the tokens (compiled: records of ptq.bench.infer --compile)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.price_per_gpu_hour <= 0 or args.context < 1:
@@ -187,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(Path(args.record).read_text())
     gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
     report(record, args.price_per_gpu_hour, args.context, gpu, load_records(args.quality),
-           Path(args.out) if args.out else None)  # fmt: skip
+           Path(args.out) if args.out else None, args.decode)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                 json.dump({**summary, "formats": records}, f, indent=2)
     summary["formats"] = records
     if args.price_per_gpu_hour is not None:
-        summary["cost"] = cost_report(summary, args.price_per_gpu_hour, args.context)
+        mode = "compiled" if args.compile else "graph"
+        summary["cost"] = cost_report(summary, args.price_per_gpu_hour, args.context, mode=mode)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
