@@ -276,6 +276,13 @@ if triton is not None:
         _write_output(acc, y_ptr, ws_ptr, cnt_ptr, rm, rn, mask_m, mask_n, M, N, stride_ym, tile, pid_k, SPLIT_K)
 
     @triton.jit
+    def _one_token_program(N, BLOCK_N: tl.constexpr):
+        """A one-token program's place: (column block, K split, its output columns, which of them exist)."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_n, pid_k, rn, rn < N
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr,
         N, K, stride_w, stride_s, group,
@@ -286,9 +293,7 @@ if triton is not None:
         """One token (M = 1) on the CUDA cores: each thread multiplies and adds its weights into its own
         partial sums over all of its K tiles, one reduction at the end (no tensor-core layout shuffles,
         no per-tile reductions). Same weight kinds and rounding as ``_skinny_kernel``."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < N
+        pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
@@ -394,9 +399,7 @@ if triton is not None:
         q 2^(p - 149) (p its bit offset, below the exponent), and x's column is prescaled by 2^(100 - p), so
         every product is exactly q x 2^-49 up to the FMA's rounding (fp32 subnormals are kept: no FTZ).
         EVEN: K, N and the tiles split evenly, no masks."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < N
+        pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         k_words = (K + 7) // 8
         last = tl.cdiv(k_words, ROWS) - 1
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -430,9 +433,7 @@ if triton is not None:
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
         all its rows. Same rounding and sums as ``_gemv_kernel``. EVEN: no masks."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < N
+        pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
@@ -472,9 +473,7 @@ if triton is not None:
         e1 e0 m to bits 22..24 and the sign to bit 31: that float is the E2M1 value times 2^-126 (e = 0 gives
         the subnormal m 2^-127, e > 0 2^(e - 127) (1 + m / 2)); x is prescaled by 2^100 and the block sums
         by 2^26. EVEN: no masks."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rn < N
+        pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         words_per_block: tl.constexpr = BLOCK // 8
         blocks: tl.constexpr = 4 // words_per_block  # scale blocks in a thread's 4 words
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32, blocks], dtype=tl.float32)
