@@ -273,3 +273,27 @@ def test_compact_layers_compute_on_gpu_as_on_cpu(fmt):
     layer.cuda()
     assert torch.equal(layer.dequantized_weight(torch.float32).cpu(), layer.cpu().dequantized_weight(torch.float32))
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w8a8", "fp8", "mxfp4"])
+def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
+    """ptq.fuse on CUDA: the joined products (ptq's one-token and few-token kernels, cuBLAS for bf16) give the
+    separate layers' logits up to bf16 rounding, and a decode step with them replays from a CUDA graph."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ptq.bench.infer import convert, graphed_decode
+    from ptq.fuse import fuse_projections
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    convert(model, fmt, group_size=128)
+    ids = torch.randint(0, 256, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        want = [model(input_ids=ids[:, :n]).logits.float() for n in (1, 16)]
+        assert fuse_projections(model) == 4
+        got = [model(input_ids=ids[:, :n]).logits.float() for n in (1, 16)]
+    for g, w in zip(got, want, strict=True):
+        assert ((g - w).norm() / w.norm()).item() < 2e-2
+    assert graphed_decode(model, ids, steps=4) > 0

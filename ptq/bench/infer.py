@@ -41,6 +41,7 @@ from ptq.bench.cost import concurrent_sequences, kv_bytes_per_token
 from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
+from ptq.fuse import fuse_projections
 from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
+    p.add_argument("--no-fuse", action="store_true", help="keep q, k, v and gate, up as separate products")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
@@ -329,11 +331,13 @@ def main(argv: list[str] | None = None) -> None:
         total_bf16 = module_bytes(model)
         linears_bf16 = block_linear_bytes(model)
         convert(model, fmt)
+        joined = 0 if args.no_fuse else fuse_projections(model)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
         kv = kv_bytes_per_token({**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})
         record = {
             "format": fmt,
+            "joined_groups": joined,  # q, k, v / gate, up groups computed as one product each (ptq.fuse)
             "weight_bytes": weights,  # everything the model holds: block linears + bf16 embeddings, head, norms
             "weight_bytes_vs_bf16": weights / total_bf16,
             "block_linear_bytes": linears,

@@ -26,14 +26,22 @@ from ptq.checkpoint import module_bytes
 from ptq.results import environment
 
 
-def block_linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of one block's linears."""
+def block_linear_shapes(shape: str, joined: bool = False) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of one block's linears; ``joined``: q, k, v and gate, up as the single
+    products ``ptq.fuse`` makes of them."""
     s = SHAPES[shape]
     hidden, inter = s["hidden_size"], s["intermediate_size"]
     head = hidden // s["num_attention_heads"]
     kv = s["num_key_value_heads"] * head
+    if joined:
+        return {"qkv": (hidden + 2 * kv, hidden), "o": (hidden, hidden), "gate_up": (2 * inter, hidden),
+                "down": (hidden, inter)}  # fmt: skip
     return {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
             "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}  # fmt: skip
+
+
+# Formats whose layers ptq.fuse cannot join (NVFP4: a global scale per layer; tinygemm: repacked weights)
+UNJOINED = ("nvfp4", "w4a16-tinygemm")
 
 
 L2_FLUSH_BYTES = 4 * 60 * 2**20  # the copies one timing cycles through: four times an H100/H200's L2
@@ -69,16 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--rows", default="1,16,64,2048")
+    p.add_argument(
+        "--joined",
+        action="store_true",
+        help="q, k, v and gate, up as one product each, as ptq.fuse joins them (not NVFP4, tinygemm)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
     device = cuda_or_exit("ptq.bench.kernels")
     bandwidth = copy_bandwidth(device)
     rows = [int(r) for r in args.rows.split(",")]
-    linears = block_linear_shapes(args.shape)
-    record = {"shape": args.shape, "rows": rows, "copy_bytes_per_s": bandwidth, "env": environment(device),
-              "command": command_line("python -m ptq.bench.kernels", argv), "formats": []}  # fmt: skip
+    record = {"shape": args.shape, "rows": rows, "joined": args.joined, "copy_bytes_per_s": bandwidth,
+              "env": environment(device), "command": command_line("python -m ptq.bench.kernels", argv),
+              "formats": []}  # fmt: skip
     for fmt in formats:
+        linears = block_linear_shapes(args.shape, args.joined and fmt not in UNJOINED)
         entry = {"format": fmt, "linears": {}}
         for name, (out_features, in_features) in linears.items():
             torch.manual_seed(0)

@@ -349,3 +349,68 @@ def quantized_linear(
         except PackError:
             pass
     return CompactLinear(qw, bias, dtype)
+
+
+def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer that computes the outputs of ``layers`` side by side (they read the same input), with their
+    stored numbers unchanged: their weights, scales and zero points concatenated along the output dimension.
+    None where the stored forms do not join: different kinds or formats, act-order's different orders,
+    NVFP4's different global scales, tinygemm's repacked weights, a method's own layout."""
+    first, kind = layers[0], type(layers[0])
+    if len(layers) < 2 or any(type(layer) is not kind for layer in layers):
+        return None
+    if any(layer.in_features != first.in_features for layer in layers):
+        return None
+    out_features = sum(layer.out_features for layer in layers)
+    bias = _joined_bias(layers)
+    if kind is nn.Linear:
+        joined = nn.Linear(first.in_features, out_features, bias=bias is not None, device="meta")
+        joined.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        joined.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return joined
+    if kind is QuantLinear:
+        same = all(layer.spec == first.spec and not layer.int4_group for layer in layers)
+        if not same or any(not torch.equal(layer.g_idx, first.g_idx) for layer in layers):
+            return None
+        joined = QuantLinear(first.in_features, out_features, first.spec, False, first.scales.dtype)
+        for name in ("qweight", "qzeros", "scales"):  # [words or groups, out (or out / 8)]: output along dim 1
+            setattr(joined, name, torch.cat([getattr(layer, name) for layer in layers], dim=1))
+        joined.g_idx, joined.bias = first.g_idx.clone(), bias
+        return joined
+    if kind in (Int8Linear, Fp8Linear):
+        joined = kind.__new__(kind)
+        StoredLayer.__init__(joined)
+        joined.out_features, joined.in_features = out_features, first.in_features
+        joined.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
+        scale_dim = first.weight_scale.dim() - 1  # Int8Linear's [out], Fp8Linear's [1, out]
+        joined.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers], dim=scale_dim))
+        joined.register_buffer("bias", bias)
+        return joined
+    if kind is CompactLinear:
+        if any(layer.spec != first.spec or layer.g_idx is not None for layer in layers):
+            return None
+        scales = [layer.tensor_scale for layer in layers]
+        if scales[0] is not None and any(not torch.equal(s, scales[0]) for s in scales):
+            return None
+        joined = kind.__new__(kind)
+        StoredLayer.__init__(joined)
+        joined.out_features, joined.in_features = out_features, first.in_features
+        joined.spec, joined.nibbles = first.spec, first.nibbles
+        for name in ("codes", "scale", "zero"):  # [out, ...]
+            parts = [getattr(layer, name) for layer in layers]
+            joined.register_buffer(name, None if parts[0] is None else torch.cat(parts))
+        joined.register_buffer("g_idx", None)
+        joined.register_buffer("tensor_scale", scales[0])
+        joined.register_buffer("bias", bias)
+        return joined
+    return None
+
+
+def _joined_bias(layers: list[nn.Module]) -> torch.Tensor | None:
+    """The layers' biases side by side (zeros for a layer without one); None when none has one."""
+    biases = [layer.bias for layer in layers]
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    return torch.cat([layer.bias if layer.bias is not None else present[0].new_zeros(layer.out_features)
+                      for layer in layers])  # fmt: skip

@@ -1,0 +1,83 @@
+"""Linears that read the same input computed as one product, for inference: q, k, v and gate, up.
+
+Serving engines multiply a block's attention input by q, k and v at once and its MLP input by gate and up at
+once; at one token each product is short, and launching three or two of them costs more than reading the
+weights (``ptq.bench.kernels``: k and v of the Llama-3-8B shape in 4 bits are launch-bound). ``fuse_projections``
+does the same to a model whose blocks the architecture table describes (``Arch.residual.readers``: the
+linears that read each norm's output): each group's layers are joined along the output dimension with their
+stored numbers unchanged (``ptq.quant.linear.join_outputs``), and each former layer becomes a part that returns
+its slice of the joined product. The first part's call computes the product; the others return their slices
+while the input is the same tensor (any other input is computed anew, so the result never depends on the
+order of the calls). The product is released once every part has taken its slice.
+
+For inference only: the joined layers replace the parts' weights, so a fused model is measured and run, not
+saved as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptq.models import get_arch, get_blocks, get_submodule
+from ptq.quant.linear import join_outputs
+
+
+class SharedInput(nn.Module):
+    """The joined layer of linears that read one input, and the product of its last input until each part
+    has taken its slice."""
+
+    def __init__(self, joined: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.joined, self.sizes = joined, sizes
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] | None = None
+        self._waiting = 0
+
+    def slice_of(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._outputs is None or x is not self._input:
+            self._outputs = self.joined(x).split(self.sizes, dim=-1)
+            self._input, self._waiting = x, len(self.sizes)
+        out = self._outputs[index]
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._input = self._outputs = None
+        return out
+
+
+class SharedInputPart(nn.Module):
+    """What was one of the linears: its slice of the shared product."""
+
+    def __init__(self, shared: SharedInput, index: int):
+        super().__init__()
+        self.shared, self.index = shared, index
+        self.in_features, self.out_features = shared.joined.in_features, shared.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.slice_of(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {len(self.shared.sizes)}, out={self.out_features}"
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> int:
+    """Join each block's linears that read the same input (see the module docstring); returns how many groups
+    were joined. Groups whose layers do not join (``join_outputs`` gives None) stay as they are."""
+    arch = get_arch(model)
+    if arch.residual is None:
+        return 0
+    fused = 0
+    for block in get_blocks(model):
+        for _, names in arch.residual.readers:
+            layers = [get_submodule(block, name) for name in names]
+            if any(layer is None for layer in layers):
+                continue
+            joined = join_outputs(layers)
+            if joined is None:
+                continue
+            shared = SharedInput(joined, [layer.out_features for layer in layers])
+            for index, name in enumerate(names):
+                block.set_submodule(name, SharedInputPart(shared, index))
+            fused += 1
+    return fused

@@ -1,0 +1,82 @@
+"""Joined projections for inference (ptq/fuse.py, ptq.quant.linear.join_outputs): q, k, v and gate, up as one
+product each give the model's outputs unchanged, in every format whose stored form joins."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from ptq.bench.infer import convert
+from ptq.checkpoint import module_bytes
+from ptq.fuse import SharedInput, SharedInputPart, fuse_projections
+from ptq.quant import WeightSpec, quantize_weight
+from ptq.quant.linear import CompactLinear, QuantLinear, join_outputs
+
+LLAMA = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+
+
+def tiny_model(fmt: str, config=LLAMA, cls=LlamaForCausalLM):
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    convert(model, fmt, group_size=32)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16-sym", "w4a16-actorder", "w8a8", "fp8", "mxfp4"])
+def test_joined_projections_give_the_same_outputs(fmt):
+    model = tiny_model(fmt)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        before = module_bytes(model)
+        assert fuse_projections(model) == 2 * LLAMA.num_hidden_layers  # q, k, v and gate, up in each block
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SharedInputPart)
+    # the same stored numbers: only QuantLinear's per-layer copies of g_idx become one
+    assert module_bytes(model) <= before
+    if not fmt.startswith("w4a16"):
+        assert module_bytes(model) == before
+    assert all(m._outputs is None for m in model.modules() if isinstance(m, SharedInput))  # products released
+
+
+def test_layers_that_do_not_join_stay_as_they_are():
+    """NVFP4 layers each have their own fp32 global scale; other groups of the model still join."""
+    model = tiny_model("nvfp4")
+    assert fuse_projections(model) == 0
+    assert isinstance(model.model.layers[0].self_attn.q_proj, CompactLinear)
+    w = torch.randn(32, 64)
+    int4 = QuantLinear.from_quantized(quantize_weight(w, WeightSpec("int", 4, 32, False)), None, torch.float32)
+    int8 = QuantLinear.from_quantized(quantize_weight(w, WeightSpec("int", 8, 32, False)), None, torch.float32)
+    assert join_outputs([int4, int8]) is None  # different specs
+    assert join_outputs([int4, torch.nn.Linear(64, 32)]) is None  # different kinds
+    assert join_outputs([int4]) is None
+
+
+def test_biases_join_and_any_call_order_gives_each_part_its_own_output():
+    """Qwen2's q, k, v have biases (its MLP has none). A part called first, or with another input, computes
+    the product anew: the result never depends on the order of the calls."""
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = tiny_model("w8a8", config, Qwen2ForCausalLM)
+    attention = model.model.layers[0].self_attn
+    separate = [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert all(layer.bias is not None for layer in separate)
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        want_x, want_y = [layer(x) for layer in separate], [layer(y) for layer in separate]
+        assert fuse_projections(model) == 2
+        parts = [attention.q_proj, attention.k_proj, attention.v_proj]
+        for index in (2, 0):  # v first, then q: each from its own product
+            torch.testing.assert_close(parts[index](x), want_x[index], rtol=0, atol=0)
+        torch.testing.assert_close(parts[1](y), want_y[1], rtol=0, atol=0)  # another input: computed anew
+        torch.testing.assert_close(parts[1](x), want_x[1], rtol=0, atol=0)
+
+
+def test_the_kernel_benchmark_times_the_joined_shapes():
+    from ptq.bench.kernels import block_linear_shapes
+
+    plain, joined = block_linear_shapes("llama-3-8b"), block_linear_shapes("llama-3-8b", joined=True)
+    assert joined["qkv"] == (sum(plain[name][0] for name in "qkv"), plain["q"][1])
+    assert joined["gate_up"] == (plain["gate"][0] + plain["up"][0], plain["gate"][1])
+    assert sum(n * k for n, k in joined.values()) == sum(n * k for n, k in plain.values())
