@@ -80,3 +80,18 @@ def test_the_kernel_benchmark_times_the_joined_shapes():
     assert joined["qkv"] == (sum(plain[name][0] for name in "qkv"), plain["q"][1])
     assert joined["gate_up"] == (plain["gate"][0] + plain["up"][0], plain["gate"][1])
     assert sum(n * k for n, k in joined.values()) == sum(n * k for n, k in plain.values())
+
+
+def test_qwen3_norms_after_the_projections_see_the_same_slices():
+    """Qwen3 normalizes q and k per head after the projections: the slices of the joined product are what
+    its norms read, so the logits are unchanged."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    model = tiny_model("w4a16", config, Qwen3ForCausalLM)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_projections(model) == 4
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-6, atol=1e-6)
