@@ -20,7 +20,8 @@ cache fits beside the weights; each after a 128-token prompt), as medians of ``-
 warm-up. Beside each decode rate: the share of the GPU's copy bandwidth (measured in the same run) that reading the
 weights once per step needs at that rate (block linears and the LM head; the distance to the memory-bound limit).
 ``--price-per-gpu-hour`` adds the cost report (``ptq.bench.cost``). Embeddings and the LM head stay bf16 in every
-format.
+format. Each block's q, k, v and gate, up are computed as one product each where the format's layers join
+(``ptq.fuse``, as serving engines do; ``--no-fuse`` keeps them apart; ``joined_groups`` in each row).
 Decode is measured twice: eager (each step launches every kernel from Python; at batch 1 that
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
