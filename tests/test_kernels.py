@@ -142,11 +142,14 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
     for gemv, candidates in ((False, kernels.CANDIDATES), (True, kernels.GEMV_CANDIDATES)):
         rows = slice(0, 1) if gemv else slice(None)
         for config in candidates[kw["weight"]]:
-            got = kernels._launch(config, x[rows], w, scale, kw["zero"], kw["g_idx"], kw["tensor_scale"], n, k,
-                                  strides, group, kw["weight"], kw["act"], False, kw["scale_kind"], gemv)  # fmt: skip
+            g_idx = kw["g_idx"]
+            if gemv and weight_kind == "int4" and kernels.COLUMNS not in config:  # the gathering kernel reads g_idx
+                g_idx = (torch.arange(k, device=DEVICE) // group).to(torch.int32)
+            launch = (config, x[rows], w, scale, kw["zero"], g_idx, kw["tensor_scale"], n, k, strides, group,
+                      kw["weight"], kw["act"], g_idx is not None, kw["scale_kind"], gemv)  # fmt: skip
+            got = kernels._launch(*launch)
             assert relative_error(got, want[rows]) < TOLERANCE, (gemv, config)
-            again = kernels._launch(config, x[rows], w, scale, kw["zero"], kw["g_idx"], kw["tensor_scale"], n, k,
-                                    strides, group, kw["weight"], kw["act"], False, kw["scale_kind"], gemv)  # fmt: skip
+            again = kernels._launch(*launch)
             assert torch.equal(again, got), (gemv, config)  # split-K's counters were left at zero for the next call
     assert not kernels._counters[x.device].any()
 

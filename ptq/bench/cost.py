@@ -46,7 +46,8 @@ def cost_per_million(price_per_hour: float, tokens_per_s: float | None) -> float
     return None if not tokens_per_s else price_per_hour / 3600 / tokens_per_s * 1e6
 
 
-DECODE_MODES = ("graph", "compiled")  # the step's kernels replayed from a CUDA graph; the torch.compile'd step
+# which measured decode prices the tokens: the step's kernels replayed from a CUDA graph, or the torch.compile'd step
+DECODE_MODES = {"graph": "CUDA-graph step", "compiled": "torch.compiled step"}
 
 
 def decode_rates(row: dict, mode: str = "graph") -> dict[int, float]:
@@ -64,8 +65,6 @@ def decode_rates(row: dict, mode: str = "graph") -> dict[int, float]:
 def cost_rows(record: dict, price_per_hour: float, context: int, gpu_bytes: int | None = None,
               utilization: float = UTILIZATION, mode: str = "graph") -> list[dict]:  # fmt: skip
     """One row per format of an infer record: memory, concurrency, measured tokens/s and cost per batch."""
-    if mode not in DECODE_MODES:
-        raise SystemExit(f"--decode {mode!r}: choose from {', '.join(DECODE_MODES)}")
     if not any(decode_rates(r, mode) for r in record["formats"]):
         raise SystemExit(f"the record has no {mode} decode rates: run ptq.bench.infer with --compile, or pass "
                          f"--decode graph")  # fmt: skip
@@ -109,10 +108,9 @@ def cost_table(rows: list[dict], context: int, price_per_hour: float, mode: str 
         cells += [f"{r['tokens_per_s'][b]:,.0f}" if b in r["tokens_per_s"] else "—" for b in batches]
         cells += [f"{r['cost_per_million'][b]:.2f}" if r["cost_per_million"].get(b) else "—" for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
-    decode = "the torch.compiled step" if mode == "compiled" else "kernels replayed from a CUDA graph"
     lines.append(
         f"\nPrice: ${price_per_hour:.2f} per GPU-hour; cost per million output tokens at each measured batch "
-        f"(decode: {decode})."
+        f"(decode: the {DECODE_MODES[mode]})."
     )
     return "\n".join(lines)
 
@@ -157,8 +155,7 @@ def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path
         ax.scatter(cost, ppl)
         ax.annotate(f"{fmt} ({method})", (cost, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     models = sorted({p[4] for p in points})
-    step = "compiled step" if mode == "compiled" else "CUDA-graph step"
-    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, {step}, measured speed)")
+    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, {DECODE_MODES[mode]}, measured speed)")
     ax.set_ylabel(f"WikiText-2 perplexity of {', '.join(models)}")
     ax.set_title("cost vs quality (quality measured on a different model than the speed)", fontsize=9)
     fig.tight_layout()

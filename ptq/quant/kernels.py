@@ -113,16 +113,6 @@ if triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
     @triton.jit
-    def _code_over_16_plus_one(words, SHIFT: tl.constexpr):
-        """1 + q / 16 as fp32 for the 4-bit code q at bit SHIFT of each int32 word: q moved to mantissa bits
-        19..22 under 1.0's exponent (exact for 0 <= q < 16)."""
-        if SHIFT <= 19:
-            bits = (words << (19 - SHIFT)) & 0x780000
-        else:  # an arithmetic shift: the sign bits it brings in are masked off
-            bits = (words >> (SHIFT - 19)) & 0x780000
-        return (bits | 0x3F800000).to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _fp4_values(codes):
         """E2M1 nibble (sign << 3 | exponent << 1 | mantissa) -> fp32, by building the fp32's bits: exponent
         e > 0 is 2^(e-1) (1 + m/2), e = 0 is m/2 (0 or 0.5)."""
@@ -292,7 +282,8 @@ if triton is not None:
     ):  # fmt: skip
         """One token (M = 1) on the CUDA cores: each thread multiplies and adds its weights into its own
         partial sums over all of its K tiles, one reduction at the end (no tensor-core layout shuffles,
-        no per-tile reductions). Same weight kinds and rounding as ``_skinny_kernel``."""
+        no per-tile reductions). Same weight kinds and rounding as ``_skinny_kernel``; INT4 gathers each
+        column's group through g_idx (act-order: contiguous groups take ``_int4_gemv_kernel``)."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0:
@@ -309,29 +300,12 @@ if triton is not None:
                 rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 wmask = (rw * 8 < K)[:, None] & mask_n[None, :]
                 words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask, other=0)
-                if ACT_ORDER:
-                    for j in tl.static_range(8):
-                        kj = rw * 8 + j
-                        xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                        gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
-                        w = _int4_weights((words >> (4 * j)) & 15, s_ptr, z_ptr, gj[:, None], rn[None, :], stride_s,
-                                          wmask)  # fmt: skip
-                        acc += xj[:, None] * w
-                else:  # a word's 8 columns share a group, so its scale and zero apply once per word row:
-                    # sum_j x_j (q_j - z) s = 16 s sum_j x_j (1 + q_j / 16) - (16 + z) s sum_j x_j, where 1 + q/16
-                    # is q's bits shifted under the exponent of 1.0 (a shift, a mask, an OR: no conversion)
-                    g = rw * 8 // group
-                    scale = tl.load(s_ptr + g[:, None] * stride_s + rn[None, :], mask=wmask, other=0.0)
-                    scale = scale.to(tl.float32)
-                    zero = _codes_to_float(_gptq_zeros(z_ptr, g[:, None], rn[None, :], stride_s, wmask), 0.0)
-                    sums = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
-                    x_sum = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
-                    for j in tl.static_range(8):
-                        kj = rw * 8 + j
-                        xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                        sums += xj[:, None] * _code_over_16_plus_one(words, 4 * j)
-                        x_sum += xj
-                    acc += (16.0 * scale) * sums - ((16.0 + zero) * scale) * x_sum[:, None]
+                for j in tl.static_range(8):  # act-order: each element gathers its group's scale and zero point
+                    kj = rw * 8 + j
+                    xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                    gj = tl.load(g_ptr + kj, mask=kj < K, other=0)
+                    w = _int4_weights((words >> (4 * j)) & 15, s_ptr, z_ptr, gj[:, None], rn[None, :], stride_s, wmask)
+                    acc += xj[:, None] * w
             elif WEIGHT == 1:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + one[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
@@ -630,7 +604,7 @@ CANDIDATES = {
 ROWS = "rows"
 # INT4 with contiguous groups takes _int4_gemv_kernel (the COLUMNS entries: BLOCK_N, ROWS of words per tile,
 # programs per multiprocessor that split-K aims at, num_warps, STAGES: more than 1 pipelines the tile loads
-# through shared memory); act-order takes the gathering kernel.
+# through shared memory); act-order takes _gemv_kernel (the other entries), which gathers each column's group.
 COLUMNS = "columns"
 GEMV_CANDIDATES = {
     INT4: [(1024, 16, 3, 8, 1, COLUMNS), (512, 16, 4, 4, 1, COLUMNS), (256, 16, 8, 2, 1, COLUMNS),
@@ -691,42 +665,43 @@ def _even_split(tiles: int, wanted: int) -> int:
     return divisor if 2 * divisor >= wanted else wanted
 
 
-def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
-    block_n, rows, per_sm, warps, stages, _ = config
-    tiles = triton.cdiv(k, 8 * rows)
-    columns = triton.cdiv(n, block_n)
+def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int):
+    """A one-token launch's grid (column blocks, split-K near ``per_sm`` programs per multiprocessor), its
+    output, split-K's workspace, the K tiles each program loops over, and EVEN: whole tiles and column blocks
+    for every program (no masks)."""
+    tiles, columns = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
     split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    even = k % (8 * rows) == 0 and n % block_n == 0 and tiles % split_k == 0
-    _int4_gemv_kernel[(columns, split_k)](x, w, scale, zero, y, workspace, _tile_counters(x.device, columns), n, k,
-                                          strides[0], strides[1], group, BLOCK_N=block_n, ROWS=rows,
-                                          SPLIT_K=split_k, TILES=triton.cdiv(tiles, split_k), EVEN=even,
-                                          STAGES=stages, num_warps=warps)  # fmt: skip
+    even = k % block_k == 0 and n % block_n == 0 and tiles % split_k == 0
+    return (columns, split_k), y, workspace, triton.cdiv(tiles, split_k), even
+
+
+def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
+    block_n, rows, per_sm, warps, stages, _ = config
+    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
+    _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
+                            strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
+                            STAGES=stages, num_warps=warps)  # fmt: skip
     return y
 
 
 def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind):
     block_n, warps, per_sm, stages, _, *variant = config
     block_k = (16 if weight == W8 else 32) * 32 * warps
-    tiles = triton.cdiv(k, block_k)
-    columns = triton.cdiv(n, block_n)
-    split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    even = k % block_k == 0 and n % block_n == 0 and tiles % split_k == 0
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, TILES=triton.cdiv(tiles, split_k), EVEN=even,
-                  STAGES=stages, num_warps=warps)  # fmt: skip
-    counters = _tile_counters(x.device, columns)
+    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm)
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
+                  num_warps=warps)  # fmt: skip
+    counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
-        _w8_gemv_kernel[(columns, split_k)](x, w, scale, y, workspace, counters, n, k, strides[0], ACT=act,
-                                            QMAX=QMAX[act], ROW_TILES=tiles, INT_SUMS=int_sums, **common)  # fmt: skip
+        _w8_gemv_kernel[grid](x, w, scale, y, workspace, counters, n, k, strides[0], ACT=act, QMAX=QMAX[act],
+                              ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, **common)  # fmt: skip
     else:
         words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
-        _fp4_gemv_kernel[(columns, split_k)](x, words, scale, scale if tensor_scale is None else tensor_scale, y,
-                                             workspace, counters, n, k, words.stride(0), strides[1],
-                                             SCALE_KIND=scale_kind, BLOCK=group, **common)  # fmt: skip
+        _fp4_gemv_kernel[grid](x, words, scale, scale if tensor_scale is None else tensor_scale, y, workspace,
+                               counters, n, k, words.stride(0), strides[1], SCALE_KIND=scale_kind, BLOCK=group,
+                               **common)  # fmt: skip
     return y
 
 
@@ -736,6 +711,8 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         return _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group)
     if gemv and ROWS in config:
         return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind)
+    if gemv and weight == INT4 and g_idx is None:
+        raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
     block_n, block_k, split_k, warps, stages, *variant = config
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -784,15 +761,15 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
         x = x.contiguous()
     gemv = x.shape[0] == 1 and x.is_contiguous()
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
-    if weight == INT4 and gemv:  # contiguous groups: the COLUMNS kernel where its tiles lie in one group
-        fits = [c for c in candidates if COLUMNS in c and (group % (8 * c[1]) == 0 or group >= k)]
-        candidates = fits if g_idx is None and fits else [c for c in candidates if COLUMNS not in c]
-    if weight == FP4 and gemv and not (group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0):
-        candidates = [c for c in candidates if ROWS not in c]  # the words kernel reads rows of whole int32 words
-    if weight == INT4 and g_idx is None and not gemv:  # the dot path's tiles must lie in one group
-        candidates = [c for c in candidates if group % c[1] == 0 or group >= k]
+    if weight == INT4 and g_idx is None:  # contiguous groups: a tile (ROWS words, or BLOCK_K) lies in one group
+        span = (lambda c: 8 * c[1]) if gemv else (lambda c: c[1])
+        candidates = [c for c in candidates if (COLUMNS in c) == gemv and (group % span(c) == 0 or group >= k)]
         if not candidates:
             raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")
+    elif weight == INT4 and gemv:  # act-order: the gathering kernel
+        candidates = [c for c in candidates if COLUMNS not in c]
+    if weight == FP4 and gemv and not (group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0):
+        candidates = [c for c in candidates if ROWS not in c]  # the words kernel reads rows of whole int32 words
     act_order = g_idx is not None
     key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, x.device)
 
