@@ -378,9 +378,7 @@ def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
         joined.g_idx, joined.bias = first.g_idx.clone(), bias
         return joined
     if kind in (Int8Linear, Fp8Linear):
-        joined = kind.__new__(kind)
-        StoredLayer.__init__(joined)
-        joined.out_features, joined.in_features = out_features, first.in_features
+        joined = _bare(kind, first.in_features, out_features)
         joined.register_buffer("weight", torch.cat([layer.weight for layer in layers]))
         scale_dim = first.weight_scale.dim() - 1  # Int8Linear's [out], Fp8Linear's [1, out]
         joined.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers], dim=scale_dim))
@@ -392,9 +390,7 @@ def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
         scales = [layer.tensor_scale for layer in layers]
         if scales[0] is not None and any(not torch.equal(s, scales[0]) for s in scales):
             return None
-        joined = kind.__new__(kind)
-        StoredLayer.__init__(joined)
-        joined.out_features, joined.in_features = out_features, first.in_features
+        joined = _bare(kind, first.in_features, out_features)
         joined.spec, joined.nibbles = first.spec, first.nibbles
         for name in ("codes", "scale", "zero"):  # [out, ...]
             parts = [getattr(layer, name) for layer in layers]
@@ -404,6 +400,14 @@ def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
         joined.register_buffer("bias", bias)
         return joined
     return None
+
+
+def _bare(kind: type, in_features: int, out_features: int) -> StoredLayer:
+    """A layer of ``kind`` with its sizes and no buffers yet (its constructor would quantize a weight)."""
+    layer = kind.__new__(kind)
+    StoredLayer.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    return layer
 
 
 def _joined_bias(layers: list[nn.Module]) -> torch.Tensor | None:
