@@ -15,23 +15,13 @@ import argparse
 import torch
 import triton
 
-from ptq.quant import WeightSpec, kernels, quantize_weight
-from ptq.quant.linear import CompactLinear, Fp8Linear, Int8Linear, QuantLinear
+from ptq.bench.infer import make_layer
+from ptq.quant import kernels
 
 SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
 BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1.0, "fp8": 1.0, "nvfp4": 0.5625, "mxfp4": 0.53125}
+BENCH_FORMAT = {"int4": "w4a16", "int8": "w8a8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}  # ptq.bench.infer's
 L2_FLUSH_BYTES = 150e6
-
-
-def layer(fmt, weight):
-    if fmt == "int4":
-        spec = WeightSpec("int", 4, 128, False)
-        return QuantLinear.from_quantized(quantize_weight(weight, spec), None, torch.bfloat16)
-    if fmt == "int8":
-        return Int8Linear.from_weight(weight, None)
-    if fmt == "fp8":
-        return Fp8Linear.from_weight(weight, None)
-    return CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), None, torch.bfloat16)
 
 
 def seconds_per_call(calls) -> float:
@@ -75,7 +65,8 @@ def main():
         del dense
         for fmt in args.formats.split(","):
             nbytes = n * k * BYTES_PER_WEIGHT[fmt]
-            layers = [layer(fmt, torch.randn(n, k, device="cuda") * 0.02).cuda() for _ in range(copies(nbytes))]
+            layers = [make_layer(BENCH_FORMAT[fmt], torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+                      for _ in range(copies(nbytes))]  # fmt: skip
             want = layers[0](x).float()
             kind = {"int4": kernels.INT4, "int8": kernels.W8, "fp8": kernels.W8}.get(fmt, kernels.FP4)
             rows = []
