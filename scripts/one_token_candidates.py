@@ -1,6 +1,7 @@
 """Every one-token candidate tile of ptq's kernels on the Llama-3-8B linears, timed (GPU only).
 
     python scripts/one_token_candidates.py [--formats int4,int8,fp8,nvfp4,mxfp4] [--linears q,k,gate,down]
+    python scripts/one_token_candidates.py --rows 16     # the few-token (tensor-core) candidates instead
 
 For each format and linear: copies of the layer that hold more than the L2 cache, one CUDA graph that calls
 each candidate on all of them (``triton.testing.do_bench_cudagraph``, median), the time per call, the
@@ -34,34 +35,37 @@ def copies(nbytes: float) -> int:
     return max(2, int(L2_FLUSH_BYTES // nbytes))
 
 
-def launcher(fmt, m, n, k):
-    """The kernel arguments of layer ``m`` for ``kernels._launch`` (one token)."""
+def launcher(fmt, m, n, k, gemv=True):
+    """The kernel arguments of layer ``m`` for ``kernels._launch`` (``gemv``: the one-token kernels)."""
     if fmt == "int4":
         return lambda c, x: kernels._launch(c, x, m.qweight, m.scales, m.qzeros, None, None, n, k,
                                             (m.qweight.stride(0), m.scales.stride(0)), 128, kernels.INT4, 0, False, 0,
-                                            True)  # fmt: skip
+                                            gemv)  # fmt: skip
     if fmt in ("int8", "fp8"):
         act = kernels.ACT_INT8 if fmt == "int8" else kernels.ACT_FP8
         return lambda c, x: kernels._launch(c, x, m.weight, m.weight_scale, None, None, None, n, k, (k, 0), 0,
-                                            kernels.W8, act, False, 0, True)  # fmt: skip
+                                            kernels.W8, act, False, 0, gemv)  # fmt: skip
     group, kind = (16, kernels.SCALE_E4M3) if fmt == "nvfp4" else (32, kernels.SCALE_E8M0)
     return lambda c, x: kernels._launch(c, x, m.codes, m.scale, None, None, m.tensor_scale, n, k,
                                         (m.codes.stride(0), m.scale.stride(0)), group, kernels.FP4, 0, False, kind,
-                                        True)  # fmt: skip
+                                        gemv)  # fmt: skip
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="int4,int8,fp8,nvfp4,mxfp4")
     p.add_argument("--linears", default="q,k,gate,down")
+    p.add_argument("--rows", type=int, default=1, help="tokens per call; above 1 the few-token candidates")
     args = p.parse_args()
+    gemv = args.rows == 1
+    candidates = kernels.GEMV_CANDIDATES if gemv else kernels.CANDIDATES
     x_all = {}
     for name in args.linears.split(","):
         n, k = SHAPES[name]
-        x = x_all.setdefault(k, torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        x = x_all.setdefault(k, torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(2 * n * k))]
         bf16 = seconds_per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
-        print(f"{name} n={n} k={k}: bf16 {bf16 * 1e6:.1f} us ({2 * n * k / bf16 / 1e12:.2f} TB/s)")
+        print(f"{name} n={n} k={k} rows={args.rows}: bf16 {bf16 * 1e6:.1f} us ({2 * n * k / bf16 / 1e12:.2f} TB/s)")
         del dense
         for fmt in args.formats.split(","):
             nbytes = n * k * BYTES_PER_WEIGHT[fmt]
@@ -70,8 +74,8 @@ def main():
             want = layers[0](x).float()
             kind = {"int4": kernels.INT4, "int8": kernels.W8, "fp8": kernels.W8}.get(fmt, kernels.FP4)
             rows = []
-            for config in kernels.GEMV_CANDIDATES[kind]:
-                runs = [launcher(fmt, m, n, k) for m in layers]
+            for config in candidates[kind]:
+                runs = [launcher(fmt, m, n, k, gemv) for m in layers]
                 try:
                     got = runs[0](config, x).float()
                     t = seconds_per_call([lambda r=r, c=config, x=x: r(c, x) for r in runs])

@@ -214,20 +214,34 @@ if triton is not None:
                 rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
                 words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask_words, other=0)
-                dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for j in tl.static_range(8):
-                    kj = rw * 8 + j
-                    xmask = mask_m[:, None] & (kj < K)[None, :]
-                    xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0).to(DOT)
-                    wj = _codes_to_float((words >> (4 * j)) & 15, 0.0).to(DOT)
-                    dots += tl.dot(xj, wj, input_precision="ieee")
-                    row_sums += tl.sum(xj.to(tl.float32), axis=1)
                 g = k0 // group
                 gmask = mask_n & (k0 < K)
                 scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
                 zero = _codes_to_float(_gptq_zeros(z_ptr, g, rn, stride_s, gmask), 0.0)
-                acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
+                # A nibble left in place at bit 4p of a half word, or'ed into 2^23's mantissa, is the float
+                # 2^23 + code 16^p: one subtraction gives (code - zero) 16^p, exact in bf16 (no row sums of x for
+                # the zero point, no shift per code); the four places p keep their own sums, joined once per tile.
+                offsets = (8388608.0 + zero, 8388608.0 + zero * 16.0, 8388608.0 + zero * 256.0,
+                           8388608.0 + zero * 4096.0)  # fmt: skip
+                halves = (words, (words >> 16) & 0xFFFF)
+                d0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                d1, d2, d3 = d0, d0, d0
+                for j in tl.static_range(8):
+                    kj = rw * 8 + j
+                    xmask = mask_m[:, None] & (kj < K)[None, :]
+                    xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0).to(DOT)
+                    place = 16 ** (j % 4)
+                    bits = (halves[j // 4] & (15 * place)) | 0x4B000000
+                    wj = (bits.to(tl.float32, bitcast=True) - offsets[j % 4][None, :]).to(DOT)
+                    if j % 4 == 0:
+                        d0 = tl.dot(xj, wj, d0, input_precision="ieee")
+                    elif j % 4 == 1:
+                        d1 = tl.dot(xj, wj, d1, input_precision="ieee")
+                    elif j % 4 == 2:
+                        d2 = tl.dot(xj, wj, d2, input_precision="ieee")
+                    else:
+                        d3 = tl.dot(xj, wj, d3, input_precision="ieee")
+                acc += scale[None, :] * (d0 + (d1 + (d2 + d3 * 0.0625) * 0.0625) * 0.0625)
             else:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mask_k = rk < K
