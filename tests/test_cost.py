@@ -103,3 +103,21 @@ def test_compiled_decode_rates_price_the_tokens_only_when_asked():
     assert compiled[1]["cost_per_million"][1] == pytest.approx(3.5 / 3600 / (180.0 * 1.6) * 1e6)
     with pytest.raises(SystemExit, match="no compiled decode rates"):
         cost.cost_rows(infer_record(), 3.5, 2048, mode="compiled")
+
+
+def test_records_of_separate_runs_are_priced_together_when_shape_and_gpu_agree(tmp_path):
+    first, later = infer_record(), infer_record()
+    later["formats"] = [dict(later["formats"][1], format="nvfp4")]
+    paths = []
+    for name, record in (("a.json", first), ("b.json", later)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(record))
+    cost.main([str(p) for p in paths] + ["--price-per-gpu-hour", "2.0", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "cost.json").read_text())
+    assert [r["format"] for r in saved["rows"]] == ["bf16", "w4a16", "nvfp4"]
+    assert saved["rows"][2]["weight_vs_bf16"] == pytest.approx(5.8 / 16.0)  # against the first run's bf16
+    later["gpu_memory_bytes"] = 141 * GIB
+    with pytest.raises(SystemExit, match="gpu_memory_bytes"):
+        cost.merge_records([first, later])
+    with pytest.raises(SystemExit, match="more than one record"):
+        cost.merge_records([first, first])

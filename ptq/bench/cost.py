@@ -11,8 +11,11 @@ the weights, the measured decode tokens/s at each batch, and the cost per millio
 records: its peak minus the weights);
 ``utilization`` is the share of GPU memory a serving engine may take (vLLM's default, 0.9).
 
-    python -m ptq.bench.cost results/bench/infer_....json --price-per-gpu-hour 3.50 [--decode compiled]
-        [--quality DIR ...] [--out DIR]
+    python -m ptq.bench.cost results/bench/infer_....json [more records] --price-per-gpu-hour 3.50
+        [--decode compiled] [--quality DIR ...] [--out DIR]
+
+Several records (runs of the same shape on the same GPU, e.g. a format measured in a later run) are priced as one
+table, each row as its own run measured it.
 
 ``--quality``: records of ``ptq.run`` on a (small) model with the same formats; the plot puts each format's cost per
 million tokens against that model's perplexity, labeled as measured on a different model than the speed.
@@ -155,7 +158,7 @@ def plot_cost_vs_quality(rows: list[dict], records: list[dict], batch: int, path
         ax.scatter(cost, ppl)
         ax.annotate(f"{fmt} ({method})", (cost, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     models = sorted({p[4] for p in points})
-    ax.set_xlabel(f"$ per million output tokens (decode batch {batch}, {DECODE_MODES[mode]}, measured speed)")
+    ax.set_xlabel(f"$ per million output tokens\n(decode batch {batch}, {DECODE_MODES[mode]}, measured speed)")
     ax.set_ylabel(f"WikiText-2 perplexity of {', '.join(models)}")
     ax.set_title("cost vs quality (quality measured on a different model than the speed)", fontsize=9)
     fig.tight_layout()
@@ -180,6 +183,22 @@ def report(record: dict, price_per_hour: float, context: int, gpu_bytes: int | N
     return result
 
 
+def merge_records(records: list[dict]) -> dict:
+    """One infer record from several runs of the same shape on the same GPU (e.g. a format measured in a
+    later run): their formats side by side, each row as its run measured it."""
+    first = records[0]
+    for other in records[1:]:
+        for key in ("shape", "layers", "gpu_memory_bytes"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"the records differ in {key} ({first.get(key)} and {other.get(key)}): "
+                                 f"price records of one shape on one GPU together")  # fmt: skip
+    names = [r["format"] for record in records for r in record["formats"]]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"a format appears in more than one record ({', '.join(names)}): pass each once")
+    return {**first, "formats": [r for record in records for r in record["formats"]],
+            "commands": [record.get("command") for record in records]}  # fmt: skip
+
+
 def load_records(paths: list[str]) -> list[dict]:
     files = []
     for p in map(Path, paths):
@@ -189,7 +208,7 @@ def load_records(paths: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("record", help="a ptq.bench.infer JSON record")
+    p.add_argument("record", nargs="+", help="ptq.bench.infer JSON records (several: of one shape and GPU)")
     p.add_argument("--price-per-gpu-hour", type=float, required=True)
     p.add_argument("--context", type=int, default=2048, help="tokens of KV cache each sequence holds")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="when the record does not say")
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.price_per_gpu_hour <= 0 or args.context < 1:
         raise SystemExit("--price-per-gpu-hour must be positive and --context at least 1")
-    record = json.loads(Path(args.record).read_text())
+    record = merge_records([json.loads(Path(path).read_text()) for path in args.record])
     gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
     report(record, args.price_per_gpu_hour, args.context, gpu, load_records(args.quality),
            Path(args.out) if args.out else None, args.decode)  # fmt: skip
