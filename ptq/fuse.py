@@ -10,6 +10,9 @@ its slice of the joined product. The first part's call computes the product; the
 while the input is the same tensor (any other input is computed anew, so the result never depends on the
 order of the calls). The product is released once every part has taken its slice.
 
+``sort_act_order_groups`` stores act-order layers' inputs in group order (Marlin's reordering), so that they
+compute through the contiguous-group kernels; joined act-order layers share one order and one gather.
+
 For inference only: the joined layers replace the parts' weights, so a fused model is measured and run, not
 saved as a checkpoint.
 """
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from ptq.models import get_arch, get_blocks, get_submodule
-from ptq.quant.linear import join_outputs
+from ptq.quant.linear import QuantLinear, join_outputs
 
 
 class SharedInput(nn.Module):
@@ -81,3 +84,10 @@ def fuse_projections(model: nn.Module) -> int:
                 block.set_submodule(name, SharedInputPart(shared, index))
             fused += 1
     return fused
+
+
+def sort_act_order_groups(model: nn.Module) -> int:
+    """Store every act-order 4-bit layer's input features in group order (``QuantLinear.sort_groups``), so
+    that it computes through the contiguous-group kernels and gathers its input instead; returns how many
+    layers were sorted. Inference only, like joining: the layers no longer hold the checkpoint's layout."""
+    return sum(module.sort_groups() for module in model.modules() if isinstance(module, QuantLinear))

@@ -95,3 +95,47 @@ def test_qwen3_norms_after_the_projections_see_the_same_slices():
         want = model(ids).logits
         assert fuse_projections(model) == 4
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-6, atol=1e-6)
+
+
+def act_order_layer(out_features: int = 64, in_features: int = 128, seed: int = 0) -> QuantLinear:
+    from ptq.bench.infer import act_order_rtn
+
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    return QuantLinear.from_quantized(act_order_rtn(weight, WeightSpec("int", 4, 32, False), seed), None,
+                                      torch.float32)  # fmt: skip
+
+
+def test_an_act_order_layer_with_its_inputs_in_group_order_computes_the_same():
+    """sort_groups stores the input features group by group (contiguous groups for the kernels) and gathers
+    x into that order per call; what the layer computes and reports as its weight does not change."""
+    layer = act_order_layer()
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2))
+    want, stored = layer(x), layer.quantized_weight()
+    assert layer.sort_groups()
+    assert torch.equal(layer.g_idx.long(), torch.arange(128) // 32)  # the stored groups are contiguous now
+    assert not torch.equal(layer.k_order.long(), torch.arange(128))
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)  # the same products, summed in another order
+    again = layer.quantized_weight()  # in the model's order, as the checkpoint stored it
+    for name in ("qweight", "scale", "zero", "g_idx"):
+        assert torch.equal(getattr(again, name), getattr(stored, name)), name
+    assert "k_order" in layer.state_dict()  # a state dict says its layout is not the checkpoint's
+    assert not layer.sort_groups()  # once
+    plain = QuantLinear.from_quantized(quantize_weight(torch.randn(64, 128), WeightSpec("int", 4, 32, False)), None,
+                                       torch.float32)  # fmt: skip
+    assert not plain.sort_groups() and plain.k_order is None  # contiguous groups already
+
+
+def test_sorted_layers_join_when_they_share_one_order():
+    """q, k, v read one input, so GPTQ's act-order gives them one order: their joined layer gathers x once."""
+    from ptq.fuse import sort_act_order_groups
+
+    q, k, other = act_order_layer(64), act_order_layer(32), act_order_layer(32, seed=3)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    want = torch.cat([q(x), k(x)], dim=-1)
+    model = torch.nn.ModuleList([q, k, other])
+    assert sort_act_order_groups(model) == 3
+    joined = join_outputs([q, k])
+    assert joined is not None and torch.equal(joined.k_order, q.k_order)
+    torch.testing.assert_close(joined(x), want, rtol=1e-5, atol=1e-5)
+    assert join_outputs([q, other]) is None  # another order
+    assert join_outputs([q, act_order_layer(32)]) is None  # sorted and as stored

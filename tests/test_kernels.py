@@ -78,6 +78,24 @@ def test_int4_layer_matches_dequantize_then_matmul(rows, case):
 
 @needs_kernels
 @pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("group", [64, 128])
+def test_act_order_layer_in_group_order_takes_the_contiguous_kernels(rows, group):
+    """sort_groups (for inference): act-order's scattered groups stored in group order (K = 320: with groups of
+    128 the last is partial); the layer gathers x and computes through the contiguous-group kernels."""
+    from ptq.quant.linear import QuantLinear
+
+    weight = torch.randn(96, 320, generator=torch.Generator().manual_seed(0))
+    qw = act_order_weight(weight, WeightSpec("int", 4, group, False))
+    layer = QuantLinear.from_quantized(qw, None, DTYPE).to(DEVICE)
+    x = inputs(rows, 320)
+    want = x.float() @ layer.dequantized_weight(torch.float32).t()
+    assert layer.sort_groups()
+    assert relative_error(layer(x), want) < TOLERANCE
+    assert layer._plain_groups  # the kernels saw contiguous groups
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_w8a8_layers_match_their_exact_product(rows, fmt):
     """The codes the layers give the activations (per token) and the weights (per channel), multiplied

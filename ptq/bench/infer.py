@@ -21,7 +21,8 @@ warm-up. Beside each decode rate: the share of the GPU's copy bandwidth (measure
 weights once per step needs at that rate (block linears and the LM head; the distance to the memory-bound limit).
 ``--price-per-gpu-hour`` adds the cost report (``ptq.bench.cost``). Embeddings and the LM head stay bf16 in every
 format. Each block's q, k, v and gate, up are computed as one product each where the format's layers join
-(``ptq.fuse``, as serving engines do; ``--no-fuse`` keeps them apart; ``joined_groups`` in each row).
+(``ptq.fuse``, as serving engines do; ``joined_groups`` in each row), and act-order layers store their inputs in
+group order (``sorted_layers``); ``--no-fuse`` keeps the layers as stored.
 Decode is measured twice: eager (each step launches every kernel from Python; at batch 1 that
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
@@ -42,7 +43,7 @@ from ptq.bench.cost import concurrent_sequences, kv_bytes_per_token
 from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
-from ptq.fuse import fuse_projections
+from ptq.fuse import fuse_projections, sort_act_order_groups
 from ptq.models import block_linears, get_blocks, get_weight
 from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
-    p.add_argument("--no-fuse", action="store_true", help="keep q, k, v and gate, up as separate products")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep the layers as stored: q, k, v and gate, up apart, act-order inputs unsorted")  # fmt: skip
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     formats = parse_formats(args.formats)
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         total_bf16 = module_bytes(model)
         linears_bf16 = block_linear_bytes(model)
         convert(model, fmt)
+        sorted_layers = 0 if args.no_fuse else sort_act_order_groups(model)
         joined = 0 if args.no_fuse else fuse_projections(model)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
@@ -339,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         record = {
             "format": fmt,
             "joined_groups": joined,  # q, k, v / gate, up groups computed as one product each (ptq.fuse)
+            "sorted_layers": sorted_layers,  # act-order layers with their inputs in group order (ptq.fuse)
             "weight_bytes": weights,  # everything the model holds: block linears + bf16 embeddings, head, norms
             "weight_bytes_vs_bf16": weights / total_bf16,
             "block_linear_bytes": linears,

@@ -8,7 +8,8 @@ timed replays over the copies. A graph, because at one token a layer's kernel ta
 launching it from Python takes as long: events around eager calls would time the launcher. Beside each
 time: the bytes the layer holds over the time, as a fraction of the device-to-device copy bandwidth
 measured in the same run (reading the weight once is the memory-bound limit). The block's totals weigh
-each linear once, as a decode step runs them.
+each linear once, as a decode step runs them. Act-order layers (``w4a16-actorder``) are timed as inference runs
+them: inputs in group order (``QuantLinear.sort_groups``), x gathered per call.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import torch
 from ptq.bench.infer import FORMATS, copy_bandwidth, cuda_or_exit, make_layer, parse_formats
 from ptq.bench.quant import SHAPES, command_line
 from ptq.checkpoint import module_bytes
+from ptq.quant.linear import QuantLinear
 from ptq.results import environment
+
+
+def timed_layer(fmt: str, weight: torch.Tensor) -> torch.nn.Module:
+    """``make_layer``'s layer as inference runs it (act-order: inputs stored in group order)."""
+    layer = make_layer(fmt, weight)
+    if isinstance(layer, QuantLinear):
+        layer.sort_groups()
+    return layer
 
 
 def block_linear_shapes(shape: str, joined: bool = False) -> dict[str, tuple[int, int]]:
@@ -97,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, (out_features, in_features) in linears.items():
             torch.manual_seed(0)
             weight = torch.randn(out_features, in_features, device=device, dtype=torch.bfloat16) * 0.02
-            first = make_layer(fmt, weight)
+            first = timed_layer(fmt, weight)
             held = module_bytes(first)
-            copies = [first] + [make_layer(fmt, weight.roll(c, 0)) for c in range(1, math.ceil(L2_FLUSH_BYTES / held))]
+            copies = [first] + [timed_layer(fmt, weight.roll(c, 0)) for c in range(1, math.ceil(L2_FLUSH_BYTES / held))]
             times = {}
             for m in rows:
                 x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)

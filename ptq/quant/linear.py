@@ -8,7 +8,7 @@ one dequantize or activation-quantize kernel for more (prefill). Elsewhere they 
 - ``QuantLinear``: GPTQ-packed weights (``ptq.quant.pack``), what a saved checkpoint holds; the kernels
   take 4-bit ones (any group, act-order too). ``use_int4_kernel()`` switches a layer to PyTorch's int4
   weight-only matmul instead (``aten._weight_int4pack_mm``, "tinygemm"; measured against ours in
-  ``ptq.bench.infer``).
+  ``ptq.bench.infer``); ``sort_groups()`` stores an act-order layer's inputs in group order for inference.
 - ``Int8Linear``: W8A8. int8 weights with one scale per output channel, activations quantized per
   token on the fly; for prefill ``torch._int_mm`` (int8 x int8 -> int32) or ptq's one-pass int8 GEMM,
   whichever is faster for the shape.
@@ -70,6 +70,7 @@ class QuantLinear(StoredLayer):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.register_buffer("k_order", None)  # set by sort_groups(): the input features' stored order
         self.int4_group = 0  # > 0 once use_int4_kernel() ran: int4_weight, int4_scales_zeros hold the weight
         self._plain_groups = None  # found at the first Triton call (the buffers are filled after __init__)
 
@@ -87,11 +88,38 @@ class QuantLinear(StoredLayer):
         return {name: getattr(self, name) for name in self.PACKED}
 
     def quantized_weight(self) -> QuantizedWeight:
-        return unpack_gptq(self.packed(), self.spec)
+        """The layer's codes and group parameters, input features in the model's order (also after
+        ``sort_groups``)."""
+        qw = unpack_gptq(self.packed(), self.spec)
+        if self.k_order is None:
+            return qw
+        restore = torch.argsort(self.k_order)
+        return QuantizedWeight(qw.qweight[:, restore].contiguous(), qw.scale, qw.zero, qw.g_idx[restore], qw.spec)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[out, in]: scale * (code - zero), with the fp16 scales the checkpoint stores."""
         return self.quantized_weight().dequantize().to(dtype)
+
+    def sort_groups(self) -> bool:
+        """For inference: store the input features in group order, so that an act-order layer (whose g_idx
+        scatters each group over the input) computes through the contiguous-group kernels, and gather each
+        input into that order instead (Marlin's reordering). The buffers then hold that order, not the
+        checkpoint's: the persistent ``k_order`` buffer marks it in a state dict. False (nothing done) where
+        the groups are contiguous already or do not hold group_size features each."""
+        if self.k_order is not None or self.int4_group:
+            return False
+        group = self.spec.group_size_for(self.in_features)
+        plain = torch.arange(self.in_features, device=self.g_idx.device) // group
+        order = torch.argsort(self.g_idx.long(), stable=True)
+        if torch.equal(self.g_idx.long(), plain) or not torch.equal(self.g_idx.long()[order], plain):
+            return False
+        qw = unpack_gptq(self.packed(), self.spec)
+        stored = QuantizedWeight(qw.qweight[:, order].contiguous(), qw.scale, qw.zero, plain.to(torch.int32), qw.spec)
+        for name, tensor in pack_gptq(stored).items():
+            setattr(self, name, tensor.to(getattr(self, name).dtype))
+        self.k_order = order.to(torch.int32)
+        self._plain_groups = None
+        return True
 
     def use_int4_kernel(self) -> None:
         """Repack for ``aten._weight_int4pack_mm`` (CUDA, 4-bit, contiguous groups of 32..256) and
@@ -99,10 +127,12 @@ class QuantLinear(StoredLayer):
         integer zero point z becomes the float offset scale * (8 - z)."""
         if not self.qweight.is_cuda:
             raise ValueError("the int4 kernel runs on CUDA: move the layer to the GPU first")
-        qw = self.quantized_weight()
+        qw = unpack_gptq(self.packed(), self.spec)  # in the stored order (sort_groups: the groups' order)
         g = qw.spec.group_size_for(self.in_features)
         if qw.spec.bits != 4 or g not in (32, 64, 128, 256) or self.in_features % g:
             raise ValueError(f"the int4 kernel needs 4 bits and groups of 32..256 dividing the input, not {qw.spec}")
+        if not torch.equal(qw.g_idx.long(), torch.arange(self.in_features, device=qw.g_idx.device) // g):
+            raise ValueError("the int4 kernel needs contiguous groups: call sort_groups() first (act-order)")
         codes = qw.qweight.to(torch.int32)  # [out, in]
         packed_bytes = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [out, in / 2]
         weight = torch.ops.aten._convert_weight_to_int4pack(packed_bytes.contiguous(), 8)
@@ -116,6 +146,8 @@ class QuantLinear(StoredLayer):
             setattr(self, name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k_order is not None:  # sort_groups(): the weight's input features are stored in group order
+            x = x.index_select(-1, self.k_order)
         if self.int4_group:
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm(flat, self.int4_weight, self.int4_group, self.int4_scales_zeros)
@@ -124,7 +156,7 @@ class QuantLinear(StoredLayer):
         if self.spec.bits == 4 and kernels.available(x):
             y = self._int4_triton(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return F.linear(x, unpack_gptq(self.packed(), self.spec).dequantize().to(x.dtype), self.bias)
 
     def _int4_triton(self, flat: torch.Tensor) -> torch.Tensor:
         group = self.spec.group_size_for(self.in_features)
@@ -143,7 +175,8 @@ class QuantLinear(StoredLayer):
 
     def extra_repr(self) -> str:
         kernel = "tinygemm" if self.int4_group else "triton on CUDA (4 bits)" if self.spec.bits == 4 else "dequantize"
-        return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}"
+        order = ", inputs in group order" if self.k_order is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}{order}"
 
 
 class Int8Linear(StoredLayer):
@@ -351,6 +384,13 @@ def quantized_linear(
     return CompactLinear(qw, bias, dtype)
 
 
+def _same_order(layer: QuantLinear, first: QuantLinear) -> bool:
+    """Whether two 4-bit layers store their input features alike: the same groups, in the same order."""
+    if not torch.equal(layer.g_idx, first.g_idx) or (layer.k_order is None) != (first.k_order is None):
+        return False
+    return layer.k_order is None or torch.equal(layer.k_order, first.k_order)
+
+
 def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
     """One layer that computes the outputs of ``layers`` side by side (they read the same input), with their
     stored numbers unchanged: their weights, scales and zero points concatenated along the output dimension.
@@ -370,12 +410,13 @@ def join_outputs(layers: list[nn.Module]) -> nn.Module | None:
         return joined
     if kind is QuantLinear:
         same = all(layer.spec == first.spec and not layer.int4_group for layer in layers)
-        if not same or any(not torch.equal(layer.g_idx, first.g_idx) for layer in layers):
+        if not same or any(not _same_order(layer, first) for layer in layers):
             return None
         joined = QuantLinear(first.in_features, out_features, first.spec, False, first.scales.dtype)
         for name in ("qweight", "qzeros", "scales"):  # [words or groups, out (or out / 8)]: output along dim 1
             setattr(joined, name, torch.cat([getattr(layer, name) for layer in layers], dim=1))
         joined.g_idx, joined.bias = first.g_idx.clone(), bias
+        joined.k_order = None if first.k_order is None else first.k_order.clone()
         return joined
     if kind in (Int8Linear, Fp8Linear):
         joined = _bare(kind, first.in_features, out_features)
