@@ -265,11 +265,12 @@ def test_every_int8_gemm_tile_gives_the_library_products_bits(m, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [5, 70])  # decode (each row in one tile) and prefill (tiles along the row)
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_quantize_rows_gives_the_reference_codes(fmt):
+def test_quantize_rows_gives_the_reference_codes(fmt, rows):
     from ptq.quant import kernels
 
-    x = inputs(5, 300)
+    x = inputs(rows, 300)
     act, qmax = (kernels.ACT_INT8, 127.0) if fmt == "int8" else (kernels.ACT_FP8, 448.0)
     q, scale = kernels.quantize_rows(x, act)
     want_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)

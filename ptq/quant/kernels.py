@@ -413,17 +413,21 @@ if triton is not None:
                       SPLIT_K)  # fmt: skip
 
     @triton.jit
-    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, ACT: tl.constexpr,
+    def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, ACT: tl.constexpr,
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, EVEN: tl.constexpr,
-                        STAGES: tl.constexpr):  # fmt: skip
+                        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
+                        EVEN: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
-        all its rows. Same rounding and sums as ``_gemv_kernel``. EVEN: no masks."""
+        all its rows. Same rounding and sums as ``_gemv_kernel``. CODES: x holds the activations' codes
+        already and xs_ptr their scale (``_quantize_rows``, once per call instead of once per row block).
+        EVEN: no masks."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
-        if ACT != 0:
+        if ACT != 0 and CODES:
+            x_scale = tl.load(xs_ptr + one)
+        elif ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
         acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
         for i in tl.range(0, TILES, num_stages=STAGES):
@@ -432,13 +436,17 @@ if triton is not None:
             rk = (pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
             w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
             if EVEN:
-                x = tl.load(x_ptr + rk).to(tl.float32)
+                x = tl.load(x_ptr + rk)
                 w = tl.load(w_ptrs)
             else:
-                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)
-            if ACT != 0:
-                x = _quantize_tile(x[None, :], x_scale, ACT)
+            if CODES:  # int8 codes or E4M3 values: exact as int32 or fp32
+                x = x.to(tl.int32 if INT_SUMS else tl.float32)
+            else:
+                x = x.to(tl.float32)
+                if ACT != 0:
+                    x = _quantize_tile(x[None, :], x_scale, ACT)
             x = tl.reshape(x, [1, BLOCK_K // 16, 16])
             w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16])
             if INT_SUMS:
@@ -602,6 +610,7 @@ if triton is not None:
 # against the one that interleaves the codes; never first, so untuned runs keep the tested default.
 NIBBLE = "nibble"
 INT_SUMS = "int_sums"  # one-token W8A8 with int8 weights: int32 sums of the codes' products (else ignored)
+CODES = "codes"  # one-token W8A8: the activations quantized once per call by a kernel before the product
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
@@ -611,7 +620,8 @@ CANDIDATES = {
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
 # loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
-# A sixth field INT_SUMS: for int8 W8A8, the codes' products summed in int32 (tuned against float sums).
+# A sixth field INT_SUMS: for int8 W8A8, the codes' products summed in int32 (tuned against float sums);
+# CODES: the activations quantized by one kernel before the product (tuned against rounding them inside).
 # W8 and FP4 take _w8_gemv_kernel / _fp4_gemv_kernel (the ROWS entries: BLOCK_N, num_warps, programs per
 # multiprocessor that split-K aims at, STAGES; BLOCK_K is 16 (W8) or 32 (FP4) K per thread),
 # FP4 where its rows are whole int32 words and its blocks 16 or 32; the others take _gemv_kernel.
@@ -628,7 +638,8 @@ GEMV_CANDIDATES = {
            (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
     W8: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (16, 8, 2, 1, ROWS),
          (4, 4, 8, 1, ROWS), (8, 4, 4, 1, ROWS, INT_SUMS), (16, 4, 4, 1, ROWS, INT_SUMS),
-         (8, 2, 8, 1, ROWS, INT_SUMS),
+         (8, 2, 8, 1, ROWS, INT_SUMS), (8, 4, 4, 1, ROWS, CODES), (16, 4, 4, 1, ROWS, CODES),
+         (8, 4, 4, 1, ROWS, INT_SUMS, CODES), (16, 4, 4, 1, ROWS, INT_SUMS, CODES), (8, 2, 8, 1, ROWS, INT_SUMS, CODES),
          (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
@@ -709,8 +720,11 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
-        _w8_gemv_kernel[grid](x, w, scale, y, workspace, counters, n, k, strides[0], ACT=act, QMAX=QMAX[act],
-                              ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, **common)  # fmt: skip
+        codes = CODES in variant and act != ACT_NONE
+        x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
+        _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, strides[0], ACT=act,
+                              QMAX=QMAX[act], ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes,
+                              **common)  # fmt: skip
     else:
         words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
         _fp4_gemv_kernel[grid](x, words, scale, scale if tensor_scale is None else tensor_scale, y, workspace,
@@ -802,9 +816,12 @@ def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tenso
     dtype = torch.int8 if act == ACT_INT8 else torch.float8_e4m3fn
     q = torch.empty(m, k, dtype=dtype, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    block_k = 1024 if k >= 1024 else 128
+    block_k, warps = (1024 if k >= 1024 else 128), 4
+    if m <= SKINNY_ROWS:  # a few programs: each row in one tile (up to 16K), so its two passes are one load each
+        block_k = min(triton.next_power_of_2(k), 16384)
+        warps = max(4, min(16, block_k // 1024))
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), ACT=act, QMAX=QMAX[act], BLOCK_K=block_k,
-                                ROW_TILES=triton.cdiv(k, block_k), num_warps=4)  # fmt: skip
+                                ROW_TILES=triton.cdiv(k, block_k), num_warps=warps)  # fmt: skip
     return q, s
 
 
