@@ -223,7 +223,7 @@ if triton is not None:
                 # the zero point, no shift per code); the four places p keep their own sums, joined once per tile.
                 offsets = (8388608.0 + zero, 8388608.0 + zero * 16.0, 8388608.0 + zero * 256.0,
                            8388608.0 + zero * 4096.0)  # fmt: skip
-                halves = (words, (words >> 16) & 0xFFFF)
+                halves = ((words & 0xFFFF) | 0x4B000000, (words >> 16) | 0x4B000000)  # 2^23's exponent, per word
                 d0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 d1, d2, d3 = d0, d0, d0
                 for j in tl.static_range(8):
@@ -231,7 +231,7 @@ if triton is not None:
                     xmask = mask_m[:, None] & (kj < K)[None, :]
                     xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0).to(DOT)
                     place = 16 ** (j % 4)
-                    bits = (halves[j // 4] & (15 * place)) | 0x4B000000
+                    bits = halves[j // 4] & (0x4B000000 | (15 * place))  # one AND per code
                     wj = (bits.to(tl.float32, bitcast=True) - offsets[j % 4][None, :]).to(DOT)
                     if j % 4 == 0:
                         d0 = tl.dot(xj, wj, d0, input_precision="ieee")
