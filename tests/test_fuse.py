@@ -22,7 +22,7 @@ def tiny_model(fmt: str, config=LLAMA, cls=LlamaForCausalLM):
     return model
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16-sym", "w4a16-actorder", "w8a8", "fp8", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16-sym", "w4a16-actorder", "w8a8", "fp8", "nvfp4", "mxfp4"])
 def test_joined_projections_give_the_same_outputs(fmt):
     model = tiny_model(fmt)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -41,10 +41,16 @@ def test_joined_projections_give_the_same_outputs(fmt):
 
 
 def test_layers_that_do_not_join_stay_as_they_are():
-    """NVFP4 layers each have their own fp32 global scale; other groups of the model still join."""
+    """NVFP4 layers with their own fp32 global scales do not join; ptq.bench.infer's conversion gives the linears
+    that read one input one global scale, as ptq's methods store them, and those join."""
     model = tiny_model("nvfp4")
-    assert fuse_projections(model) == 0
-    assert isinstance(model.model.layers[0].self_attn.q_proj, CompactLinear)
+    attention = model.model.layers[0].self_attn
+    assert torch.equal(attention.q_proj.tensor_scale, attention.v_proj.tensor_scale)
+    own = [CompactLinear(quantize_weight(torch.randn(32, 64) * s, WeightSpec.build("nvfp4")), None, torch.float32)
+           for s in (1.0, 3.0)]  # fmt: skip
+    assert not torch.equal(own[0].tensor_scale, own[1].tensor_scale)
+    assert join_outputs(own) is None
+    assert fuse_projections(model) == 2 * LLAMA.num_hidden_layers
     w = torch.randn(32, 64)
     int4 = QuantLinear.from_quantized(quantize_weight(w, WeightSpec("int", 4, 32, False)), None, torch.float32)
     int8 = QuantLinear.from_quantized(quantize_weight(w, WeightSpec("int", 8, 32, False)), None, torch.float32)

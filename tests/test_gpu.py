@@ -275,14 +275,15 @@ def test_compact_layers_compute_on_gpu_as_on_cpu(fmt):
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w8a8", "fp8", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["bf16", "w4a16", "w4a16-actorder", "w8a8", "fp8", "nvfp4", "mxfp4"])
 def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
-    """ptq.fuse on CUDA: the joined products (ptq's one-token and few-token kernels, cuBLAS for bf16) give the
-    separate layers' logits up to bf16 rounding, and a decode step with them replays from a CUDA graph."""
+    """ptq.fuse on CUDA: the joined products (ptq's one-token and few-token kernels, cuBLAS for bf16; act-order
+    with its inputs in group order) give the separate layers' logits up to bf16 rounding, and a decode step with
+    them replays from a CUDA graph."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ptq.bench.infer import convert, graphed_decode
-    from ptq.fuse import fuse_projections
+    from ptq.fuse import fuse_projections, sort_act_order_groups
 
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -292,6 +293,7 @@ def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
     ids = torch.randint(0, 256, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     with torch.no_grad():
         want = [model(input_ids=ids[:, :n]).logits.float() for n in (1, 16)]
+        assert sort_act_order_groups(model) == (14 if fmt == "w4a16-actorder" else 0)  # 7 linears in each block
         assert fuse_projections(model) == 4
         got = [model(input_ids=ids[:, :n]).logits.float() for n in (1, 16)]
     for g, w in zip(got, want, strict=True):

@@ -44,7 +44,7 @@ from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.fuse import fuse_projections, sort_act_order_groups
-from ptq.models import block_linears, get_blocks, get_weight
+from ptq.models import block_linears, get_arch, get_blocks, get_weight
 from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
 from ptq.quant.weight import QuantizedWeight
@@ -80,8 +80,10 @@ def act_order_rtn(weight: torch.Tensor, spec: WeightSpec, seed: int = 0) -> Quan
     return QuantizedWeight(permuted.qweight[:, inverse].contiguous(), permuted.scale, permuted.zero, g_idx, spec)
 
 
-def make_layer(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
-    """The layer a format computes with, from a bf16 weight [out, in] (RTN)."""
+def make_layer(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128,
+               tensor_scale: torch.Tensor | None = None):  # fmt: skip
+    """The layer a format computes with, from a bf16 weight [out, in] (RTN; ``tensor_scale``: NVFP4's global
+    scale when shared with other linears)."""
     if fmt == "bf16":
         layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         layer.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -92,7 +94,7 @@ def make_layer(fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
     if fmt == "fp8":
         return Fp8Linear.from_weight(weight, bias)
     if fmt in ("nvfp4", "mxfp4"):
-        return CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), bias, weight.dtype)
+        return CompactLinear(quantize_weight(weight, WeightSpec.build(fmt), tensor_scale), bias, weight.dtype)
     if fmt.startswith("w4a16"):
         spec = WeightSpec("int", 4, group_size, fmt == "w4a16-sym")
         qw = act_order_rtn(weight, spec) if fmt == "w4a16-actorder" else quantize_weight(weight, spec)
@@ -109,10 +111,28 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
     if fmt == "bf16":
         return
     for block in get_blocks(model):
-        for name, linear in block_linears(model, block).items():
-            block.set_submodule(name, make_layer(fmt, get_weight(linear), linear.bias, group_size))
+        linears = block_linears(model, block)
+        shared = shared_tensor_scales(model, linears, fmt)
+        for name, linear in linears.items():
+            block.set_submodule(name, make_layer(fmt, get_weight(linear), linear.bias, group_size, shared.get(name)))
             del linear
     torch.cuda.empty_cache()
+
+
+def shared_tensor_scales(model, linears: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """NVFP4's global scale shared by the linears that read one input (the architecture table's
+    ``residual.readers``), as ptq's methods store them (``ptq.methods.rtn.round_group``) and as serving
+    engines need for the one layer they make of them; empty for formats without a global scale."""
+    arch = get_arch(model)
+    if fmt not in ("nvfp4", "mxfp4") or arch.residual is None or not WeightSpec.build(fmt).fmt.has_tensor_scale:
+        return {}
+    spec, shared = WeightSpec.build(fmt), {}
+    for _, names in arch.residual.readers:
+        group = [name for name in names if name in linears]
+        if group:
+            scale = torch.stack([spec.tensor_scale(get_weight(linears[name])) for name in group]).min()
+            shared.update(dict.fromkeys(group, scale))
+    return shared
 
 
 def copy_bandwidth(device: torch.device, gib: int = 2, repeat: int = 5) -> float:

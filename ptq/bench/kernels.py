@@ -50,8 +50,9 @@ def block_linear_shapes(shape: str, joined: bool = False) -> dict[str, tuple[int
             "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}  # fmt: skip
 
 
-# Formats whose layers ptq.fuse cannot join (NVFP4: a global scale per layer; tinygemm: repacked weights)
-UNJOINED = ("nvfp4", "w4a16-tinygemm")
+# Formats whose layers ptq.fuse cannot join (tinygemm: repacked weights). NVFP4 joins: the linears that read one
+# input share one global scale (ptq's methods, and ptq.bench.infer's conversion, store them so)
+UNJOINED = ("w4a16-tinygemm",)
 
 
 L2_FLUSH_BYTES = 4 * 60 * 2**20  # the copies one timing cycles through: four times an H100/H200's L2
