@@ -45,7 +45,7 @@ from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.fuse import fuse_projections, sort_act_order_groups
 from ptq.models import block_linears, get_arch, get_blocks, get_weight
-from ptq.quant import WeightSpec, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight, shared_tensor_scale
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
 from ptq.quant.weight import QuantizedWeight
 from ptq.results import environment
@@ -124,13 +124,13 @@ def shared_tensor_scales(model, linears: dict, fmt: str) -> dict[str, torch.Tens
     ``residual.readers``), as ptq's methods store them (``ptq.methods.rtn.round_group``) and as serving
     engines need for the one layer they make of them; empty for formats without a global scale."""
     arch = get_arch(model)
-    if fmt not in ("nvfp4", "mxfp4") or arch.residual is None or not WeightSpec.build(fmt).fmt.has_tensor_scale:
+    if fmt not in ("nvfp4", "mxfp4") or arch.residual is None:
         return {}
     spec, shared = WeightSpec.build(fmt), {}
     for _, names in arch.residual.readers:
         group = [name for name in names if name in linears]
-        if group:
-            scale = torch.stack([spec.tensor_scale(get_weight(linears[name])) for name in group]).min()
+        scale = shared_tensor_scale([get_weight(linears[name]) for name in group], spec)
+        if scale is not None:
             shared.update(dict.fromkeys(group, scale))
     return shared
 

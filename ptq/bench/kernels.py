@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--joined",
         action="store_true",
-        help="q, k, v and gate, up as one product each, as ptq.fuse joins them (not NVFP4, tinygemm)",
+        help="q, k, v and gate, up as one product each, as ptq.fuse joins them (not tinygemm)",
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

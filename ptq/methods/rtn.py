@@ -1,11 +1,9 @@
 """Round-to-nearest: every weight to its nearest grid point, no data needed (the baseline)."""
 
-import torch
-
 from ptq.methods.base import Method
 from ptq.models import get_weight
 from ptq.pipeline import BlockContext
-from ptq.quant import WeightSpec, quantize_weight
+from ptq.quant import WeightSpec, quantize_weight, shared_tensor_scale
 
 
 def round_linears(ctx: BlockContext, spec: WeightSpec) -> None:
@@ -20,9 +18,7 @@ def round_linears(ctx: BlockContext, spec: WeightSpec) -> None:
 def round_group(ctx: BlockContext, group: tuple[str, ...], spec: WeightSpec) -> None:
     """Round the linears of one group (one input), with one NVFP4 global scale between them."""
     weights = {name: get_weight(ctx.linears[name]) for name in group if name in ctx.linears}
-    shared = None
-    if spec.fmt.has_tensor_scale and weights:
-        shared = torch.stack([spec.tensor_scale(w) for w in weights.values()]).min()  # the largest amax
+    shared = shared_tensor_scale(list(weights.values()), spec)
     for name, weight in weights.items():
         ctx.set_quantized(name, quantize_weight(weight, spec, shared))
 

@@ -9,6 +9,7 @@ from ptq.quant.weight import (
     group_rows,
     quantize_weight,
     row_params,
+    shared_tensor_scale,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "group_rows",
     "quantize_weight",
     "row_params",
+    "shared_tensor_scale",
 ]

@@ -99,6 +99,14 @@ class QuantizedWeight:
         return self.spec.dequantize(codes, self.scale[:, cols], self.zero[:, cols])
 
 
+def shared_tensor_scale(weights: list[torch.Tensor], spec: WeightSpec) -> torch.Tensor | None:
+    """One NVFP4 global scale for linears that read one input (the one that covers the largest amax), as
+    inference engines need for the layer they join them into; None for formats without a global scale."""
+    if not spec.fmt.has_tensor_scale or not weights:
+        return None
+    return torch.stack([spec.tensor_scale(w) for w in weights]).min()
+
+
 def quantize_weight(
     weight: torch.Tensor, spec: WeightSpec, tensor_scale: torch.Tensor | None = None
 ) -> QuantizedWeight:
