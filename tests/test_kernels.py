@@ -173,22 +173,29 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
 
 
 @needs_kernels
-def test_every_one_token_w8a8_tile_gives_the_exact_product_of_the_codes():
-    """The one-token kernel's W8A8 tiles, with float sums and with int32 sums of the codes' products, against
-    the exact product of the codes the layer gives (the activation rounded per token inside the kernel)."""
+@pytest.mark.parametrize("rows", [1, 7, 33])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_every_w8a8_tile_gives_the_exact_product_of_the_codes(fmt, rows):
+    """Every W8A8 tile the tuner may choose (one token: float or int32 sums, activations rounded inside or
+    quantized first, the few-token tile's 8-bit dots; few tokens: rounded inside or the codes multiplied on the
+    8-bit tensor cores) against the exact product of the codes the layer gives the activations, per token."""
     from ptq.quant import kernels
-    from ptq.quant.linear import Int8Linear
+    from ptq.quant.linear import Fp8Linear, Int8Linear
 
-    layer = Int8Linear.from_weight(torch.randn(96, 1000, generator=torch.Generator().manual_seed(0)), None)
-    layer = layer.to(DEVICE)
-    x = inputs(1, 1000)
-    x_scale = (x.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    want = torch.round(x.float() / x_scale).double() @ layer.dequantized_weight(torch.float32).double().t()
-    want = (want * x_scale.double()).float()
-    assert any(kernels.INT_SUMS in config for config in kernels.GEMV_CANDIDATES[kernels.W8])
-    for config in kernels.GEMV_CANDIDATES[kernels.W8]:
-        got = kernels._launch(config, x, layer.weight, layer.weight_scale, None, None, None, 96, 1000, (1000, 0), 0,
-                              kernels.W8, kernels.ACT_INT8, False, 0, True)  # fmt: skip
+    cls, act, qmax = (Int8Linear, kernels.ACT_INT8, 127.0) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8, 448.0)
+    layer = cls.from_weight(torch.randn(96, 1000, generator=torch.Generator().manual_seed(0)), None).to(DEVICE)
+    x = inputs(rows, 1000)
+    x_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    if fmt == "int8":
+        qx = torch.round(x.float() / x_scale)
+    else:
+        qx = (x.float() / x_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
+    want = (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
+    candidates = (kernels.GEMV_CANDIDATES if rows == 1 else kernels.CANDIDATES)[kernels.W8]
+    assert any(kernels.CODES in config for config in candidates)
+    for config in candidates:
+        got = kernels._launch(config, x, layer.weight, layer.weight_scale.reshape(-1), None, None, None, 96, 1000,
+                              (1000, 0), 0, kernels.W8, act, False, 0, rows == 1)  # fmt: skip
         assert relative_error(got, want) < TOLERANCE, config
 
 

@@ -248,22 +248,16 @@ def measure(
 
 
 @torch.no_grad()
-def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
-    """The GPU kernels of one eager decode step at batch 1 (torch.profiler): how many, their summed time,
-    the share of the matmuls, and the costliest names. Beside the graphed step's time this shows how much
-    of a step is the linears and how much is every other kernel (norms, rotary, attention, copies)."""
+def kernel_table(run) -> dict:
+    """The GPU kernels ``run()`` launches (torch.profiler, after one untimed call): how many, their summed
+    time, the share of the matmuls, and the costliest names."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
 
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    cache = DynamicCache()
-    token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        run()
         torch.cuda.synchronize()
     by_name: dict[str, float] = {}
     count = 0
@@ -276,6 +270,26 @@ def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
     return {"kernels": count, "kernel_seconds": sum(by_name.values()),
             "matmul_seconds": sum(t for n, t in by_name.items() if any(m in n.lower() for m in matmul)),
             "top": [[name[:120], t] for name, t in top]}  # fmt: skip
+
+
+def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
+    """``kernel_table`` of one eager decode step at batch 1. Beside the graphed step's time this shows how much
+    of a step is the linears and how much is every other kernel (norms, rotary, attention, copies)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = DynamicCache()
+    token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    # each call appends the token to the cache: the profiled step sees a context of prompt + 2
+    return kernel_table(lambda: model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1))
+
+
+def profile_prefill(model, vocab: int, prefill_len: int) -> dict:
+    """``kernel_table`` of one prefill of ``prefill_len`` tokens, as ``measure`` times it."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, prefill_len), generator=torch.Generator().manual_seed(0)).to(device)
+    return kernel_table(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
 
 
 @torch.no_grad()
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step")
+    p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step and one prefill")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
     p.add_argument("--no-fuse", action="store_true",
                    help="keep the layers as stored: q, k, v and gate, up apart, act-order inputs unsorted")  # fmt: skip
@@ -375,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)
+            record["profile_prefill"] = profile_prefill(model, model.config.vocab_size, args.prefill)
         for key in [k for k in record if k.startswith("decode_b") and k.endswith("_tokens_per_s")]:
             steps_per_s = record[key] / int(key.split("_")[1].removeprefix("b"))
             fraction = record["weight_bytes_per_step"] * steps_per_s / bandwidth

@@ -178,25 +178,42 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, xs_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_ym, stride_w, stride_s, group,
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
-        NIBBLE_DOTS: tl.constexpr,
+        NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
+        # CODES (W8A8): x holds the activations' codes already (``_quantize_rows``) and xs_ptr their scales; the
+        # codes are multiplied on the 8-bit tensor cores as stored (INT_DOT: int8 x int8 -> int32; else E4M3 x
+        # E4M3 -> fp32, each tile's dot summed into the fp32 accumulator on the CUDA cores), no conversion per weight
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
-        if ACT != 0:
+        if ACT != 0 and CODES:
+            x_scale = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
+        elif ACT != 0:
             x_scale = _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX, BLOCK_M, BLOCK_K, ROW_TILES)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT_DOT else tl.float32)
         for i in range(TILES):  # tiles pid_k, pid_k + SPLIT_K, ...; those past K are masked out
             k0 = (pid_k + i * SPLIT_K) * BLOCK_K
-            if WEIGHT == 2:  # FP4: even and odd columns are the low and high nibbles of one byte
+            if CODES:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                mask_k = rk < K
+                xmask, wmask = mask_m[:, None] & mask_k[None, :], mask_k[:, None] & mask_n[None, :]
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0)
+                w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=wmask, other=0.0)
+                if INT_DOT:
+                    acc += tl.dot(x, w, out_dtype=tl.int32)
+                elif DOT == tl.float32:  # the interpreter (no fp8 dot): E4M3 values are exact in fp32
+                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w, out_dtype=tl.float32)
+            elif WEIGHT == 2:  # FP4: even and odd columns are the low and high nibbles of one byte
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 ke, ko = 2 * rb, 2 * rb + 1
                 xm = mask_m[:, None]
@@ -272,6 +289,7 @@ if triton is not None:
                         dots = tl.dot(x, _codes_to_float(q, 0.0).to(DOT), input_precision="ieee")
                         row_sums = tl.sum(x.to(tl.float32), axis=1)
                         acc += scale[None, :] * (dots - zero[None, :] * row_sums[:, None])
+        acc = acc.to(tl.float32)
         if WEIGHT == 1:
             acc = acc * tl.load(s_ptr + rn, mask=mask_n, other=0.0)[None, :]
         if ACT != 0:
@@ -608,20 +626,27 @@ if triton is not None:
 # default when nothing was tuned. INT4's BLOCK_K must divide the group size (checked at the call). A sixth
 # field NIBBLE picks INT4's eight-dots variant (x's columns 8 apart against one nibble of each word), tuned
 # against the one that interleaves the codes; never first, so untuned runs keep the tested default.
+# W8 entries with CODES (W8A8 only; else the plain tile): the activations quantized once per call by a kernel
+# before the product, whose 8-bit codes the tensor cores multiply as stored (int8 or E4M3 dots).
 NIBBLE = "nibble"
 INT_SUMS = "int_sums"  # one-token W8A8 with int8 weights: int32 sums of the codes' products (else ignored)
-CODES = "codes"  # one-token W8A8: the activations quantized once per call by a kernel before the product
+CODES = "codes"  # W8A8: the activations quantized once per call by a kernel before the product
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
            (32, 128, 8, 4, 4, NIBBLE)],
-    W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3)],
+    W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
+         (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
+         (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES)],
     FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
 # loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
 # A sixth field INT_SUMS: for int8 W8A8, the codes' products summed in int32 (tuned against float sums);
 # CODES: the activations quantized by one kernel before the product (tuned against rounding them inside).
+# SKINNY (W8A8 with CODES): one token through the few-token tile's 8-bit tensor-core dots, its first row only
+# (memory-bound either way: the tensor cores' idle rows cost less than converting every weight on the CUDA cores).
+SKINNY = "skinny"
 # W8 and FP4 take _w8_gemv_kernel / _fp4_gemv_kernel (the ROWS entries: BLOCK_N, num_warps, programs per
 # multiprocessor that split-K aims at, STAGES; BLOCK_K is 16 (W8) or 32 (FP4) K per thread),
 # FP4 where its rows are whole int32 words and its blocks 16 or 32; the others take _gemv_kernel.
@@ -640,6 +665,8 @@ GEMV_CANDIDATES = {
          (4, 4, 8, 1, ROWS), (8, 4, 4, 1, ROWS, INT_SUMS), (16, 4, 4, 1, ROWS, INT_SUMS),
          (8, 2, 8, 1, ROWS, INT_SUMS), (8, 4, 4, 1, ROWS, CODES), (16, 4, 4, 1, ROWS, CODES),
          (8, 4, 4, 1, ROWS, INT_SUMS, CODES), (16, 4, 4, 1, ROWS, INT_SUMS, CODES), (8, 2, 8, 1, ROWS, INT_SUMS, CODES),
+         (64, 256, 4, 4, 4, SKINNY, CODES), (128, 256, 2, 4, 4, SKINNY, CODES), (32, 256, 8, 4, 4, SKINNY, CODES),
+         (64, 512, 4, 4, 3, SKINNY, CODES),
          (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
@@ -739,9 +766,10 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         return _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group)
     if gemv and ROWS in config:
         return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind)
-    if gemv and weight == INT4 and g_idx is None:
+    if gemv and weight == INT4 and g_idx is None and SKINNY not in config:
         raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
     block_n, block_k, split_k, warps, stages, *variant = config
+    gemv = gemv and SKINNY not in variant  # SKINNY: one token through the few-token tile (its first row)
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 1 if gemv else _block_m(m)
@@ -749,19 +777,31 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
     workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     counters = _tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
+    codes = not gemv and CODES in variant and _codes_multiply(weight, act, w)
+    x, x_scale = _quantize_rows(x, act) if codes else (x, dummy)
     pointers = (x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
-                dummy if tensor_scale is None else tensor_scale, y, workspace, counters)  # fmt: skip
+                dummy if tensor_scale is None else tensor_scale)  # fmt: skip
     common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
                   ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
     if gemv:
         int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
-        _gemv_kernel[grid[:2]](*pointers, n, k, strides[0], strides[1], group, INT_SUMS=int_sums, **common)
+        _gemv_kernel[grid[:2]](*pointers, y, workspace, counters, n, k, strides[0], strides[1], group,
+                               INT_SUMS=int_sums, **common)  # fmt: skip
     else:
-        _skinny_kernel[grid](*pointers, m, n, k, x.stride(0), y.stride(0), strides[0], strides[1], group,
-                             DOT=_dot_dtype(x), BLOCK_M=block_m, NIBBLE_DOTS=NIBBLE in variant and not act_order,
-                             **common)  # fmt: skip
+        _skinny_kernel[grid](*pointers, x_scale, y, workspace, counters, m, n, k, x.stride(0), y.stride(0), strides[0],
+                             strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
+                             NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
+                             INT_DOT=codes and act == ACT_INT8, **common)  # fmt: skip
     return y
+
+
+def _codes_multiply(weight: int, act: int, w: torch.Tensor) -> bool:
+    """Whether the 8-bit tensor cores can multiply the activations' codes by the weight's as stored: int8 by
+    int8, or E4M3 by E4M3."""
+    if weight != W8:
+        return False
+    return (act, w.dtype) in ((ACT_INT8, torch.int8), (ACT_FP8, torch.float8_e4m3fn))
 
 
 def _config(key: tuple, candidates: list, run) -> tuple:
