@@ -183,7 +183,7 @@ if triton is not None:
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
-        NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr,
+        NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr, SWAP: tl.constexpr,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
@@ -211,6 +211,9 @@ if triton is not None:
                     acc += tl.dot(x, w, out_dtype=tl.int32)
                 elif DOT == tl.float32:  # the interpreter (no fp8 dot): E4M3 values are exact in fp32
                     acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                elif SWAP:  # y^T = w x^T: the weight's BLOCK_N rows are the dot's M, which Hopper's FP8 warp-group
+                    # instructions take from 64 (with 16 rows of x as M, Triton converts E4M3 to fp16 per weight)
+                    acc += tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.float32))
                 else:
                     acc += tl.dot(x, w, out_dtype=tl.float32)
             elif WEIGHT == 2:  # FP4: even and odd columns are the low and high nibbles of one byte
@@ -631,13 +634,15 @@ if triton is not None:
 NIBBLE = "nibble"
 INT_SUMS = "int_sums"  # one-token W8A8 with int8 weights: int32 sums of the codes' products (else ignored)
 CODES = "codes"  # W8A8: the activations quantized once per call by a kernel before the product
+SWAP = "swap"  # FP8 codes: the product taken as y^T = w x^T, on Hopper's FP8 warp-group dots (int8: ignored)
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
            (32, 128, 8, 4, 4, NIBBLE)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
-         (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES)],
+         (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
+         (128, 128, 1, 4, 4, CODES, SWAP), (64, 256, 2, 4, 4, CODES, SWAP), (128, 256, 2, 4, 3, CODES, SWAP)],
     FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
@@ -666,7 +671,8 @@ GEMV_CANDIDATES = {
          (8, 2, 8, 1, ROWS, INT_SUMS), (8, 4, 4, 1, ROWS, CODES), (16, 4, 4, 1, ROWS, CODES),
          (8, 4, 4, 1, ROWS, INT_SUMS, CODES), (16, 4, 4, 1, ROWS, INT_SUMS, CODES), (8, 2, 8, 1, ROWS, INT_SUMS, CODES),
          (64, 256, 4, 4, 4, SKINNY, CODES), (128, 256, 2, 4, 4, SKINNY, CODES), (32, 256, 8, 4, 4, SKINNY, CODES),
-         (64, 512, 4, 4, 3, SKINNY, CODES),
+         (64, 512, 4, 4, 3, SKINNY, CODES), (64, 128, 4, 4, 4, SKINNY, CODES, SWAP),
+         (128, 128, 2, 4, 4, SKINNY, CODES, SWAP), (64, 256, 4, 4, 4, SKINNY, CODES, SWAP),
          (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
@@ -792,7 +798,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         _skinny_kernel[grid](*pointers, x_scale, y, workspace, counters, m, n, k, x.stride(0), y.stride(0), strides[0],
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
-                             INT_DOT=codes and act == ACT_INT8, **common)  # fmt: skip
+                             INT_DOT=codes and act == ACT_INT8, SWAP=SWAP in variant, **common)  # fmt: skip
     return y
 
 
