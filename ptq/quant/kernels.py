@@ -66,7 +66,14 @@ def available(x: torch.Tensor, fp8: bool = False) -> bool:
         return True
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return not fp8 or torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return not fp8 or _capability(x.device) >= (8, 9)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, asked once: every FP8 layer's call checks it, and asking
+    torch.cuda each time cost host time that a prefill (host-bound then) and an eager decode waited for."""
+    return torch.cuda.get_device_capability(device)
 
 
 if triton is not None:
