@@ -167,6 +167,11 @@ def _timed(fn, repeat: int) -> list[float]:
     return times
 
 
+def _allocator_counts() -> dict[str, int]:
+    stats = torch.cuda.memory_stats()
+    return {name: stats.get(name, 0) for name in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+
 @torch.no_grad()
 def measure(
     model,
@@ -190,9 +195,13 @@ def measure(
     ids = torch.randint(0, vocab, (1, prefill_len), generator=g).to(device)
     before = torch.cuda.memory_allocated()  # the model (and anything an earlier format left behind)
     torch.cuda.reset_peak_memory_stats()
+    allocator = _allocator_counts()
     times = _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat)
     result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
     result["prefill_s"] = times
+    # cudaMalloc / cudaFree calls (and the caching allocator's retries) during the prefills: each cudaFree waits for
+    # the GPU, so a prefill that makes them is timed with the host and the GPU in series
+    result["prefill_allocator_calls"] = {k: v - allocator[k] for k, v in _allocator_counts().items()}
     result["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     result["prefill_activation_bytes"] = result["prefill_peak_gpu_bytes"] - before  # what the prefill itself needed
     if max_batch is not None:  # the most sequences whose KV cache fits, given what the prefill needed
