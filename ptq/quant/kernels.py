@@ -217,7 +217,11 @@ if triton is not None:
                 if INT_DOT:
                     acc += tl.dot(x, w, out_dtype=tl.int32)
                 elif DOT == tl.float32:  # the interpreter (no fp8 dot): E4M3 values are exact in fp32
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                    if SWAP:
+                        acc += tl.trans(tl.dot(tl.trans(w.to(tl.float32)), tl.trans(x.to(tl.float32)),
+                                               input_precision="ieee"))  # fmt: skip
+                    else:
+                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
                 elif SWAP:  # y^T = w x^T: the weight's BLOCK_N rows are the dot's M, which Hopper's FP8 warp-group
                     # instructions take from 64 (with 16 rows of x as M, Triton converts E4M3 to fp16 per weight)
                     acc += tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.float32))
