@@ -7,7 +7,9 @@
 # 4 times the torch.compiled decode too (step fusion around the linears) and prices it; NO_COMPILE=1 skips that.
 # 2b. every one-token candidate tile on four Llama-3-8B linears, and the 16-row INT4 tiles on three
 # (scripts/one_token_candidates.py). 5. bf16 and FP8 with the layers as stored (--no-fuse), beside 4's joined
-# ones: FP8's prefill fell with joined products (0.78x against 1.23x separate, in different runs).
+# ones: FP8's prefill fell with joined products (0.78x against 1.23x separate, in different runs); and FP8 alone
+# in its process, with the host time per W8A8 call (FP8's prefill was host-bound after a compiled format).
+# 6. GemLite's layers beside ptq's (scripts/library_kernels.py), where GemLite is installed.
 set -u
 py=${PYTHON:-$(command -v python || command -v python3)}
 out=$1 formats=${2:-bf16,w4a16,w8a8,fp8,nvfp4,mxfp4,w4a16-actorder,w4a16-tinygemm}
@@ -39,3 +41,9 @@ timeout ${INFER_LIMIT:-1500} "$py" -m ptq.bench.infer --formats "$formats" --dec
     --price-per-gpu-hour 3.50 --out "$out/infer.json" 2>&1 | grep -v Warn | cut -c1-400 | tail -12
 timeout ${INFER_LIMIT:-1500} "$py" -m ptq.bench.infer --formats bf16,fp8 --decode-batches 1 --repeat 3 --no-fuse \
     --out "$out/infer_no_fuse.json" 2>&1 | grep -v Warn | cut -c1-400 | tail -4
+timeout 60 "$py" scripts/layer_host_time.py 2>&1 | tail -6
+timeout ${INFER_LIMIT:-1500} "$py" -m ptq.bench.infer --formats fp8 --decode-batches 1 --repeat 3 --profile \
+    --out "$out/infer_fp8_alone.json" 2>&1 | grep -v Warn | cut -c1-400 | tail -2
+if "$py" -c "import gemlite" 2> /dev/null; then
+    timeout ${LIBRARY_LIMIT:-300} "$py" scripts/library_kernels.py --rows 1,16,2048 --out "$out/library.json" 2>&1 | tail -40
+fi

@@ -102,17 +102,23 @@ def test_w8a8_layers_match_their_exact_product(rows, fmt):
     exactly: the kernel's rounding is the reference's."""
     from ptq.quant.linear import Fp8Linear, Int8Linear
 
-    cls, qmax = (Int8Linear, 127.0) if fmt == "int8" else (Fp8Linear, 448.0)
+    cls = Int8Linear if fmt == "int8" else Fp8Linear
     weight = torch.randn(80, 200, generator=torch.Generator().manual_seed(0))
     layer = cls.from_weight(weight, None).to(DEVICE)
     x = inputs(rows, 200)
+    assert relative_error(layer(x), exact_w8a8_product(layer, x, fmt)) < TOLERANCE
+
+
+def exact_w8a8_product(layer, x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The product of the codes a W8A8 layer gives the activations (per token) and holds for the weights (per
+    channel), in float64: what the kernels must compute up to their output's rounding."""
+    qmax = 127.0 if fmt == "int8" else 448.0
     x_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
     if fmt == "int8":
         qx = torch.round(x.float() / x_scale)
     else:
         qx = (x.float() / x_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
-    want = (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
-    assert relative_error(layer(x), want) < TOLERANCE
+    return (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
 
 
 @needs_kernels
@@ -182,15 +188,10 @@ def test_every_w8a8_tile_gives_the_exact_product_of_the_codes(fmt, rows):
     from ptq.quant import kernels
     from ptq.quant.linear import Fp8Linear, Int8Linear
 
-    cls, act, qmax = (Int8Linear, kernels.ACT_INT8, 127.0) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8, 448.0)
+    cls, act = (Int8Linear, kernels.ACT_INT8) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8)
     layer = cls.from_weight(torch.randn(96, 1000, generator=torch.Generator().manual_seed(0)), None).to(DEVICE)
     x = inputs(rows, 1000)
-    x_scale = (x.float().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
-    if fmt == "int8":
-        qx = torch.round(x.float() / x_scale)
-    else:
-        qx = (x.float() / x_scale).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
-    want = (qx.double() @ layer.dequantized_weight(torch.float32).double().t() * x_scale.double()).float()
+    want = exact_w8a8_product(layer, x, fmt)
     candidates = (kernels.GEMV_CANDIDATES if rows == 1 else kernels.CANDIDATES)[kernels.W8]
     assert any(kernels.CODES in config for config in candidates)
     for config in candidates:
@@ -367,3 +368,24 @@ def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
     eager = layer(x)  # the first call finds the layer's group layout (a data-dependent check, once)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert relative_error(compiled(x), eager) < 1e-6
+
+
+def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
+    """Variants that ``_launch`` would run as the plain tile (int32 sums for FP8, codes for weight-only 8-bit, the
+    FP8 transposed product for int8) are not candidates; every applicable variant stays one."""
+    from ptq.quant import kernels
+
+    int8_w, fp8_w = torch.zeros(4, 4, dtype=torch.int8), torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
+    for table in (kernels.CANDIDATES, kernels.GEMV_CANDIDATES):
+        configs = table[kernels.W8]
+        int8 = [c for c in configs if kernels._w8_variant_applies(c, kernels.ACT_INT8, int8_w)]
+        fp8 = [c for c in configs if kernels._w8_variant_applies(c, kernels.ACT_FP8, fp8_w)]
+        weight_only = [c for c in configs if kernels._w8_variant_applies(c, kernels.ACT_NONE, int8_w)]
+        assert configs[0] in int8 and configs[0] in fp8 and configs[0] in weight_only  # the untuned default
+        assert not any(kernels.SWAP in c for c in int8) and not any(kernels.INT_SUMS in c for c in fp8)
+        assert not any(kernels.CODES in c or kernels.INT_SUMS in c or kernels.SKINNY in c for c in weight_only)
+        assert any(kernels.CODES in c for c in int8) and any(kernels.CODES in c for c in fp8)
+        if table is kernels.CANDIDATES:
+            assert any(kernels.SWAP in c for c in fp8)
+        else:
+            assert any(kernels.INT_SUMS in c for c in int8) and any(kernels.SKINNY in c for c in fp8)

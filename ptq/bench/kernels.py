@@ -24,6 +24,7 @@ import torch
 from ptq.bench.infer import FORMATS, copy_bandwidth, cuda_or_exit, make_layer, parse_formats
 from ptq.bench.quant import SHAPES, command_line
 from ptq.checkpoint import module_bytes
+from ptq.quant import kernels
 from ptq.quant.linear import QuantLinear
 from ptq.results import environment
 
@@ -111,14 +112,17 @@ def main(argv: list[str] | None = None) -> None:
             first = timed_layer(fmt, weight)
             held = module_bytes(first)
             copies = [first] + [timed_layer(fmt, weight.roll(c, 0)) for c in range(1, math.ceil(L2_FLUSH_BYTES / held))]
-            times = {}
+            times, tiles = {}, {}
             for m in rows:
                 x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
+                known = kernels.tuned_tiles()
                 first(x)  # tunes the tile for this shape before the capture
+                tiles[m] = [list(map(str, tile)) for key, tile in kernels.tuned_tiles().items() if key not in known]
                 calls = [lambda layer=layer, x=x: layer(x) for layer in (copies if m <= 64 else copies[:2])]
                 times[m] = graphed_seconds(calls)
             fractions = {m: held / t / bandwidth for m, t in times.items()}
-            entry["linears"][name] = {"bytes": held, "seconds": times, "bandwidth_fraction": fractions}
+            # tiles: what the tuner chose at the first call of each row count (none where a shape was tuned before)
+            entry["linears"][name] = {"bytes": held, "seconds": times, "bandwidth_fraction": fractions, "tiles": tiles}
             del copies, first, weight
         entry["block_seconds"] = {m: sum(v["seconds"][m] for v in entry["linears"].values()) for m in rows}
         entry["block_bytes"] = sum(v["bytes"] for v in entry["linears"].values())

@@ -8,9 +8,10 @@ dequantize it tile by tile in registers, so that a decode step reads 4 or 8 bits
   zero point come out of the dot product: sum_k x_k (q_kn - z_n) s_n = s_n (x·q_n - z_n sum_k x_k).
   With act-order (g_idx permuted) every element gathers its group's scale and zero point.
 - ``W8``: int8 or FP8 E4M3 weights [N, K] with one scale per output channel, and optionally the
-  activations quantized per token inside the kernel (W8A8: a first pass over the row finds max|x|, the
-  tiles are rounded as ``Int8Linear``/``Fp8Linear`` round them; the products of 8-bit values are exact
-  in bf16 x bf16 -> fp32, so this is the W8A8 product, computed on the bf16 tensor cores).
+  activations quantized per token (W8A8), as ``Int8Linear``/``Fp8Linear`` round them: inside the kernel (a
+  first pass over the row finds max|x|; the products of 8-bit values are exact in bf16 x bf16 -> fp32, so this
+  is the W8A8 product on the bf16 tensor cores), or by one kernel before it, whose codes the 8-bit tensor
+  cores then multiply by the stored ones (int8 x int8 -> int32, E4M3 x E4M3 -> fp32).
 - ``FP4``: NVFP4 / MXFP4 weights, E2M1 nibbles two per byte [N, ceil(K/2)] with E4M3 (over an fp32 global
   scale) or E8M0 block scales [N, K/block] (weight-only: Hopper has no FP4 tensor cores).
 
@@ -821,12 +822,20 @@ def _codes_multiply(weight: int, act: int, w: torch.Tensor) -> bool:
     return (act, w.dtype) in ((ACT_INT8, torch.int8), (ACT_FP8, torch.float8_e4m3fn))
 
 
+def tuned_tiles() -> dict[tuple, tuple]:
+    """The tiles chosen so far in this process, by (weight kind, activations, ..., shape, dtypes, device)."""
+    return dict(_tuned)
+
+
 def _config(key: tuple, candidates: list, run) -> tuple:
     """The fastest candidate for ``key``, timed once per process (not during CUDA-graph capture, nor in
     the interpreter, nor with PTQ_KERNEL_TUNE=0: then the first candidate)."""
     if key in _tuned:
         return _tuned[key]
-    if not TUNE or INTERPRET or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[0]  # tuned later, outside the capture
+    if not TUNE or INTERPRET:
+        _tuned[key] = candidates[0]
         return candidates[0]
     times = {}
     for config in candidates:
@@ -845,24 +854,51 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
     if x.stride(-1) != 1:  # the kernels read rows as contiguous runs
         x = x.contiguous()
     gemv = x.shape[0] == 1 and x.is_contiguous()
+    act_order = g_idx is not None
+    # FP4's one-token words kernel reads rows of whole, aligned int32 words
+    words = weight == FP4 and gemv and group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0
+    key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, w.dtype, words,
+           x.device)  # fmt: skip
+
+    def run(config):
+        return _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act,
+                       act_order, scale_kind, gemv)  # fmt: skip
+
+    config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
+    if config is None:
+        config = _config(key, _candidates(weight, act, w, gemv, act_order, group, k, words), run)
+    return run(config)
+
+
+def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: bool, group: int, k: int,
+                words: bool) -> list[tuple]:  # fmt: skip
+    """The tiles that can compute this product, the untuned default first."""
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
-    if weight == INT4 and g_idx is None:  # contiguous groups: a tile (ROWS words, or BLOCK_K) lies in one group
+    if weight == INT4 and not act_order:  # contiguous groups: a tile (ROWS words, or BLOCK_K) lies in one group
         span = (lambda c: 8 * c[1]) if gemv else (lambda c: c[1])
         candidates = [c for c in candidates if (COLUMNS in c) == gemv and (group % span(c) == 0 or group >= k)]
         if not candidates:
             raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")
     elif weight == INT4 and gemv:  # act-order: the gathering kernel
         candidates = [c for c in candidates if COLUMNS not in c]
-    if weight == FP4 and gemv and not (group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0):
-        candidates = [c for c in candidates if ROWS not in c]  # the words kernel reads rows of whole int32 words
-    act_order = g_idx is not None
-    key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, x.device)
+    if weight == FP4 and gemv and not words:
+        candidates = [c for c in candidates if ROWS not in c]
+    if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
+        candidates = [c for c in candidates if _w8_variant_applies(c, act, w)]
+    return candidates
 
-    def run(config):
-        return _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act,
-                       act_order, scale_kind, gemv)  # fmt: skip
 
-    return run(_config(key, candidates, run))
+def _w8_variant_applies(config: tuple, act: int, w: torch.Tensor) -> bool:
+    """Whether a W8 candidate's variant fields change what it computes with these activations and weights
+    (``_launch`` runs an inapplicable variant as the plain tile of its shape)."""
+    codes = _codes_multiply(W8, act, w)
+    if INT_SUMS in config and not (codes and act == ACT_INT8):
+        return False
+    if ROWS in config:  # the one-token rows kernel quantizes any activations first with CODES
+        return CODES not in config or act != ACT_NONE
+    if (CODES in config or SKINNY in config) and not codes:
+        return False
+    return SWAP not in config or act == ACT_FP8
 
 
 def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
