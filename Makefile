@@ -23,7 +23,8 @@ run: setup
 	$(BIN)/python -m ptq.run $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	@# two workers (pytest-xdist): the suite is CPU-bound and its slowest files run side by side on 2 cores
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 lint: setup
 	$(BIN)/ruff check ptq tests scripts
