@@ -7,8 +7,9 @@ torchao and SGLang call): its grouped 4-bit weights (W ~ (W_q - z) s, group 128,
 (GPTQ layout, asymmetric, group 128), and its dynamic int8 / FP8 W8A8 (per-channel weights, per-token
 activations) against ptq's. Every layer is timed as ``ptq.bench.kernels`` times them: copies enough to cycle
 through four times the L2 cache, called in one CUDA graph, median of five replays. The weights are random;
-each library's layer holds the same numbers ptq's holds (the same codes, scales and zero points), and its
-output is compared with ptq's (largest difference relative to ptq's largest output).
+GemLite's W4A16 layer holds ptq's codes, scales and zero points (scales and zero points in bf16, as it stores
+them), its W8A8 layers quantize the same bf16 weight themselves (per channel), and each output is compared with
+ptq's (largest difference relative to ptq's largest output).
 """
 
 from __future__ import annotations

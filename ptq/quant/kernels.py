@@ -72,8 +72,7 @@ def available(x: torch.Tensor, fp8: bool = False) -> bool:
 
 @functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    """The device's compute capability, asked once: every FP8 layer's call checks it, and asking
-    torch.cuda each time cost host time that a prefill (host-bound then) and an eager decode waited for."""
+    """The device's compute capability, asked once per device rather than at every FP8 layer's call."""
     return torch.cuda.get_device_capability(device)
 
 
@@ -217,17 +216,14 @@ if triton is not None:
                 w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=wmask, other=0.0)
                 if INT_DOT:
                     acc += tl.dot(x, w, out_dtype=tl.int32)
-                elif DOT == tl.float32:  # the interpreter (no fp8 dot): E4M3 values are exact in fp32
-                    if SWAP:
-                        acc += tl.trans(tl.dot(tl.trans(w.to(tl.float32)), tl.trans(x.to(tl.float32)),
-                                               input_precision="ieee"))  # fmt: skip
-                    else:
-                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                elif SWAP:  # y^T = w x^T: the weight's BLOCK_N rows are the dot's M, which Hopper's FP8 warp-group
-                    # instructions take from 64 (with 16 rows of x as M, Triton converts E4M3 to fp16 per weight)
-                    acc += tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.float32))
                 else:
-                    acc += tl.dot(x, w, out_dtype=tl.float32)
+                    if DOT == tl.float32:  # the interpreter (no fp8 dot): E4M3 values are exact in fp32
+                        x, w = x.to(tl.float32), w.to(tl.float32)
+                    if SWAP:  # y^T = w x^T: the weight's BLOCK_N rows are the dot's M, which Hopper's FP8 warp-group
+                        # instructions take from 64 (with 16 rows of x as M, Triton converts E4M3 to fp16 per weight)
+                        acc += tl.trans(tl.dot(tl.trans(w), tl.trans(x), out_dtype=tl.float32))
+                    else:
+                        acc += tl.dot(x, w, out_dtype=tl.float32)
             elif WEIGHT == 2:  # FP4: even and odd columns are the low and high nibbles of one byte
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 ke, ko = 2 * rb, 2 * rb + 1
@@ -764,7 +760,7 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
                   num_warps=warps)  # fmt: skip
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
-        int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
+        int_sums = INT_SUMS in variant and _int8_products(act, w)
         codes = CODES in variant and act != ACT_NONE
         x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
         _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, strides[0], ACT=act,
@@ -784,7 +780,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         return _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group)
     if gemv and ROWS in config:
         return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind)
-    if gemv and weight == INT4 and g_idx is None and SKINNY not in config:
+    if gemv and weight == INT4 and g_idx is None:
         raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
     block_n, block_k, split_k, warps, stages, *variant = config
     gemv = gemv and SKINNY not in variant  # SKINNY: one token through the few-token tile (its first row)
@@ -803,23 +799,26 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
                   ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
     if gemv:
-        int_sums = INT_SUMS in variant and act == ACT_INT8 and w.dtype == torch.int8
+        int_sums = INT_SUMS in variant and _int8_products(act, w)
         _gemv_kernel[grid[:2]](*pointers, y, workspace, counters, n, k, strides[0], strides[1], group,
                                INT_SUMS=int_sums, **common)  # fmt: skip
     else:
         _skinny_kernel[grid](*pointers, x_scale, y, workspace, counters, m, n, k, x.stride(0), y.stride(0), strides[0],
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
-                             INT_DOT=codes and act == ACT_INT8, SWAP=SWAP in variant, **common)  # fmt: skip
+                             INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant, **common)  # fmt: skip
     return y
+
+
+def _int8_products(act: int, w: torch.Tensor) -> bool:
+    """int8 activations' codes times int8 weights: products summed exactly in int32."""
+    return act == ACT_INT8 and w.dtype == torch.int8
 
 
 def _codes_multiply(weight: int, act: int, w: torch.Tensor) -> bool:
     """Whether the 8-bit tensor cores can multiply the activations' codes by the weight's as stored: int8 by
     int8, or E4M3 by E4M3."""
-    if weight != W8:
-        return False
-    return (act, w.dtype) in ((ACT_INT8, torch.int8), (ACT_FP8, torch.float8_e4m3fn))
+    return weight == W8 and (_int8_products(act, w) or (act == ACT_FP8 and w.dtype == torch.float8_e4m3fn))
 
 
 def tuned_tiles() -> dict[tuple, tuple]:
@@ -891,12 +890,11 @@ def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: b
 def _w8_variant_applies(config: tuple, act: int, w: torch.Tensor) -> bool:
     """Whether a W8 candidate's variant fields change what it computes with these activations and weights
     (``_launch`` runs an inapplicable variant as the plain tile of its shape)."""
-    codes = _codes_multiply(W8, act, w)
-    if INT_SUMS in config and not (codes and act == ACT_INT8):
+    if INT_SUMS in config and not _int8_products(act, w):
         return False
     if ROWS in config:  # the one-token rows kernel quantizes any activations first with CODES
         return CODES not in config or act != ACT_NONE
-    if (CODES in config or SKINNY in config) and not codes:
+    if (CODES in config or SKINNY in config) and not _codes_multiply(W8, act, w):
         return False
     return SWAP not in config or act == ACT_FP8
 
