@@ -2,6 +2,9 @@
 
     python scripts/one_token_candidates.py [--formats int4,int8,fp8,nvfp4,mxfp4] [--linears q,k,gate,down]
     python scripts/one_token_candidates.py --rows 16     # the few-token (tensor-core) candidates instead
+    ncu --clock-control none --kernel-name regex:skinny --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+        python scripts/one_token_candidates.py --rows 16 --formats int4 --linears gate --only 128,128,2,4,4,nibble
+                                                         # --only: run that one tile a few times, untimed (ncu)
 
 For each format and linear: copies of the layer that hold more than the L2 cache, one CUDA graph that calls
 each candidate on all of them (``triton.testing.do_bench_cudagraph``, median), the time per call, the
@@ -56,7 +59,10 @@ def main():
     p.add_argument("--formats", default="int4,int8,fp8,nvfp4,mxfp4")
     p.add_argument("--linears", default="q,k,gate,down")
     p.add_argument("--rows", type=int, default=1, help="tokens per call; above 1 the few-token candidates")
+    p.add_argument("--only", help="one candidate, comma-separated (64,128,2,4,4,nibble): run, not timed (profilers)")
     args = p.parse_args()
+    if args.only:
+        return run_only(args)
     gemv = args.rows == 1
     candidates = kernels.GEMV_CANDIDATES if gemv else kernels.CANDIDATES
     x_all = {}
@@ -87,6 +93,21 @@ def main():
                 print(f"  {fmt:6s} {t * 1e6:7.1f} us  {nbytes / t / 1e12:5.2f} TB/s  error {err:.1e}  {config}")
             del layers
             torch.cuda.empty_cache()
+
+
+def run_only(args, calls: int = 8):
+    """Call one candidate tile ``calls`` times on each linear and format, for a profiler to catch."""
+    config = tuple(int(f) if f.isdigit() else f for f in args.only.split(","))
+    for name in args.linears.split(","):
+        n, k = SHAPES[name]
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
+        for fmt in args.formats.split(","):
+            layer = make_layer(BENCH_FORMAT[fmt], torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+            run = launcher(fmt, layer, n, k, args.rows == 1)
+            for _ in range(calls):
+                run(config, x)
+            torch.cuda.synchronize()
+            print(f"{name} {fmt} {config}: {calls} calls")
 
 
 if __name__ == "__main__":

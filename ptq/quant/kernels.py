@@ -184,6 +184,15 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
     @triton.jit
+    def _nibble_dot(xj, wj, acc, SWAP: tl.constexpr):
+        """acc + xj wj, or with SWAP (xj and wj given transposed) acc^T + wj^T xj^T."""
+        if SWAP:
+            out = tl.dot(wj, xj, acc, input_precision="ieee")
+        else:
+            out = tl.dot(xj, wj, acc, input_precision="ieee")
+        return out
+
+    @triton.jit
     def _skinny_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, ts_ptr, xs_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_ym, stride_w, stride_s, group,
@@ -238,38 +247,64 @@ if triton is not None:
                 acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
                 acc += tl.dot(x_odd.to(DOT), w_odd, input_precision="ieee")
             elif NIBBLE_DOTS:  # INT4 in one group per tile: x's columns 8 apart against one nibble of every word,
-                # eight dots of BLOCK_K / 8, so the words' codes are never interleaved into a [BLOCK_K, BLOCK_N] tile
+                # eight dots of BLOCK_K / 8, so the words' codes are never interleaved into a [BLOCK_K, BLOCK_N] tile.
+                # SWAP: taken as y^T = w x^T, the nibble tiles the dots' left operand, which Triton then decodes in
+                # the registers Hopper's warp-group MMA reads it from (no shared-memory round trip per weight)
                 rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
-                words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask_words, other=0)
                 g = k0 // group
                 gmask = mask_n & (k0 < K)
                 scale = tl.load(s_ptr + g * stride_s + rn, mask=gmask, other=0.0).to(tl.float32)
                 zero = _codes_to_float(_gptq_zeros(z_ptr, g, rn, stride_s, gmask), 0.0)
+                if SWAP:  # words [BLOCK_N, BLOCK_K / 8], sums [BLOCK_N, BLOCK_M]
+                    wmask_words = mask_n[:, None] & (rw * 8 < K)[None, :]
+                    words = tl.load(w_ptr + rw[None, :] * stride_w + rn[:, None], mask=wmask_words, other=0)
+                    zero = zero[:, None]
+                    d0 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                else:  # words [BLOCK_K / 8, BLOCK_N], sums [BLOCK_M, BLOCK_N]
+                    wmask_words = (rw * 8 < K)[:, None] & mask_n[None, :]
+                    words = tl.load(w_ptr + rw[:, None] * stride_w + rn[None, :], mask=wmask_words, other=0)
+                    zero = zero[None, :]
+                    d0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 # A nibble left in place at bit 4p of a half word, or'ed into 2^23's mantissa, is the float
                 # 2^23 + code 16^p: one subtraction gives (code - zero) 16^p, exact in bf16 (no row sums of x for
-                # the zero point, no shift per code); the four places p keep their own sums, joined once per tile.
+                # the zero point, no shift per code). With SWAP, x's columns for place p are scaled by 16^-p (exact
+                # in bf16 and fp32) so that all eight dots share one sum (fewer registers: more programs per
+                # multiprocessor); fp16's x could turn subnormal, so there and without SWAP (Hopper's warp-group dots;
+                # Ampere's were not timed this way) the four places keep their own sums, joined once per tile.
+                one_sum: tl.constexpr = SWAP and DOT != tl.float16
                 offsets = (8388608.0 + zero, 8388608.0 + zero * 16.0, 8388608.0 + zero * 256.0,
                            8388608.0 + zero * 4096.0)  # fmt: skip
                 halves = ((words & 0xFFFF) | 0x4B000000, (words >> 16) | 0x4B000000)  # 2^23's exponent, per word
-                d0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 d1, d2, d3 = d0, d0, d0
                 for j in tl.static_range(8):
                     kj = rw * 8 + j
-                    xmask = mask_m[:, None] & (kj < K)[None, :]
-                    xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0).to(DOT)
+                    if SWAP:
+                        xmask = (kj < K)[:, None] & mask_m[None, :]
+                        xj = tl.load(x_ptr + rm[None, :] * stride_xm + kj[:, None], mask=xmask, other=0.0)
+                    else:
+                        xmask = mask_m[:, None] & (kj < K)[None, :]
+                        xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=xmask, other=0.0)
                     place = 16 ** (j % 4)
                     bits = halves[j // 4] & (0x4B000000 | (15 * place))  # one AND per code
-                    wj = (bits.to(tl.float32, bitcast=True) - offsets[j % 4][None, :]).to(DOT)
-                    if j % 4 == 0:
-                        d0 = tl.dot(xj, wj, d0, input_precision="ieee")
+                    wj = (bits.to(tl.float32, bitcast=True) - offsets[j % 4]).to(DOT)
+                    if one_sum:
+                        d0 = _nibble_dot((xj.to(tl.float32) * (1.0 / place)).to(DOT), wj, d0, SWAP)
+                    elif j % 4 == 0:
+                        d0 = _nibble_dot(xj.to(DOT), wj, d0, SWAP)
                     elif j % 4 == 1:
-                        d1 = tl.dot(xj, wj, d1, input_precision="ieee")
+                        d1 = _nibble_dot(xj.to(DOT), wj, d1, SWAP)
                     elif j % 4 == 2:
-                        d2 = tl.dot(xj, wj, d2, input_precision="ieee")
+                        d2 = _nibble_dot(xj.to(DOT), wj, d2, SWAP)
                     else:
-                        d3 = tl.dot(xj, wj, d3, input_precision="ieee")
-                acc += scale[None, :] * (d0 + (d1 + (d2 + d3 * 0.0625) * 0.0625) * 0.0625)
+                        d3 = _nibble_dot(xj.to(DOT), wj, d3, SWAP)
+                if one_sum:
+                    sums = d0
+                else:
+                    sums = d0 + (d1 + (d2 + d3 * 0.0625) * 0.0625) * 0.0625
+                if SWAP:
+                    acc += tl.trans(scale[:, None] * sums)
+                else:
+                    acc += scale[None, :] * sums
             else:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mask_k = rk < K
@@ -442,46 +477,77 @@ if triton is not None:
                       SPLIT_K)  # fmt: skip
 
     @triton.jit
+    def _dot4_int8(a, b, c, ASM: tl.constexpr):
+        """c plus the dot product of the four int8 lanes of int32 words a and b: one DP4A instruction on the
+        CUDA cores (four products and their sum in int32), spelled out where there is no PTX (interpreter)."""
+        if ASM:
+            out = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                            is_pure=True, pack=1)  # fmt: skip
+        else:
+            out = c
+            for lane in tl.static_range(4):  # sign-extended bytes: shift the lane to the top, then back down
+                out += ((a << (24 - 8 * lane)) >> 24) * ((b << (24 - 8 * lane)) >> 24)
+        return out
+
+    @triton.jit
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, ACT: tl.constexpr,
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
-                        EVEN: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                        EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
         all its rows. Same rounding and sums as ``_gemv_kernel``. CODES: x holds the activations' codes
         already and xs_ptr their scale (``_quantize_rows``, once per call instead of once per row block).
-        EVEN: no masks."""
+        DP4A (int8 codes times int8 weights, both read as int32 words of four: w_ptr and x_ptr, stride_w in
+        words): four products per instruction (1: PTX's dp4a, 2: the same sums spelled out). EVEN: no masks."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0 and CODES:
             x_scale = tl.load(xs_ptr + one)
         elif ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
-        for i in tl.range(0, TILES, num_stages=STAGES):
-            # loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
-            # [rows, K / 16, 16] so that the sum over the last axis is the thread's own
-            rk = (pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
-            w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
-            if EVEN:
-                x = tl.load(x_ptr + rk)
-                w = tl.load(w_ptrs)
-            else:
-                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)
-            if CODES:  # int8 codes or E4M3 values: exact as int32 or fp32
-                x = x.to(tl.int32 if INT_SUMS else tl.float32)
-            else:
-                x = x.to(tl.float32)
-                if ACT != 0:
-                    x = _quantize_tile(x[None, :], x_scale, ACT)
-            x = tl.reshape(x, [1, BLOCK_K // 16, 16])
-            w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16])
-            if INT_SUMS:
-                acc += tl.sum(w.to(tl.int32) * x.to(tl.int32), axis=2)
-            else:
-                acc += tl.sum(_w8_values(w) * x, axis=2)
+        if DP4A:  # words [rows, K / 16, 4] per tile: a thread's 16 K as 4 words, each word's 4 products in one
+            # instruction, summed into the thread's [rows, 4] int32 partial sums
+            acc = tl.zeros([BLOCK_N, BLOCK_K // 16, 4], dtype=tl.int32)
+            for i in tl.range(0, TILES, num_stages=STAGES):
+                rw = (pid_k + i * SPLIT_K) * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+                w_ptrs = w_ptr + rn[:, None] * stride_w + rw[None, :]
+                if EVEN:
+                    x = tl.load(x_ptr + rw)
+                    w = tl.load(w_ptrs)
+                else:
+                    x = tl.load(x_ptr + rw, mask=rw * 4 < K, other=0)
+                    w = tl.load(w_ptrs, mask=mask_n[:, None] & (rw * 4 < K)[None, :], other=0)
+                w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 4])
+                x = tl.broadcast_to(tl.reshape(x, [1, BLOCK_K // 16, 4]), [BLOCK_N, BLOCK_K // 16, 4])
+                acc = _dot4_int8(w, x, acc, DP4A == 1)
+            acc = tl.sum(acc, axis=2)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
+            for i in tl.range(0, TILES, num_stages=STAGES):
+                # loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
+                # [rows, K / 16, 16] so that the sum over the last axis is the thread's own
+                rk = (pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
+                w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
+                if EVEN:
+                    x = tl.load(x_ptr + rk)
+                    w = tl.load(w_ptrs)
+                else:
+                    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+                    w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)
+                if CODES:  # int8 codes or E4M3 values: exact as int32 or fp32
+                    x = x.to(tl.int32 if INT_SUMS else tl.float32)
+                else:
+                    x = x.to(tl.float32)
+                    if ACT != 0:
+                        x = _quantize_tile(x[None, :], x_scale, ACT)
+                x = tl.reshape(x, [1, BLOCK_K // 16, 16])
+                w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16])
+                if INT_SUMS:
+                    acc += tl.sum(w.to(tl.int32) * x.to(tl.int32), axis=2)
+                else:
+                    acc += tl.sum(_w8_values(w) * x, axis=2)
         y = tl.sum(acc.to(tl.float32), axis=1) * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
         if ACT != 0:
             y = y * x_scale
@@ -642,11 +708,16 @@ if triton is not None:
 NIBBLE = "nibble"
 INT_SUMS = "int_sums"  # one-token W8A8 with int8 weights: int32 sums of the codes' products (else ignored)
 CODES = "codes"  # W8A8: the activations quantized once per call by a kernel before the product
-SWAP = "swap"  # FP8 codes: the product taken as y^T = w x^T, on Hopper's FP8 warp-group dots (int8: ignored)
+# SWAP: the product taken as y^T = w x^T, the weight tile the dot's left operand: FP8 codes on Hopper's FP8
+# warp-group dots (int8: ignored); INT4 NIBBLE tiles decoded in the registers the warp-group dot reads.
+SWAP = "swap"
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
-           (32, 128, 8, 4, 4, NIBBLE)],
+           (32, 128, 8, 4, 4, NIBBLE), (64, 128, 2, 4, 3, NIBBLE, SWAP), (64, 128, 4, 4, 3, NIBBLE, SWAP),
+           (128, 128, 1, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 3, NIBBLE, SWAP), (256, 128, 1, 8, 3, NIBBLE, SWAP),
+           (64, 128, 8, 4, 3, NIBBLE, SWAP), (128, 128, 4, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 5, NIBBLE, SWAP),
+           (64, 128, 4, 4, 5, NIBBLE, SWAP)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
          (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
@@ -660,6 +731,8 @@ CANDIDATES = {
 # SKINNY (W8A8 with CODES): one token through the few-token tile's 8-bit tensor-core dots, its first row only
 # (memory-bound either way: the tensor cores' idle rows cost less than converting every weight on the CUDA cores).
 SKINNY = "skinny"
+# DP4A (with INT_SUMS and CODES, int8 W8A8 rows of whole int32 words): four codes' products per instruction.
+DP4A = "dp4a"
 # W8 and FP4 take _w8_gemv_kernel / _fp4_gemv_kernel (the ROWS entries: BLOCK_N, num_warps, programs per
 # multiprocessor that split-K aims at, STAGES; BLOCK_K is 16 (W8) or 32 (FP4) K per thread),
 # FP4 where its rows are whole int32 words and its blocks 16 or 32; the others take _gemv_kernel.
@@ -678,6 +751,9 @@ GEMV_CANDIDATES = {
          (4, 4, 8, 1, ROWS), (8, 4, 4, 1, ROWS, INT_SUMS), (16, 4, 4, 1, ROWS, INT_SUMS),
          (8, 2, 8, 1, ROWS, INT_SUMS), (8, 4, 4, 1, ROWS, CODES), (16, 4, 4, 1, ROWS, CODES),
          (8, 4, 4, 1, ROWS, INT_SUMS, CODES), (16, 4, 4, 1, ROWS, INT_SUMS, CODES), (8, 2, 8, 1, ROWS, INT_SUMS, CODES),
+         (8, 4, 4, 1, ROWS, INT_SUMS, CODES, DP4A), (16, 4, 4, 1, ROWS, INT_SUMS, CODES, DP4A),
+         (8, 2, 8, 1, ROWS, INT_SUMS, CODES, DP4A), (4, 4, 8, 1, ROWS, INT_SUMS, CODES, DP4A),
+         (16, 8, 2, 1, ROWS, INT_SUMS, CODES, DP4A), (8, 4, 4, 3, ROWS, INT_SUMS, CODES, DP4A),
          (64, 256, 4, 4, 4, SKINNY, CODES), (128, 256, 2, 4, 4, SKINNY, CODES), (32, 256, 8, 4, 4, SKINNY, CODES),
          (64, 512, 4, 4, 3, SKINNY, CODES), (64, 128, 4, 4, 4, SKINNY, CODES, SWAP),
          (128, 128, 2, 4, 4, SKINNY, CODES, SWAP), (64, 256, 4, 4, 4, SKINNY, CODES, SWAP),
@@ -763,9 +839,13 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         codes = CODES in variant and act != ACT_NONE
         x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
-        _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, strides[0], ACT=act,
+        stride_w, dp4a = strides[0], 0
+        if DP4A in variant and int_sums and codes and _whole_words(w, 4):  # both read as int32 words of 4 codes
+            x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
+            dp4a = 2 if INTERPRET else 1
+        _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, stride_w, ACT=act,
                               QMAX=QMAX[act], ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes,
-                              **common)  # fmt: skip
+                              DP4A=dp4a, **common)  # fmt: skip
     else:
         words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
         _fp4_gemv_kernel[grid](x, words, scale, scale if tensor_scale is None else tensor_scale, y, workspace,
@@ -808,6 +888,12 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
                              INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant, **common)  # fmt: skip
     return y
+
+
+def _whole_words(w: torch.Tensor, size: int) -> bool:
+    """Whether w's rows can be read as aligned words of ``size`` bytes (contiguous rows, widths and starts
+    that are multiples of it)."""
+    return w.stride(-1) == 1 and w.shape[-1] % size == 0 and w.stride(0) % size == 0 and w.data_ptr() % 16 == 0
 
 
 def _int8_products(act: int, w: torch.Tensor) -> bool:
