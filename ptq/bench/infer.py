@@ -155,8 +155,9 @@ def block_linear_bytes(model) -> int:
     return sum(module_bytes(m) for block in get_blocks(model) for m in block.modules() if isinstance(m, kinds))
 
 
-def _timed(fn, repeat: int) -> list[float]:
-    fn()  # warm-up: kernels compiled and autotuned, memory pools grown
+def _timed(fn, repeat: int, warm_up: bool = True) -> list[float]:
+    if warm_up:
+        fn()  # kernels compiled and autotuned, memory pools grown
     times = []
     for _ in range(repeat):
         torch.cuda.synchronize()
@@ -195,12 +196,17 @@ def measure(
     ids = torch.randint(0, vocab, (1, prefill_len), generator=g).to(device)
     before = torch.cuda.memory_allocated()  # the model (and anything an earlier format left behind)
     torch.cuda.reset_peak_memory_stats()
+
+    def prefill():
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    prefill()  # warm-up (kernels compiled and tuned), not counted below
     allocator = _allocator_counts()
-    times = _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), repeat)
+    times = _timed(prefill, repeat, warm_up=False)
     result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
     result["prefill_s"] = times
-    # cudaMalloc / cudaFree calls (and the caching allocator's retries) during the prefills: each cudaFree waits for
-    # the GPU, so a prefill that makes them is timed with the host and the GPU in series
+    # cudaMalloc / cudaFree calls (and the caching allocator's retries) during the timed prefills: each cudaFree waits
+    # for the GPU, so a prefill that makes them is timed with the host and the GPU in series
     result["prefill_allocator_calls"] = {k: v - allocator[k] for k, v in _allocator_counts().items()}
     result["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     result["prefill_activation_bytes"] = result["prefill_peak_gpu_bytes"] - before  # what the prefill itself needed
