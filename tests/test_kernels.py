@@ -372,7 +372,8 @@ def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
 
 def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
     """Variants that ``_launch`` would run as the plain tile (int32 sums for FP8, codes for weight-only 8-bit, the
-    FP8 transposed product for int8) are not candidates; every applicable variant stays one."""
+    FP8 transposed product for int8, DP4A on rows that are not whole words) are not candidates; every applicable
+    variant stays one."""
     from ptq.quant import kernels
 
     int8_w, fp8_w = torch.zeros(4, 4, dtype=torch.int8), torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
@@ -389,3 +390,7 @@ def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
             assert any(kernels.SWAP in c for c in fp8)
         else:
             assert any(kernels.INT_SUMS in c for c in int8) and any(kernels.SKINNY in c for c in fp8)
+            assert any(kernels.DP4A in c for c in int8) and not any(kernels.DP4A in c for c in fp8)
+            odd_rows = torch.zeros(4, 6, dtype=torch.int8)  # rows of 6 bytes: not whole int32 words
+            applies = [c for c in configs if kernels._w8_variant_applies(c, kernels.ACT_INT8, odd_rows)]
+            assert applies and not any(kernels.DP4A in c for c in applies)

@@ -978,6 +978,8 @@ def _w8_variant_applies(config: tuple, act: int, w: torch.Tensor) -> bool:
     (``_launch`` runs an inapplicable variant as the plain tile of its shape)."""
     if INT_SUMS in config and not _int8_products(act, w):
         return False
+    if DP4A in config and not _whole_words(w, 4):  # rows that are not whole words: the int32-sum tile
+        return False
     if ROWS in config:  # the one-token rows kernel quantizes any activations first with CODES
         return CODES not in config or act != ACT_NONE
     if (CODES in config or SKINNY in config) and not _codes_multiply(W8, act, w):
