@@ -507,47 +507,38 @@ if triton is not None:
             x_scale = tl.load(xs_ptr + one)
         elif ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
-        if DP4A:  # words [rows, K / 16, 4] per tile: a thread's 16 K as 4 words, each word's 4 products in one
-            # instruction, summed into the thread's [rows, 4] int32 partial sums
+        # a tile is loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
+        # [rows, K / 16, 16] so that the sum over the last axis is the thread's own; DP4A: [rows, K / 16, 4] words
+        unit: tl.constexpr = 4 if DP4A else 1  # K per loaded element
+        if DP4A:  # each word's 4 products in one instruction, summed into the thread's [rows, 4] int32 partial sums
             acc = tl.zeros([BLOCK_N, BLOCK_K // 16, 4], dtype=tl.int32)
-            for i in tl.range(0, TILES, num_stages=STAGES):
-                rw = (pid_k + i * SPLIT_K) * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
-                w_ptrs = w_ptr + rn[:, None] * stride_w + rw[None, :]
-                if EVEN:
-                    x = tl.load(x_ptr + rw)
-                    w = tl.load(w_ptrs)
-                else:
-                    x = tl.load(x_ptr + rw, mask=rw * 4 < K, other=0)
-                    w = tl.load(w_ptrs, mask=mask_n[:, None] & (rw * 4 < K)[None, :], other=0)
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 4])
-                x = tl.broadcast_to(tl.reshape(x, [1, BLOCK_K // 16, 4]), [BLOCK_N, BLOCK_K // 16, 4])
-                acc = _dot4_int8(w, x, acc, DP4A == 1)
-            acc = tl.sum(acc, axis=2)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
-            for i in tl.range(0, TILES, num_stages=STAGES):
-                # loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
-                # [rows, K / 16, 16] so that the sum over the last axis is the thread's own
-                rk = (pid_k + i * SPLIT_K) * BLOCK_K + tl.arange(0, BLOCK_K)
-                w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
-                if EVEN:
-                    x = tl.load(x_ptr + rk)
-                    w = tl.load(w_ptrs)
-                else:
-                    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-                    w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk < K)[None, :], other=0.0)
-                if CODES:  # int8 codes or E4M3 values: exact as int32 or fp32
-                    x = x.to(tl.int32 if INT_SUMS else tl.float32)
-                else:
-                    x = x.to(tl.float32)
-                    if ACT != 0:
-                        x = _quantize_tile(x[None, :], x_scale, ACT)
-                x = tl.reshape(x, [1, BLOCK_K // 16, 16])
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16])
-                if INT_SUMS:
-                    acc += tl.sum(w.to(tl.int32) * x.to(tl.int32), axis=2)
-                else:
-                    acc += tl.sum(_w8_values(w) * x, axis=2)
+        for i in tl.range(0, TILES, num_stages=STAGES):
+            rk = (pid_k + i * SPLIT_K) * (BLOCK_K // unit) + tl.arange(0, BLOCK_K // unit)
+            w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + rk)
+                w = tl.load(w_ptrs)
+            else:
+                x = tl.load(x_ptr + rk, mask=rk * unit < K, other=0.0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & (rk * unit < K)[None, :], other=0.0)
+            if CODES and not DP4A:  # int8 codes or E4M3 values: exact as int32 or fp32
+                x = x.to(tl.int32 if INT_SUMS else tl.float32)
+            elif not CODES:
+                x = x.to(tl.float32)
+                if ACT != 0:
+                    x = _quantize_tile(x[None, :], x_scale, ACT)
+            x = tl.reshape(x, [1, BLOCK_K // 16, 16 // unit])
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K // 16, 16 // unit])
+            if DP4A:
+                acc = _dot4_int8(w, tl.broadcast_to(x, w.shape), acc, DP4A == 1)
+            elif INT_SUMS:
+                acc += tl.sum(w.to(tl.int32) * x.to(tl.int32), axis=2)
+            else:
+                acc += tl.sum(_w8_values(w) * x, axis=2)
+        if DP4A:
+            acc = tl.sum(acc, axis=2)
         y = tl.sum(acc.to(tl.float32), axis=1) * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
         if ACT != 0:
             y = y * x_scale
@@ -941,7 +932,7 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
     gemv = x.shape[0] == 1 and x.is_contiguous()
     act_order = g_idx is not None
     # FP4's one-token words kernel reads rows of whole, aligned int32 words
-    words = weight == FP4 and gemv and group in (16, 32) and w.stride(0) % 4 == 0 and w.data_ptr() % 16 == 0
+    words = weight == FP4 and gemv and group in (16, 32) and _whole_words(w, 4)
     key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, w.dtype, words,
            x.device)  # fmt: skip
 
