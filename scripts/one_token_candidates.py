@@ -5,6 +5,8 @@
     ncu --clock-control none --kernel-name regex:skinny --launch-skip 3 --launch-count 1 --section SpeedOfLight \
         python scripts/one_token_candidates.py --rows 16 --formats int4 --linears gate --only 128,128,2,4,4,nibble
                                                          # --only: run that one tile a few times, untimed (ncu)
+    python scripts/one_token_candidates.py --rows 16 --formats int4 --extra "64,128,16,4,3,nibble,swap;..."
+                                                         # --extra: time tiles not (yet) in the tuner's table
 
 For each format and linear: copies of the layer that hold more than the L2 cache, one CUDA graph that calls
 each candidate on all of them (``triton.testing.do_bench_cudagraph``, median), the time per call, the
@@ -60,6 +62,7 @@ def main():
     p.add_argument("--linears", default="q,k,gate,down")
     p.add_argument("--rows", type=int, default=1, help="tokens per call; above 1 the few-token candidates")
     p.add_argument("--only", help="one candidate, comma-separated (64,128,2,4,4,nibble): run, not timed (profilers)")
+    p.add_argument("--extra", default="", help="tiles to time beside the table's, ';'-separated (trials)")
     args = p.parse_args()
     if args.only:
         return run_only(args)
@@ -80,7 +83,7 @@ def main():
             want = layers[0](x).float()
             kind = {"int4": kernels.INT4, "int8": kernels.W8, "fp8": kernels.W8}.get(fmt, kernels.FP4)
             rows = []
-            for config in candidates[kind]:
+            for config in candidates[kind] + [parse_config(c) for c in args.extra.split(";") if c]:
                 runs = [launcher(fmt, m, n, k, gemv) for m in layers]
                 try:
                     got = runs[0](config, x).float()
@@ -95,9 +98,13 @@ def main():
             torch.cuda.empty_cache()
 
 
+def parse_config(text: str) -> tuple:
+    return tuple(int(f) if f.isdigit() else f for f in text.split(","))
+
+
 def run_only(args, calls: int = 8):
     """Call one candidate tile ``calls`` times on each linear and format, for a profiler to catch."""
-    config = tuple(int(f) if f.isdigit() else f for f in args.only.split(","))
+    config = parse_config(args.only)
     for name in args.linears.split(","):
         n, k = SHAPES[name]
         x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)

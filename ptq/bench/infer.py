@@ -15,8 +15,10 @@ On a random-weight model of a real shape (default Llama-3-8B, built on the GPU),
          weight-only, on the Triton kernels
 
 it measures weight memory (all parameters and buffers), peak memory, prefill tokens/s (batch 1 x
-2048) and decode tokens/s (batch 1, 16, 64 and ``max``, the most sequences of ``--context`` tokens whose bf16 KV
-cache fits beside the weights; each after a 128-token prompt), as medians of ``--repeat`` timed runs after a
+2048; eager, and replayed from a CUDA graph: ``prefill_graphed_*``, the GPU's time alone, beside
+``prefill_host_s``, the host's time to issue an eager prefill) and decode tokens/s (batch 1, 16, 64 and
+``max``, the most sequences of ``--context`` tokens whose bf16 KV cache fits beside the weights; each after a
+128-token prompt), as medians of ``--repeat`` timed runs after a
 warm-up. Beside each decode rate: the share of the GPU's copy bandwidth (measured in the same run) that reading the
 weights once per step needs at that rate (block linears and the LM head; the distance to the memory-bound limit).
 ``--price-per-gpu-hour`` adds the cost report (``ptq.bench.cost``). Embeddings and the LM head stay bf16 in every
@@ -26,7 +28,8 @@ group order (``sorted_layers``); ``--no-fuse`` keeps the layers as stored.
 Decode is measured twice: eager (each step launches every kernel from Python; at batch 1 that
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
-step compiled by torch.compile (its elementwise kernels fused) and captured the same way.
+step compiled by torch.compile (its elementwise kernels fused) and captured the same way; the prefill likewise
+(``prefill_compiled_*``).
 """
 
 from __future__ import annotations
@@ -168,6 +171,38 @@ def _timed(fn, repeat: int, warm_up: bool = True) -> list[float]:
     return times
 
 
+def _host_seconds(fn, repeat: int) -> float:
+    """Median seconds the host spends in ``fn()`` before it returns, the GPU's work left queued."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def graphed_prefill(prefill, repeat: int) -> list[float]:
+    """Seconds per ``prefill()`` replayed from one CUDA graph: the GPU's time alone. An eager prefill can be
+    host-bound where Python launches a layer's kernels more slowly than the GPU runs them (a slow host, or
+    small per-kernel work), which would time the host rather than the format."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graphs asks
+        prefill()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prefill()
+    try:
+        return _timed(graph.replay, repeat)
+    finally:
+        del graph  # its memory pool back before the decode measurements
+        torch.cuda.empty_cache()
+
+
 def _allocator_counts() -> dict[str, int]:
     stats = torch.cuda.memory_stats()
     return {name: stats.get(name, 0) for name in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
@@ -187,7 +222,8 @@ def measure(
     compiled: bool = False,
 ):
     """``decode_batches`` may hold ``"max"``: resolved with ``max_batch`` = (KV bytes per token, context).
-    ``compiled``: also the graphed decode of the torch.compile'd model (``decode_b*_compiled_*``)."""
+    ``compiled``: also the graphed prefill and decode of the torch.compile'd model (``prefill_compiled_*``,
+    ``decode_b*_compiled_*``)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -205,11 +241,24 @@ def measure(
     times = _timed(prefill, repeat, warm_up=False)
     result["prefill_tokens_per_s"] = prefill_len / statistics.median(times)
     result["prefill_s"] = times
+    # the host's time to issue one eager prefill (no wait for the GPU): near prefill_s, the prefill is host-bound
+    result["prefill_host_s"] = _host_seconds(prefill, repeat)
     # cudaMalloc / cudaFree calls (and the caching allocator's retries) during the timed prefills: each cudaFree waits
     # for the GPU, so a prefill that makes them is timed with the host and the GPU in series
     result["prefill_allocator_calls"] = {k: v - allocator[k] for k, v in _allocator_counts().items()}
     result["prefill_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     result["prefill_activation_bytes"] = result["prefill_peak_gpu_bytes"] - before  # what the prefill itself needed
+    modes = {"graphed": prefill}
+    if compiled:  # inductor fuses the norms, rotary embeddings and activations (and W8A8's activation rounding)
+        forward = torch.compile(model, dynamic=False)
+        modes["compiled"] = lambda: forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+    for mode, run in modes.items():
+        try:
+            graphed = graphed_prefill(run, repeat)
+            result[f"prefill_{mode}_tokens_per_s"] = prefill_len / statistics.median(graphed)
+            result[f"prefill_{mode}_s"] = graphed
+        except Exception as err:  # a model whose forward cannot be captured: eager numbers only
+            result[f"prefill_{mode}_error"] = f"{type(err).__name__}: {err}"[:300]
     if max_batch is not None:  # the most sequences whose KV cache fits, given what the prefill needed
         activations = result["prefill_activation_bytes"]
         result["max_batch"] = max(
