@@ -279,10 +279,10 @@ def test_compact_layers_compute_on_gpu_as_on_cpu(fmt):
 def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
     """ptq.fuse on CUDA: the joined products (ptq's one-token and few-token kernels, cuBLAS for bf16; act-order
     with its inputs in group order) give the separate layers' logits up to bf16 rounding, and a decode step with
-    them replays from a CUDA graph."""
+    them replays from a CUDA graph, and so does a prefill (``ptq.bench.infer``'s graphed prefill)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ptq.bench.infer import convert, graphed_decode
+    from ptq.bench.infer import convert, graphed_decode, measure
     from ptq.fuse import fuse_projections, sort_act_order_groups
 
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -299,3 +299,23 @@ def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
     for g, w in zip(got, want, strict=True):
         assert ((g - w).norm() / w.norm()).item() < 2e-2
     assert graphed_decode(model, ids, steps=4) > 0
+    timed = measure(model, 256, prefill_len=16, decode_batches=[1], prompt=8, steps=2, repeat=2)
+    assert "prefill_graphed_error" not in timed, timed.get("prefill_graphed_error")  # the prefill replays
+    assert timed["prefill_graphed_tokens_per_s"] > 0 and timed["prefill_host_s"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_w8a8_layers_compiled_for_many_tokens_match_eager(fmt):
+    """Under torch.compile a W8A8 layer rounds many tokens' activations with torch ops (which inductor fuses
+    into what wrote x) instead of the quantize kernel: the same codes, but where inductor's division rounds a
+    tie the other way, so the compiled output is the eager one up to rare codes."""
+    from ptq.quant.linear import Fp8Linear, Int8Linear
+
+    cls = Int8Linear if fmt == "int8" else Fp8Linear
+    torch.manual_seed(0)
+    layer = cls.from_weight(torch.randn(384, 512) * 0.02, None).cuda()
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)  # more rows than the few-token tiles take
+    with torch.no_grad():
+        eager = layer(x).float()
+        compiled = torch.compile(layer, dynamic=False)(x).float()
+    assert ((compiled - eager).norm() / eager.norm()).item() < 1e-3

@@ -179,6 +179,22 @@ class QuantLinear(StoredLayer):
         return f"in={self.in_features}, out={self.out_features}, {self.spec}, kernel={kernel}{order}"
 
 
+# Per-token activation rounding in torch ops: the reference the kernels' rounding matches (IEEE division, ties to
+# even), the CPU's path, and the one torch.compile sees, fusing it into the kernel that wrote x. Compiled, fp32
+# division may be inductor's approximate one (torch._inductor.config.eager_numerics.division_rounding makes it
+# IEEE), which can move a code by one where x / scale lies within two ulps of a rounding boundary.
+def int8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes, fp32 scales [M, 1] = max|x| / 127)."""
+    x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
+    return torch.round(flat.float() / x_scale).to(torch.int8), x_scale
+
+
+def fp8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (E4M3 codes, fp32 scales [M, 1] = max|x| / 448)."""
+    x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
+    return (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
+
+
 class Int8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
     True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
@@ -210,11 +226,13 @@ class Int8Linear(StoredLayer):
             y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
                                       (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
         elif fast:
-            qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
+            if torch.compiler.is_compiling():  # torch ops, which inductor fuses into the norm or activation before
+                qx, x_scale = int8_rows(flat)
+            else:
+                qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
             y = kernels.int8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
         else:
-            x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=ACT_SCALE_MIN)
-            qx = torch.round(flat.float() / x_scale).to(torch.int8)
+            qx, x_scale = int8_rows(flat)
             if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
                 qx = F.pad(qx, (0, 0, 0, 17 - rows))
             product = torch._int_mm(qx, self.weight.t())[:rows]
@@ -257,11 +275,10 @@ class Fp8Linear(StoredLayer):
             y = y.reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
-        if fast and not kernels.INTERPRET and scaled_mm:
+        if fast and not kernels.INTERPRET and scaled_mm and not torch.compiler.is_compiling():
             qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
-        else:
-            x_scale = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=ACT_SCALE_MIN)
-            qx = (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        else:  # also under torch.compile: torch ops, which inductor fuses into the norm or activation before
+            qx, x_scale = fp8_rows(flat)
         if qx.is_cuda and scaled_mm:
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
