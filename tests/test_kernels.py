@@ -137,6 +137,24 @@ def test_fp4_layers_match_dequantize_then_matmul(rows, fmt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_dequantize_kernel_gives_the_stored_weight(fmt):
+    """The many-token path's dequantize kernel, element for element: K = 201 (odd: the last byte's high nibble
+    is padding), rows and byte columns that are not whole tiles, and every element's own block scale (to an
+    fp32 ulp)."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import CompactLinear
+
+    weight = torch.randn(45, 201, generator=torch.Generator().manual_seed(0))
+    layer = CompactLinear(quantize_weight(weight, WeightSpec.build(fmt)), None, DTYPE).to(DEVICE)
+    group = layer.spec.group_size_for(layer.in_features)
+    kind = kernels.SCALE_E4M3 if fmt == "nvfp4" else kernels.SCALE_E8M0
+    got = kernels.dequantize_fp4(layer.codes, layer.scale, layer.tensor_scale, 201, group, kind, torch.float32)
+    # NVFP4's scale is E4M3 over the global scale, which the kernel and the reference round in another order
+    torch.testing.assert_close(got, layer.dequantized_weight(torch.float32), rtol=3e-7, atol=0)
+
+
+@needs_kernels
 @pytest.mark.parametrize("weight_kind", ["int4", "w8", "fp4"])
 def test_every_candidate_tile_computes_the_same_product(weight_kind):
     """Each tile shape the tuner may choose gives the product, split-K's last-arrival reduction included,

@@ -675,19 +675,22 @@ if triton is not None:
         tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, stride_w, stride_s, group,
+    def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, B, stride_w, stride_s, group,
                                SCALE_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
-        """FP4 nibbles [N, ceil(K/2)] with block scales -> dequantized [N, K] in the output's dtype."""
+        """FP4 nibbles [N, B = ceil(K/2)] with block scales -> dequantized [N, K] in the output's dtype. The
+        codes are put back in K order (low nibble first) before anything else, so that the output's columns
+        are one contiguous range per tile: wide stores along each row (interleaved even and odd stores, or
+        the byte's column order, would write two bytes per 32-byte sector)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        ke = 2 * rb
-        mask = (rn < N)[:, None] & (ke < K)[None, :]
-        packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=mask, other=0).to(tl.int32)
-        scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (ke // group)[None, :], mask, SCALE_KIND)
-        base = out_ptr + rn[:, None] * K
-        tl.store(base + ke[None, :], (_fp4_values(packed & 15) * scale).to(out_ptr.dtype.element_ty), mask=mask)
-        odd_mask = (rn < N)[:, None] & (ke + 1 < K)[None, :]
-        tl.store(base + ke[None, :] + 1, (_fp4_values(packed >> 4) * scale).to(out_ptr.dtype.element_ty), mask=odd_mask)
+        packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=(rn < N)[:, None] & (rb < B)[None, :],
+                         other=0).to(tl.int32)  # fmt: skip
+        codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, 2 * BLOCK_B])
+        kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        mask = (rn < N)[:, None] & (kk < K)[None, :]
+        scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (kk // group)[None, :], mask, SCALE_KIND)
+        values = _fp4_values(codes) * scale
+        tl.store(out_ptr + rn[:, None] * K + kk[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Candidate tiles (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per weight kind; the first is the
@@ -708,7 +711,7 @@ CANDIDATES = {
            (32, 128, 8, 4, 4, NIBBLE), (64, 128, 2, 4, 3, NIBBLE, SWAP), (64, 128, 4, 4, 3, NIBBLE, SWAP),
            (128, 128, 1, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 3, NIBBLE, SWAP), (256, 128, 1, 8, 3, NIBBLE, SWAP),
            (64, 128, 8, 4, 3, NIBBLE, SWAP), (128, 128, 4, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 5, NIBBLE, SWAP),
-           (64, 128, 4, 4, 5, NIBBLE, SWAP)],
+           (64, 128, 4, 4, 5, NIBBLE, SWAP), (128, 128, 8, 8, 3, NIBBLE, SWAP)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
          (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
@@ -1056,8 +1059,8 @@ def _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> 
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
     _dequantize_fp4_kernel[grid](codes, scale, scale if tensor_scale is None else tensor_scale, out, n, k,
-                                 codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind, BLOCK_N=32,
-                                 BLOCK_B=64, num_warps=4)  # fmt: skip
+                                 codes.shape[1], codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind,
+                                 BLOCK_N=32, BLOCK_B=64, num_warps=4)  # fmt: skip
     return out
 
 
