@@ -304,17 +304,19 @@ def test_joined_projections_on_the_kernels_and_in_a_cuda_graph(fmt):
     assert timed["prefill_graphed_tokens_per_s"] > 0 and timed["prefill_host_s"] > 0
 
 
+@pytest.mark.parametrize("rows", [1, 16, 300])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_w8a8_layers_compiled_for_many_tokens_match_eager(fmt):
-    """Under torch.compile a W8A8 layer rounds many tokens' activations with torch ops (which inductor fuses
-    into what wrote x) instead of the quantize kernel: the same codes, but where inductor's division rounds a
-    tie the other way, so the compiled output is the eager one up to rare codes."""
+def test_w8a8_layers_compiled_match_eager(fmt, rows):
+    """Under torch.compile a W8A8 layer rounds the activations with torch ops (which inductor fuses into what
+    wrote x) instead of the quantize kernel, then multiplies the codes (few tokens: ``codes_matmul``'s tiles):
+    the same codes, but where inductor's division rounds a tie the other way, so the compiled output is the
+    eager one up to rare codes and the sums' order."""
     from ptq.quant.linear import Fp8Linear, Int8Linear
 
     cls = Int8Linear if fmt == "int8" else Fp8Linear
     torch.manual_seed(0)
     layer = cls.from_weight(torch.randn(384, 512) * 0.02, None).cuda()
-    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)  # more rows than the few-token tiles take
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)  # 300: more than the few-token tiles take
     with torch.no_grad():
         eager = layer(x).float()
         compiled = torch.compile(layer, dynamic=False)(x).float()

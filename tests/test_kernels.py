@@ -212,10 +212,37 @@ def test_every_w8a8_tile_gives_the_exact_product_of_the_codes(fmt, rows):
     want = exact_w8a8_product(layer, x, fmt)
     candidates = (kernels.GEMV_CANDIDATES if rows == 1 else kernels.CANDIDATES)[kernels.W8]
     assert any(kernels.CODES in config for config in candidates)
+    launch = (layer.weight, layer.weight_scale.reshape(-1), None, None, None, 96, 1000, (1000, 0), 0, kernels.W8, act,
+              False, 0, rows == 1)  # fmt: skip
+    qx, x_scale = kernels._quantize_rows(x, act)
     for config in candidates:
-        got = kernels._launch(config, x, layer.weight, layer.weight_scale.reshape(-1), None, None, None, 96, 1000,
-                              (1000, 0), 0, kernels.W8, act, False, 0, rows == 1)  # fmt: skip
+        got = kernels._launch(config, x, *launch)
         assert relative_error(got, want) < TOLERANCE, config
+        if kernels.CODES in config and kernels._w8_variant_applies(config, act, layer.weight):
+            # the same tile given the codes (codes_matmul's path): the same bits
+            given = kernels._launch(config, qx, *launch, x_scale=x_scale.reshape(-1), out_dtype=x.dtype)
+            assert torch.equal(given, got), config
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_codes_matmul_takes_activations_rounded_by_torch_ops(fmt, rows):
+    """What a compiled W8A8 layer computes for few tokens: the activations rounded by torch ops (the layer's
+    int8_rows / fp8_rows, which inductor fuses) and the tuned CODES tile given those codes, against the exact
+    product of the same codes."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import Fp8Linear, Int8Linear, fp8_rows, int8_rows
+
+    cls, act, rounding = (Int8Linear, kernels.ACT_INT8, int8_rows) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8,
+                                                                                          fp8_rows)  # fmt: skip
+    layer = cls.from_weight(torch.randn(96, 1000, generator=torch.Generator().manual_seed(0)), None).to(DEVICE)
+    x = inputs(rows, 1000)
+    qx, x_scale = rounding(x)
+    assert torch.equal(qx, kernels._quantize_rows(x, act)[0])  # the torch ops round as the kernel does
+    got = kernels.codes_matmul(qx, x_scale, layer.weight, layer.weight_scale, 96, 1000, act, x.dtype)
+    assert got.dtype == x.dtype and got.shape == (rows, 96)
+    assert relative_error(got, exact_w8a8_product(layer, x, fmt)) < TOLERANCE
 
 
 @needs_kernels

@@ -801,13 +801,13 @@ def _even_split(tiles: int, wanted: int) -> int:
     return divisor if 2 * divisor >= wanted else wanted
 
 
-def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int):
+def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int, dtype=None):
     """A one-token launch's grid (column blocks, split-K near ``per_sm`` programs per multiprocessor), its
     output, split-K's workspace, the K tiles each program loops over, and EVEN: whole tiles and column blocks
     for every program (no masks)."""
     tiles, columns = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
     split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=dtype or x.dtype, device=x.device)
     workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     even = k % block_k == 0 and n % block_n == 0 and tiles % split_k == 0
     return (columns, split_k), y, workspace, triton.cdiv(tiles, split_k), even
@@ -822,17 +822,21 @@ def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.
     return y
 
 
-def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind):
+def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind, x_scale=None,
+                      out_dtype=None):  # fmt: skip
     block_n, warps, per_sm, stages, _, *variant = config
     block_k = (16 if weight == W8 else 32) * 32 * warps
-    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm)
+    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
                   num_warps=warps)  # fmt: skip
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         codes = CODES in variant and act != ACT_NONE
-        x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
+        if x_scale is None:
+            x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
+        else:  # x holds the activations' codes already (codes_matmul, whose candidates are CODES tiles)
+            x_codes = x
         stride_w, dp4a = strides[0], 0
         if DP4A in variant and int_sums and codes and _whole_words(w, 4):  # both read as int32 words of 4 codes
             x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
@@ -849,24 +853,28 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
 
 
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
-            gemv=False):  # fmt: skip
+            gemv=False, x_scale=None, out_dtype=None):  # fmt: skip
+    """One product with tile ``config``. W8A8 with ``x_scale``: x holds the activations' codes already (a CODES
+    tile; ``out_dtype`` the output's dtype), else the CODES tiles quantize x first."""
     if gemv and COLUMNS in config:
         return _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group)
     if gemv and ROWS in config:
-        return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind)
+        return _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind,
+                                 x_scale, out_dtype)  # fmt: skip
     if gemv and weight == INT4 and g_idx is None:
         raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
     block_n, block_k, split_k, warps, stages, *variant = config
     gemv = gemv and SKINNY not in variant  # SKINNY: one token through the few-token tile (its first row)
     m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     block_m = 1 if gemv else _block_m(m)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     counters = _tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
     codes = not gemv and CODES in variant and _codes_multiply(weight, act, w)
-    x, x_scale = _quantize_rows(x, act) if codes else (x, dummy)
+    if x_scale is None:
+        x, x_scale = _quantize_rows(x, act) if codes else (x, dummy)
     pointers = (x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
                 dummy if tensor_scale is None else tensor_scale)  # fmt: skip
     common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
@@ -928,24 +936,30 @@ def _config(key: tuple, candidates: list, run) -> tuple:
 
 
 def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=None, g_idx=None,
-                   tensor_scale=None, scale_kind=SCALE_E4M3) -> torch.Tensor:  # fmt: skip
-    """``skinny_matmul``'s work: the tile for this shape (tuned once), then the one-token or few-token kernel."""
+                   tensor_scale=None, scale_kind=SCALE_E4M3, x_scale=None, out_dtype=None) -> torch.Tensor:  # fmt: skip
+    """``skinny_matmul``'s work: the tile for this shape (tuned once), then the one-token or few-token kernel.
+    W8A8 with ``x_scale``: x holds the activations' codes (``codes_matmul``), and only CODES tiles compete."""
     if x.stride(-1) != 1:  # the kernels read rows as contiguous runs
         x = x.contiguous()
+    if x_scale is not None:
+        x_scale = x_scale.reshape(-1).contiguous()
     gemv = x.shape[0] == 1 and x.is_contiguous()
     act_order = g_idx is not None
     # FP4's one-token words kernel reads rows of whole, aligned int32 words
     words = weight == FP4 and gemv and group in (16, 32) and _whole_words(w, 4)
     key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, w.dtype, words,
-           x.device)  # fmt: skip
+           out_dtype, x.device)  # fmt: skip
 
     def run(config):
         return _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act,
-                       act_order, scale_kind, gemv)  # fmt: skip
+                       act_order, scale_kind, gemv, x_scale, out_dtype)  # fmt: skip
 
     config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
     if config is None:
-        config = _config(key, _candidates(weight, act, w, gemv, act_order, group, k, words), run)
+        candidates = _candidates(weight, act, w, gemv, act_order, group, k, words)
+        if x_scale is not None:
+            candidates = [c for c in candidates if CODES in c]
+        config = _config(key, candidates, run)
     return run(config)
 
 
@@ -1088,6 +1102,21 @@ def skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero=
                       scale_kind)  # fmt: skip
 
 
+@torch.library.custom_op("ptq::codes_matmul", mutates_args=())
+def _codes_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int, k: int,
+                     act: int, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    return _codes_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype)
+
+
+@_codes_matmul_op.register_fake
+def _(qx, x_scale, w, w_scale, n, k, act, out_dtype):
+    return qx.new_empty(qx.shape[0], n, dtype=out_dtype)
+
+
+def _codes_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> torch.Tensor:
+    return _skinny_matmul(qx, w, w_scale, n, k, (k, 0), 0, W8, act, x_scale=x_scale, out_dtype=out_dtype)
+
+
 @torch.library.custom_op("ptq::quantize_rows", mutates_args=())
 def _quantize_rows_op(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows(x, act)
@@ -1144,6 +1173,9 @@ def _eager_or_operator(work, operator):
 
 
 quantize_rows = _eager_or_operator(_quantize_rows, _quantize_rows_op)
+# W8A8 for up to SKINNY_ROWS tokens whose activations are quantized already (int8 or E4M3 codes [M, K], fp32
+# scales [M, 1]) times 8-bit weights [N, K] with per-channel scales: the few-token and one-token CODES tiles
+codes_matmul = _eager_or_operator(_codes_matmul, _codes_matmul_op)
 int8_matmul = _eager_or_operator(_int8_matmul, _int8_matmul_op)
 dequantize_int4 = _eager_or_operator(_dequantize_int4, _dequantize_int4_op)
 dequantize_fp4 = _eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)

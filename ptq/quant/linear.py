@@ -222,14 +222,18 @@ class Int8Linear(StoredLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         rows, fast = flat.shape[0], kernels.available(x)
+        # under torch.compile the activations are rounded by torch ops, which inductor fuses into what wrote x
+        compiled = fast and torch.compiler.is_compiling()
         if fast and rows <= kernels.SKINNY_ROWS:
-            y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
-                                      (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
-        elif fast:
-            if torch.compiler.is_compiling():  # torch ops, which inductor fuses into the norm or activation before
+            if compiled:
                 qx, x_scale = int8_rows(flat)
+                y = kernels.codes_matmul(qx, x_scale, self.weight, self.weight_scale, self.out_features,
+                                         self.in_features, kernels.ACT_INT8, x.dtype)  # fmt: skip
             else:
-                qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_INT8)
+                y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
+                                          (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
+        elif fast:
+            qx, x_scale = int8_rows(flat) if compiled else kernels.quantize_rows(flat, kernels.ACT_INT8)
             y = kernels.int8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
         else:
             qx, x_scale = int8_rows(flat)
@@ -269,15 +273,22 @@ class Fp8Linear(StoredLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         fast = kernels.available(x, fp8=True)
+        # under torch.compile the activations are rounded by torch ops, which inductor fuses into what wrote x
+        compiled = fast and torch.compiler.is_compiling()
         if fast and flat.shape[0] <= kernels.SKINNY_ROWS:
-            y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
-                                      (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
+            if compiled:
+                qx, x_scale = fp8_rows(flat)
+                y = kernels.codes_matmul(qx, x_scale, self.weight, self.weight_scale, self.out_features,
+                                         self.in_features, kernels.ACT_FP8, x.dtype)  # fmt: skip
+            else:
+                y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
+                                          (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
             y = y.reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
-        if fast and not kernels.INTERPRET and scaled_mm and not torch.compiler.is_compiling():
+        if fast and not kernels.INTERPRET and scaled_mm and not compiled:
             qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
-        else:  # also under torch.compile: torch ops, which inductor fuses into the norm or activation before
+        else:  # the CPU, the interpreter, odd shapes, and torch.compile
             qx, x_scale = fp8_rows(flat)
         if qx.is_cuda and scaled_mm:
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
