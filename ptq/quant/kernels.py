@@ -429,6 +429,22 @@ if triton is not None:
         return c0, c1, c2, c3, c4, c5, c6, c7
 
     @triton.jit
+    def _prefetch_l2(pointers, mask, ASM: tl.constexpr):
+        """Ask the L2 cache to fetch the lines at ``pointers`` (PTX prefetch.global.L2; no registers are loaded,
+        nothing is waited for). Where there is no PTX (interpreter) it does nothing."""
+        if ASM:
+            tl.inline_asm_elementwise("@$2 prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l,b", [pointers, mask],
+                                      dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+    @triton.jit
+    def _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, start, limit, LINES: tl.constexpr, PER_LINE: tl.constexpr,
+                           ASM: tl.constexpr):  # fmt: skip
+        """``_prefetch_l2`` of rows ``rn`` from element ``start`` on (K contiguous): LINES lines of PER_LINE
+        elements each, none at or past ``limit``."""
+        cols = start + tl.arange(0, LINES) * PER_LINE
+        _prefetch_l2(w_ptr + rn[:, None] * stride_w + cols[None, :], mask_n[:, None] & (cols < limit)[None, :], ASM)
+
+    @triton.jit
     def _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS: tl.constexpr, EVEN: tl.constexpr):
         """Words [ROWS, BLOCK_N] and x [ROWS, 8] of K tile ``t`` (zeros past the end unless EVEN)."""
         rw = t * ROWS + tl.arange(0, ROWS)
@@ -442,7 +458,7 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s, group,
                           BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr,
-                          EVEN: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                          EVEN: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times a GPTQ-packed 4-bit weight with contiguous groups, near the memory bound: each
         thread holds whole columns of a tile of ROWS words (8 K each, one group: ROWS * 8 divides it), so the
         sum over the tile is the thread's own and its group's scale and zero point apply once per column
@@ -450,13 +466,22 @@ if triton is not None:
         A code becomes a float in one AND: the nibble left in place is the bit pattern of the subnormal
         q 2^(p - 149) (p its bit offset, below the exponent), and x's column is prescaled by 2^(100 - p), so
         every product is exactly q x 2^-49 up to the FMA's rounding (fp32 subnormals are kept: no FTZ).
-        EVEN: K, N and the tiles split evenly, no masks."""
+        EVEN: K, N and the tiles split evenly, no masks. PREFETCH (1: PTX, 2: the interpreter, where it does
+        nothing): each tile first asks the L2 cache for the program's tile two ahead, one request per 128-byte
+        line, so that a warp's loads of a tile come from L2 rather than DRAM while the warp computed before
+        (loading the next tile into registers instead needs registers, and the compiler moves those loads
+        below the tile's arithmetic)."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         k_words = (K + 7) // 8
         last = tl.cdiv(k_words, ROWS) - 1
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32  # a 128-byte line's first column
         for i in tl.range(0, TILES, num_stages=STAGES):
             t = pid_k + i * SPLIT_K
+            if PREFETCH:
+                rp = (t + 2 * SPLIT_K) * ROWS + tl.arange(0, ROWS)
+                _prefetch_l2(w_ptr + rp[:, None] * stride_w + lines[None, :],
+                             (rp < k_words)[:, None] & (lines < N)[None, :], PREFETCH == 1)  # fmt: skip
             words, x = _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS, EVEN)
             xf = x.to(tl.float32)
             columns = _columns_of_eight(xf)
@@ -493,14 +518,16 @@ if triton is not None:
     def _w8_gemv_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, ACT: tl.constexpr,
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
-                        EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0):  # fmt: skip
+                        EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0,
+                        PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
         all its rows. Same rounding and sums as ``_gemv_kernel``. CODES: x holds the activations' codes
         already and xs_ptr their scale (``_quantize_rows``, once per call instead of once per row block).
         DP4A (int8 codes times int8 weights, both read as int32 words of four: w_ptr and x_ptr, stride_w in
-        words): four products per instruction (1: PTX's dp4a, 2: the same sums spelled out). EVEN: no masks."""
+        words): four products per instruction (1: PTX's dp4a, 2: the same sums spelled out). EVEN: no masks.
+        PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0 and CODES:
@@ -515,6 +542,9 @@ if triton is not None:
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_K // 16], dtype=tl.int32 if INT_SUMS else tl.float32)
         for i in tl.range(0, TILES, num_stages=STAGES):
+            if PREFETCH:
+                _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, (pid_k + (i + 2) * SPLIT_K) * (BLOCK_K // unit),
+                                   (K + unit - 1) // unit, BLOCK_K // 128, 128 // unit, PREFETCH == 1)  # fmt: skip
             rk = (pid_k + i * SPLIT_K) * (BLOCK_K // unit) + tl.arange(0, BLOCK_K // unit)
             w_ptrs = w_ptr + rn[:, None] * stride_w + rk[None, :]
             if EVEN:
@@ -548,7 +578,7 @@ if triton is not None:
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s,
                          SCALE_KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
-                         STAGES: tl.constexpr):  # fmt: skip
+                         STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times NVFP4 / MXFP4 weights read as int32 words of 8 nibbles ([N, K / 8], K contiguous):
         each thread reads 4 words (32 K) of BLOCK_N rows per K tile, sums each scale block (BLOCK = 16 or 32
         K: 2 or 4 words) itself and scales it. A nibble (sign, e1 e0 m at bit p) becomes an fp32 by moving
@@ -560,6 +590,9 @@ if triton is not None:
         blocks: tl.constexpr = 4 // words_per_block  # scale blocks in a thread's 4 words
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32, blocks], dtype=tl.float32)
         for i in tl.range(0, TILES, num_stages=STAGES):
+            if PREFETCH:  # the tile two ahead asked of L2 (as in _w8_gemv_kernel)
+                _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, (pid_k + (i + 2) * SPLIT_K) * (BLOCK_K // 8),
+                                   (K + 7) // 8, BLOCK_K // 256, 32, PREFETCH == 1)  # fmt: skip
             # loaded as [rows, words] (whole rows in each thread), then seen as [rows, K / 32, 4 words]
             k0 = (pid_k + i * SPLIT_K) * BLOCK_K
             rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -735,10 +768,13 @@ ROWS = "rows"
 # programs per multiprocessor that split-K aims at, num_warps, STAGES: more than 1 pipelines the tile loads
 # through shared memory); act-order takes _gemv_kernel (the other entries), which gathers each column's group.
 COLUMNS = "columns"
+PREFETCH = "prefetch"  # COLUMNS and ROWS: each tile asks L2 for the tile two ahead (no registers, no wait)
 GEMV_CANDIDATES = {
     INT4: [(1024, 16, 3, 8, 1, COLUMNS), (512, 16, 4, 4, 1, COLUMNS), (256, 16, 8, 2, 1, COLUMNS),
            (1024, 16, 3, 8, 3, COLUMNS), (512, 8, 4, 4, 3, COLUMNS), (1024, 8, 4, 4, 1, COLUMNS),
-           (2048, 8, 2, 8, 1, COLUMNS), (256, 16, 8, 2, 3, COLUMNS),
+           (2048, 8, 2, 8, 1, COLUMNS), (256, 16, 8, 2, 3, COLUMNS), (1024, 16, 3, 8, 1, COLUMNS, PREFETCH),
+           (512, 16, 4, 4, 1, COLUMNS, PREFETCH), (256, 16, 8, 2, 1, COLUMNS, PREFETCH),
+           (1024, 8, 2, 8, 1, COLUMNS, PREFETCH), (512, 8, 2, 4, 1, COLUMNS, PREFETCH),
            (64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
            (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
     W8: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (16, 8, 2, 1, ROWS),
@@ -748,6 +784,9 @@ GEMV_CANDIDATES = {
          (8, 4, 4, 1, ROWS, INT_SUMS, CODES, DP4A), (16, 4, 4, 1, ROWS, INT_SUMS, CODES, DP4A),
          (8, 2, 8, 1, ROWS, INT_SUMS, CODES, DP4A), (4, 4, 8, 1, ROWS, INT_SUMS, CODES, DP4A),
          (16, 8, 2, 1, ROWS, INT_SUMS, CODES, DP4A), (8, 4, 4, 3, ROWS, INT_SUMS, CODES, DP4A),
+         (8, 4, 4, 1, ROWS, INT_SUMS, CODES, DP4A, PREFETCH), (4, 4, 8, 1, ROWS, INT_SUMS, CODES, DP4A, PREFETCH),
+         (16, 8, 2, 1, ROWS, INT_SUMS, CODES, DP4A, PREFETCH), (8, 4, 4, 1, ROWS, INT_SUMS, CODES, PREFETCH),
+         (8, 4, 4, 1, ROWS, CODES, PREFETCH), (16, 4, 4, 1, ROWS, CODES, PREFETCH), (8, 4, 4, 1, ROWS, PREFETCH),
          (64, 256, 4, 4, 4, SKINNY, CODES), (128, 256, 2, 4, 4, SKINNY, CODES), (32, 256, 8, 4, 4, SKINNY, CODES),
          (64, 512, 4, 4, 3, SKINNY, CODES), (64, 128, 4, 4, 4, SKINNY, CODES, SWAP),
          (128, 128, 2, 4, 4, SKINNY, CODES, SWAP), (64, 256, 4, 4, 4, SKINNY, CODES, SWAP),
@@ -755,7 +794,8 @@ GEMV_CANDIDATES = {
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
     FP4: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (4, 4, 8, 1, ROWS),
-          (16, 8, 2, 1, ROWS),
+          (16, 8, 2, 1, ROWS), (8, 4, 4, 1, ROWS, PREFETCH), (16, 4, 4, 1, ROWS, PREFETCH),
+          (8, 2, 8, 1, ROWS, PREFETCH),
           (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
           (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
@@ -814,11 +854,12 @@ def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int, 
 
 
 def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
-    block_n, rows, per_sm, warps, stages, _ = config
+    block_n, rows, per_sm, warps, stages, _, *variant = config
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
     _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
                             strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
-                            STAGES=stages, num_warps=warps)  # fmt: skip
+                            STAGES=stages, PREFETCH=(2 if INTERPRET else 1) if PREFETCH in variant else 0,
+                            num_warps=warps)  # fmt: skip
     return y
 
 
@@ -828,7 +869,7 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     block_k = (16 if weight == W8 else 32) * 32 * warps
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
-                  num_warps=warps)  # fmt: skip
+                  PREFETCH=(2 if INTERPRET else 1) if PREFETCH in variant else 0, num_warps=warps)  # fmt: skip
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
