@@ -195,6 +195,17 @@ def fp8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
 
 
+def few_tokens_w8a8(layer, flat: torch.Tensor, act: int, dtype: torch.dtype) -> torch.Tensor:
+    """An Int8Linear's or Fp8Linear's product for up to ``kernels.SKINNY_ROWS`` tokens on the kernels. Under
+    torch.compile the activations are rounded by torch ops (fused by inductor into what wrote x) and the codes
+    multiplied by ``codes_matmul``; eagerly, the tuned tile rounds them itself or quantizes them first."""
+    args = (layer.weight, layer.weight_scale, layer.out_features, layer.in_features)
+    if torch.compiler.is_compiling():
+        qx, x_scale = (int8_rows if act == kernels.ACT_INT8 else fp8_rows)(flat)
+        return kernels.codes_matmul(qx, x_scale, *args, act, dtype)
+    return kernels.skinny_matmul(flat, *args, (layer.in_features, 0), 0, kernels.W8, act=act)
+
+
 class Int8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
     True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
@@ -225,13 +236,7 @@ class Int8Linear(StoredLayer):
         # under torch.compile the activations are rounded by torch ops, which inductor fuses into what wrote x
         compiled = fast and torch.compiler.is_compiling()
         if fast and rows <= kernels.SKINNY_ROWS:
-            if compiled:
-                qx, x_scale = int8_rows(flat)
-                y = kernels.codes_matmul(qx, x_scale, self.weight, self.weight_scale, self.out_features,
-                                         self.in_features, kernels.ACT_INT8, x.dtype)  # fmt: skip
-            else:
-                y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
-                                          (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_INT8)  # fmt: skip
+            y = few_tokens_w8a8(self, flat, kernels.ACT_INT8, x.dtype)
         elif fast:
             qx, x_scale = int8_rows(flat) if compiled else kernels.quantize_rows(flat, kernels.ACT_INT8)
             y = kernels.int8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
@@ -276,14 +281,7 @@ class Fp8Linear(StoredLayer):
         # under torch.compile the activations are rounded by torch ops, which inductor fuses into what wrote x
         compiled = fast and torch.compiler.is_compiling()
         if fast and flat.shape[0] <= kernels.SKINNY_ROWS:
-            if compiled:
-                qx, x_scale = fp8_rows(flat)
-                y = kernels.codes_matmul(qx, x_scale, self.weight, self.weight_scale, self.out_features,
-                                         self.in_features, kernels.ACT_FP8, x.dtype)  # fmt: skip
-            else:
-                y = kernels.skinny_matmul(flat, self.weight, self.weight_scale, self.out_features, self.in_features,
-                                          (self.in_features, 0), 0, kernels.W8, act=kernels.ACT_FP8)  # fmt: skip
-            y = y.reshape(*x.shape[:-1], -1)
+            y = few_tokens_w8a8(self, flat, kernels.ACT_FP8, x.dtype).reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
         scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
         if fast and not kernels.INTERPRET and scaled_mm and not compiled:
