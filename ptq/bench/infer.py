@@ -463,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         del model
         gc.collect()  # CUDA graphs and static caches in reference cycles: freed now, not during the next format
         torch.cuda.empty_cache()
+        # each format compiles its prefill and decode steps anew: without a reset their graphs accumulate
+        # against torch._dynamo's recompile limit, past which later formats would run eagerly unannounced
+        torch._dynamo.reset()
         if args.out:  # after every format, so that a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump({**summary, "formats": records}, f, indent=2)
