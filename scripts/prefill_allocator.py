@@ -26,6 +26,19 @@ def frames_of(event: dict, depth: int = 6) -> str:
     return " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in frames[:depth])
 
 
+def timed(prefill, fmt: str, note: str) -> None:
+    """One prefill: the host's time to issue it, its wall time, and the cudaMalloc / cudaFree calls it made."""
+    stats = torch.cuda.memory_stats()
+    start = time.perf_counter()
+    prefill()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    after = torch.cuda.memory_stats()
+    counts = {k: after.get(k, 0) - stats.get(k, 0) for k in ("num_device_alloc", "num_device_free")}
+    print(f"{fmt}: prefill host {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms{note}, {counts}")
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,27 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         prefill()  # kernels compiled and tuned
         torch.cuda.synchronize()
         for _ in range(2):
-            stats = torch.cuda.memory_stats()
-            start = time.perf_counter()
-            prefill()
-            host = time.perf_counter() - start
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-            after = torch.cuda.memory_stats()
-            counts = {k: after.get(k, 0) - stats.get(k, 0) for k in ("num_device_alloc", "num_device_free")}
-            print(f"{fmt}: prefill host {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, {counts}")
-        stats = torch.cuda.memory_stats()
+            timed(prefill, fmt, "")
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-        start = time.perf_counter()
-        prefill()
-        host = time.perf_counter() - start
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+        timed(prefill, fmt, " (history recording on)")
         trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
         torch.cuda.memory._record_memory_history(enabled=None)
-        after = torch.cuda.memory_stats()
-        counts = {k: after.get(k, 0) - stats.get(k, 0) for k in ("num_device_alloc", "num_device_free")}
-        print(f"{fmt}: prefill host {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms (history recording on), {counts}")
         callers = collections.Counter()
         for event in trace:
             if event["action"] in ("segment_alloc", "segment_free", "segment_map", "segment_unmap"):

@@ -437,12 +437,13 @@ if triton is not None:
                                       dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @triton.jit
-    def _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, start, limit, LINES: tl.constexpr, PER_LINE: tl.constexpr,
-                           ASM: tl.constexpr):  # fmt: skip
-        """``_prefetch_l2`` of rows ``rn`` from element ``start`` on (K contiguous): LINES lines of PER_LINE
-        elements each, none at or past ``limit``."""
+    def _prefetch_row_tile(w_ptr, rows, mask_rows, stride_w, start, limit, LINES: tl.constexpr,
+                           PER_LINE: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+        """``_prefetch_l2`` of ``rows`` of w from column ``start`` on: LINES lines of PER_LINE elements each,
+        none at or past column ``limit``."""
         cols = start + tl.arange(0, LINES) * PER_LINE
-        _prefetch_l2(w_ptr + rn[:, None] * stride_w + cols[None, :], mask_n[:, None] & (cols < limit)[None, :], ASM)
+        _prefetch_l2(w_ptr + rows[:, None] * stride_w + cols[None, :], mask_rows[:, None] & (cols < limit)[None, :],
+                     ASM)  # fmt: skip
 
     @triton.jit
     def _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS: tl.constexpr, EVEN: tl.constexpr):
@@ -475,13 +476,12 @@ if triton is not None:
         k_words = (K + 7) // 8
         last = tl.cdiv(k_words, ROWS) - 1
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32  # a 128-byte line's first column
         for i in tl.range(0, TILES, num_stages=STAGES):
             t = pid_k + i * SPLIT_K
-            if PREFETCH:
+            if PREFETCH:  # rows of words, N contiguous: 32 columns per 128-byte line
                 rp = (t + 2 * SPLIT_K) * ROWS + tl.arange(0, ROWS)
-                _prefetch_l2(w_ptr + rp[:, None] * stride_w + lines[None, :],
-                             (rp < k_words)[:, None] & (lines < N)[None, :], PREFETCH == 1)  # fmt: skip
+                _prefetch_row_tile(w_ptr, rp, rp < k_words, stride_w, pid_n * BLOCK_N, N, BLOCK_N // 32, 32,
+                                   PREFETCH == 1)  # fmt: skip
             words, x = _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS, EVEN)
             xf = x.to(tl.float32)
             columns = _columns_of_eight(xf)
@@ -853,13 +853,17 @@ def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int, 
     return (columns, split_k), y, workspace, triton.cdiv(tiles, split_k), even
 
 
+def _ptx_mode(on: bool) -> int:
+    """A PTX-only variant's constexpr: 0 off, 1 its PTX, 2 its interpreter stand-in."""
+    return (2 if INTERPRET else 1) if on else 0
+
+
 def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
     block_n, rows, per_sm, warps, stages, _, *variant = config
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
     _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
                             strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
-                            STAGES=stages, PREFETCH=(2 if INTERPRET else 1) if PREFETCH in variant else 0,
-                            num_warps=warps)  # fmt: skip
+                            STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     return y
 
 
@@ -869,7 +873,7 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     block_k = (16 if weight == W8 else 32) * 32 * warps
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
-                  PREFETCH=(2 if INTERPRET else 1) if PREFETCH in variant else 0, num_warps=warps)  # fmt: skip
+                  PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
@@ -878,10 +882,10 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
             x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
         else:  # x holds the activations' codes already (codes_matmul, whose candidates are CODES tiles)
             x_codes = x
-        stride_w, dp4a = strides[0], 0
-        if DP4A in variant and int_sums and codes and _whole_words(w, 4):  # both read as int32 words of 4 codes
+        stride_w = strides[0]
+        dp4a = _ptx_mode(DP4A in variant and int_sums and codes and _whole_words(w, 4))
+        if dp4a:  # both read as int32 words of 4 codes
             x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
-            dp4a = 2 if INTERPRET else 1
         _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, stride_w, ACT=act,
                               QMAX=QMAX[act], ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes,
                               DP4A=dp4a, **common)  # fmt: skip
