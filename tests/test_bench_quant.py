@@ -58,3 +58,27 @@ def test_kernel_benchmarks_say_they_need_a_gpu(module):
 
     with pytest.raises(SystemExit, match=f"{module} measures CUDA kernels: run it on a machine with a GPU"):
         importlib.import_module(module).main(["--formats", "bf16"])
+
+
+def test_static_decode_step_gives_the_next_tokens_logits_of_a_dynamic_cache():
+    from transformers import DynamicCache
+
+    from ptq.bench.infer import static_decode_step
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        step = static_decode_step(model, ids, steps=3)
+        cache = DynamicCache()
+        first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert torch.equal(step.token, first)
+        expected = model(input_ids=first, past_key_values=cache, use_cache=True).logits[:, -1]
+        assert torch.allclose(step().logits[:, -1], expected, atol=1e-5)
+        step.token.copy_(expected.argmax(-1, keepdim=True))  # the caller moves the step on, as graphed_decode does
+        step.position.add_(1)
+        after = model(input_ids=step.token, past_key_values=cache, use_cache=True).logits[:, -1]
+        assert torch.allclose(step().logits[:, -1], after, atol=1e-5)
+        step.restart()  # the prompt's cache again, whatever steps ran since (graphed_decode's warm-up)
+        assert torch.equal(step.token, first) and step.position.item() == ids.shape[1]
+        assert torch.allclose(step().logits[:, -1], expected, atol=1e-5)

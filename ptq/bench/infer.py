@@ -336,13 +336,17 @@ def kernel_table(run) -> dict:
             "top": [[name[:120], t] for name, t in top]}  # fmt: skip
 
 
-def profile_decode_step(model, vocab: int, prompt: int = 128) -> dict:
-    """``kernel_table`` of one eager decode step at batch 1. Beside the graphed step's time this shows how much
-    of a step is the linears and how much is every other kernel (norms, rotary, attention, copies)."""
-    from transformers import DynamicCache
-
+def profile_decode_step(model, vocab: int, prompt: int = 128, compiled: bool = False) -> dict:
+    """``kernel_table`` of one decode step at batch 1: eager (DynamicCache), or with ``compiled`` the
+    torch.compile'd step on a static cache that ``graphed_decode`` captures. Beside the graphed step's time this
+    shows how much of a step is the linears and how much is every other kernel (norms, rotary, attention,
+    copies)."""
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    if compiled:
+        return kernel_table(static_decode_step(model, ids, steps=4, compiled=True))
+    from transformers import DynamicCache
+
     cache = DynamicCache()
     token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
     # each call appends the token to the cache: the profiled step sees a context of prompt + 2
@@ -357,32 +361,50 @@ def profile_prefill(model, vocab: int, prefill_len: int) -> dict:
 
 
 @torch.no_grad()
+def static_decode_step(model, prompt_ids: torch.Tensor, steps: int, compiled: bool = False):
+    """A decode step on a static KV cache of ``prompt_ids`` + ``steps`` tokens, after the prompt's prefill:
+    a function of no arguments that computes the next token's logits from ``step.token`` at ``step.position``
+    (tensors the caller moves on in place). ``step.restart()`` empties the cache and prefills the prompt again:
+    recent transformers' static caches count the tokens they hold themselves, so untimed steps (a warm-up)
+    would otherwise leave the cache ahead of ``step.position``. ``compiled``: the torch.compile'd model's step."""
+    from transformers import StaticCache
+
+    device = prompt_ids.device
+    prompt = prompt_ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 4)
+    forward = torch.compile(model, dynamic=False) if compiled else model
+
+    def step():
+        return forward(input_ids=step.token, past_key_values=cache, cache_position=step.position, use_cache=True,
+                       logits_to_keep=1)  # fmt: skip
+
+    def restart():
+        cache.reset()
+        out = model(input_ids=prompt_ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        step.token.copy_(out.logits[:, -1:].argmax(-1))
+        step.position.fill_(prompt)
+
+    step.token = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.long, device=device)
+    step.position = torch.tensor([prompt], device=device)
+    step.restart = restart
+    restart()
+    return step
+
+
+@torch.no_grad()
 def graphed_decode(model, prompt_ids: torch.Tensor, steps: int, compiled: bool = False) -> float:
     """Seconds for ``steps`` greedy decode steps replayed from one CUDA graph (static KV cache): what
     serving engines do, so that the time is the kernels' and not Python's launching them. ``compiled``: the
     step is the torch.compile'd model's (inductor fuses the norms, rotary and activation kernels around the
     linears; ptq's kernels stay whole, as custom operators), captured the same way."""
-    from transformers import StaticCache
-
-    device = prompt_ids.device
-    batch, prompt = prompt_ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 4)
-    out = model(input_ids=prompt_ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device),
-                use_cache=True, logits_to_keep=1)  # fmt: skip
-    token = out.logits[:, -1:].argmax(-1)
-    position = torch.tensor([prompt], device=device)
-
-    forward = torch.compile(model, dynamic=False) if compiled else model
-
-    def step():
-        return forward(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
-                       logits_to_keep=1)  # fmt: skip
-
+    step = static_decode_step(model, prompt_ids, steps, compiled)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up before capture (writes the slot the first real step rewrites)
+    with torch.cuda.stream(side):  # warm-up before capture, then the prompt's cache again
         for _ in range(2):
             step()
+        step.restart()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -391,8 +413,8 @@ def graphed_decode(model, prompt_ids: torch.Tensor, steps: int, compiled: bool =
     start = time.perf_counter()
     for _ in range(steps):
         graph.replay()
-        token.copy_(logits[:, -1:].argmax(-1))
-        position.add_(1)
+        step.token.copy_(logits[:, -1:].argmax(-1))
+        step.position.add_(1)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -453,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)
+            if args.compile:
+                record["profile_b1_compiled"] = profile_decode_step(model, model.config.vocab_size, args.prompt, True)
             record["profile_prefill"] = profile_prefill(model, model.config.vocab_size, args.prefill)
         for key in [k for k in record if k.startswith("decode_b") and k.endswith("_tokens_per_s")]:
             steps_per_s = record[key] / int(key.split("_")[1].removeprefix("b"))

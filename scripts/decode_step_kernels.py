@@ -1,0 +1,81 @@
+"""The kernels of one compiled decode step at batch 1, per format, with their GPU time (GPU only).
+
+    python scripts/decode_step_kernels.py --formats bf16,fp8,w4a16 --layers 8
+
+Builds ``ptq.bench.infer``'s random-weight model of the shape (``--layers`` of its blocks), converts and joins
+its linears as the benchmark does, compiles the step on a static cache (``static_decode_step``) and records one
+step with torch.profiler after two untimed ones. Prints, per format, every kernel name with its count and summed
+time, and the step's time split into the linears, attention and the rest: what a graphed step would cost
+without the host, and which part of it is not the weights' reading.
+"""
+
+import argparse
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from ptq.bench.infer import convert, parse_formats, static_decode_step
+from ptq.bench.quant import SHAPES, build_model
+from ptq.fuse import fuse_projections, sort_act_order_groups
+
+LINEAR = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas", "matmul", "splitk")
+ATTENTION = ("attention", "flash", "fmha", "sdpa", "softmax", "_attn")
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    if any(a in low for a in ATTENTION):
+        return "attention"
+    return "linear" if any(m in low for m in LINEAR) else "other"
+
+
+@torch.no_grad()
+def step_kernels(fmt: str, shape: str, layers: int, prompt: int) -> dict[str, list]:
+    torch.manual_seed(0)
+    model = build_model(shape, layers, torch.bfloat16, "cuda")
+    model.config.use_cache = True
+    convert(model, fmt)
+    sort_act_order_groups(model)
+    fuse_projections(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
+    step = static_decode_step(model, ids, steps=4, compiled=True)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time
+    del model, step
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return kernels
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--formats", default="bf16,fp8")
+    p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=128)
+    args = p.parse_args()
+    for fmt in parse_formats(args.formats):
+        kernels = step_kernels(fmt, args.shape, args.layers, args.prompt)
+        split = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+        for name, (_, us) in kernels.items():
+            split[kind(name)] += us
+        total = sum(split.values())
+        print(f"{fmt}: {len(kernels)} kernel names, {sum(c for c, _ in kernels.values())} launches, {total:.1f} us "
+              f"per step; " + ", ".join(f"{k} {v:.1f} us" for k, v in split.items()), flush=True)  # fmt: skip
+        for name, (count, us) in sorted(kernels.items(), key=lambda item: -item[1][1]):
+            print(f"  {us:8.1f} us {count:4d}x  {kind(name):9s} {name[:150]}")
+
+
+if __name__ == "__main__":
+    main()
