@@ -4,18 +4,16 @@
 
 Builds ``ptq.bench.infer``'s random-weight model of the shape (``--layers`` of its blocks), converts and joins
 its linears as the benchmark does, compiles the step on a static cache (``static_decode_step``) and records one
-step with torch.profiler after two untimed ones. Prints, per format, every kernel name with its count and summed
-time, and the step's time split into the linears, attention and the rest: what a graphed step would cost
-without the host, and which part of it is not the weights' reading.
+step with torch.profiler after two untimed ones (``kernel_launches``). Prints, per format, every kernel name with
+its count and summed time, and the step's time split into the linears, attention and the rest: what a graphed
+step would cost without the host, and which part of it is not the weights' reading.
 """
 
 import argparse
 
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
-from ptq.bench.infer import convert, parse_formats, static_decode_step
+from ptq.bench.infer import convert, kernel_launches, parse_formats, static_decode_step
 from ptq.bench.quant import SHAPES, build_model
 from ptq.fuse import fuse_projections, sort_act_order_groups
 
@@ -40,18 +38,8 @@ def step_kernels(fmt: str, shape: str, layers: int, prompt: int) -> dict[str, li
     fuse_projections(model)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     step = static_decode_step(model, ids, steps=4, compiled=True)
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels: dict[str, list] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            entry = kernels.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time
+    step()  # the compile; kernel_launches runs one more untimed step
+    kernels = {name: [count, seconds * 1e6] for name, (count, seconds) in kernel_launches(step).items()}
     del model, step
     torch.cuda.empty_cache()
     torch._dynamo.reset()

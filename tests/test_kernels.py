@@ -319,12 +319,35 @@ def test_every_int8_gemm_tile_gives_the_library_products_bits(m, n, k):
     x_scale = (torch.rand(m, 1, generator=g) / 100).to(DEVICE)
     w_scale = (torch.rand(n, generator=g) / 100).to(DEVICE)
     exact = (qx.double() @ w.double().t()) * x_scale.double() * w_scale.double()
-    want = kernels._launch_int8_gemm(kernels.LIBRARY, qx, x_scale, w, w_scale, DTYPE)
+    want = kernels._launch_w8a8_gemm(kernels.LIBRARY, qx, x_scale, w, w_scale, DTYPE)
     assert relative_error(want, exact) < TOLERANCE
-    for config in kernels.INT8_GEMM_CANDIDATES:
-        got = kernels._launch_int8_gemm(config, qx, x_scale, w, w_scale, DTYPE)
+    for config in kernels.W8A8_GEMM_CANDIDATES:
+        got = kernels._launch_w8a8_gemm(config, qx, x_scale, w, w_scale, DTYPE)
         assert torch.equal(got, want), config
-    assert torch.equal(kernels.int8_matmul(qx, x_scale, w, w_scale, DTYPE), want)  # the tuned choice
+    assert torch.equal(kernels.w8a8_matmul(qx, x_scale, w, w_scale, DTYPE), want)  # the tuned choice
+
+
+@needs_kernels
+@pytest.mark.parametrize("m,n,k", [(65, 96, 200), (130, 272, 512)])  # 272, 512: torch._scaled_mm's shapes too
+def test_every_fp8_gemm_tile_gives_the_product_of_the_codes(m, n, k):
+    """ptq's one-pass FP8 GEMM (every candidate tile, edges partial) against the exact product of the E4M3
+    codes and their scales, and against torch._scaled_mm where it runs (CUDA, multiples of 16)."""
+    from ptq.quant import kernels
+
+    g = torch.Generator().manual_seed(m)
+    qx = (torch.randn(m, k, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEVICE)
+    x_scale = (torch.rand(m, 1, generator=g) / 100).to(DEVICE)
+    w_scale = (torch.rand(n, generator=g) / 100).to(DEVICE)
+    exact = (qx.double() @ w.double().t()) * x_scale.double() * w_scale.double()
+    outputs = {config: kernels._launch_w8a8_gemm(config, qx, x_scale, w, w_scale, DTYPE)
+               for config in kernels.W8A8_GEMM_CANDIDATES}  # fmt: skip
+    if ON_GPU and n % 16 == 0 and k % 16 == 0:
+        outputs[kernels.LIBRARY] = kernels._launch_w8a8_gemm(kernels.LIBRARY, qx, x_scale, w, w_scale, DTYPE)
+    outputs["tuned"] = kernels.w8a8_matmul(qx, x_scale, w, w_scale, DTYPE)
+    for config, got in outputs.items():
+        assert got.dtype == DTYPE and got.shape == (m, n), config
+        assert relative_error(got, exact) < TOLERANCE, config
 
 
 @needs_kernels

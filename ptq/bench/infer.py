@@ -312,9 +312,9 @@ def measure(
 
 
 @torch.no_grad()
-def kernel_table(run) -> dict:
-    """The GPU kernels ``run()`` launches (torch.profiler, after one untimed call): how many, their summed
-    time, the share of the matmuls, and the costliest names."""
+def kernel_launches(run) -> dict[str, list]:
+    """The GPU kernels of one call of ``run()`` (torch.profiler, after one untimed call): {name: [launches,
+    summed seconds]}."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -323,15 +323,23 @@ def kernel_table(run) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    by_name: dict[str, float] = {}
-    count = 0
+    launches: dict[str, list] = {}
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
-            count += 1
-            by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time * 1e-6
+            entry = launches.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time * 1e-6
+    return launches
+
+
+def kernel_table(run) -> dict:
+    """``kernel_launches`` summed: how many kernels, their summed time, the share of the matmuls, and the costliest
+    names."""
+    launches = kernel_launches(run)
+    by_name = {name: seconds for name, (_, seconds) in launches.items()}
     matmul = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas")
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
-    return {"kernels": count, "kernel_seconds": sum(by_name.values()),
+    return {"kernels": sum(count for count, _ in launches.values()), "kernel_seconds": sum(by_name.values()),
             "matmul_seconds": sum(t for n, t in by_name.items() if any(m in n.lower() for m in matmul)),
             "top": [[name[:120], t] for name, t in top]}  # fmt: skip
 

@@ -28,8 +28,8 @@ The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidate
 For many rows (prefill) cuBLAS does the product: ``dequantize_int4``/``dequantize_fp4`` write the bf16
 weight once per call (for 2048 tokens about a tenth of the product's time, where tinygemm's int4 kernel is
 far slower: ``ptq.bench.kernels``), and ``quantize_rows`` quantizes activations per token in one kernel before
-``int8_matmul`` (``torch._int_mm`` and one scaling pass, or ptq's int8 GEMM that scales as it writes, whichever
-is faster per shape) / ``torch._scaled_mm``.
+``w8a8_matmul`` (the library: ``torch._int_mm`` and one scaling pass, ``torch._scaled_mm`` for E4M3; or ptq's
+8-bit GEMM that scales as it writes; whichever is faster per shape).
 
 Accumulation is fp32 everywhere. Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on
 the CPU in fp32 (it has no bf16 dot), which is how the CPU tests check them.
@@ -642,13 +642,15 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _int8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+    def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          K_TILES: tl.constexpr):  # fmt: skip
-        """y = (a b^T) * s_a[m] * s_b[n] for int8 a [M, K] (tokens, one scale each) and b [N, K] (weights, one
-        scale per output channel): int8 tensor-core products summed exactly in int32, both scales applied as
-        the tile is written (the library path writes the int32 product and scales it in a second pass). The
-        same arithmetic as that path, so the same bits."""
+                          K_TILES: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+        """y = (a b^T) * s_a[m] * s_b[n] for 8-bit codes a [M, K] (tokens, one scale each) and b [N, K] (weights,
+        one scale per output channel), both scales applied as the tile is written. int8: tensor-core products
+        summed exactly in int32 (the library path writes the int32 product and scales it in a second pass: the
+        same arithmetic, so the same bits). FP8 (E4M3): summed in fp32, each BLOCK_K tile's MMAs first in the
+        tensor cores' own accumulator and then added to the fp32 sum (``max_num_imprecise_acc``), as cuBLAS does
+        for ``torch._scaled_mm`` without fast accumulation."""
         pid = tl.program_id(0)
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         width = GROUP_M * grid_n  # GROUP_M row tiles run against each column tile of b while it sits in L2
@@ -658,14 +660,14 @@ if triton is not None:
         pid_n = (pid % width) // size_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32 if FP8 else tl.int32)
         for i in range(K_TILES):
             rk = i * BLOCK_K + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                        other=0)  # fmt: skip
+                        other=0.0)  # fmt: skip
             b = tl.load(b_ptr + rn[None, :] * stride_bn + rk[:, None], mask=(rk < K)[:, None] & (rn < N)[None, :],
-                        other=0)  # fmt: skip
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                        other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype, max_num_imprecise_acc=BLOCK_K if FP8 else None)
         x_scale = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
         w_scale = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
         y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
@@ -1065,40 +1067,46 @@ def _scale_int_product(product: torch.Tensor, x_scale: torch.Tensor, w_scale: to
     return out
 
 
-# W8A8 int8 products for many tokens: torch._int_mm then the scaling kernel (LIBRARY), or ptq's one-pass GEMM
-# with tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); timed per shape like the tiles above.
-LIBRARY = ("torch._int_mm",)
-INT8_GEMM_CANDIDATES = [(128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+# W8A8 products for many tokens: the library (torch._int_mm then the scaling kernel for int8, torch._scaled_mm with
+# row-wise scales for E4M3) or ptq's one-pass GEMM with tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+# num_stages); timed per shape like the tiles above.
+LIBRARY = ("library",)
+W8A8_GEMM_CANDIDATES = [(128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
                         (64, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3)]  # fmt: skip
 
 
-def _launch_int8_gemm(config, qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
+def _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
     m, k = qx.shape
     n = w.shape[0]
+    fp8 = qx.dtype == torch.float8_e4m3fn
+    if config == LIBRARY and fp8:
+        return torch._scaled_mm(qx, w.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, n), out_dtype=dtype)
     if config == LIBRARY:
         return _scale_int_product(torch._int_mm(qx, w.t()), x_scale, w_scale, dtype)
     block_m, block_n, block_k, group_m, warps, stages = config
     y = torch.empty(m, n, dtype=dtype, device=qx.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _int8_gemm_kernel[grid](qx, w, x_scale, w_scale, y, m, n, k, qx.stride(0), w.stride(0), y.stride(0),
+    _w8a8_gemm_kernel[grid](qx, w, x_scale, w_scale, y, m, n, k, qx.stride(0), w.stride(0), y.stride(0),
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                            K_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
+                            K_TILES=triton.cdiv(k, block_k), FP8=fp8, num_warps=warps, num_stages=stages)  # fmt: skip
     return y
 
 
-def _int8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
-    """W8A8 for many tokens: int8 codes [M, K] with per-token scales [M, 1] times int8 weights [N, K] with
-    per-channel scales [N] -> [M, N] in ``dtype``, by whichever of torch._int_mm (+ one scaling pass) and
-    ptq's one-pass int8 GEMM is faster for the shape (the same bits either way)."""
+def _w8a8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
+    """W8A8 for many tokens: int8 or E4M3 codes [M, K] with per-token scales [M, 1] times codes of the same kind
+    [N, K] with per-channel scales (N of them) -> [M, N] in ``dtype``, by whichever of the library and ptq's
+    one-pass GEMM is faster for the shape (int8: the same bits either way; E4M3: both sum in fp32, in another
+    order)."""
     m, k = qx.shape
     n = w.shape[0]
-    # torch._int_mm takes more than 16 rows and multiples of 8; the library path runs untuned where it can
-    library = [LIBRARY] if m > 16 and k % 8 == 0 and n % 8 == 0 else []
-    key = ("int8_gemm", max(16, triton.next_power_of_2(m)), n, k, dtype, qx.device)
-    return _launch_int8_gemm(
-        _config(key, library + INT8_GEMM_CANDIDATES, lambda c: _launch_int8_gemm(c, qx, x_scale, w, w_scale, dtype)),
-        qx, x_scale, w, w_scale, dtype,
-    )  # fmt: skip
+    if qx.dtype == torch.float8_e4m3fn:  # torch._scaled_mm takes multiples of 16 and 16-bit or fp32 outputs
+        library = k % 16 == 0 and n % 16 == 0 and dtype in (torch.bfloat16, torch.float16, torch.float32)
+    else:  # torch._int_mm takes more than 16 rows and multiples of 8
+        library = m > 16 and k % 8 == 0 and n % 8 == 0
+    key = ("w8a8_gemm", qx.dtype, max(16, triton.next_power_of_2(m)), n, k, dtype, qx.device)
+    candidates = [LIBRARY] * library + W8A8_GEMM_CANDIDATES  # the library first: it runs untuned where it can
+    config = _config(key, candidates, lambda c: _launch_w8a8_gemm(c, qx, x_scale, w, w_scale, dtype))
+    return _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype)
 
 
 def _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
@@ -1173,13 +1181,13 @@ def _(x, act):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
-@torch.library.custom_op("ptq::int8_matmul", mutates_args=())
-def _int8_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+@torch.library.custom_op("ptq::w8a8_matmul", mutates_args=())
+def _w8a8_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    return _int8_matmul(qx, x_scale, w, w_scale, dtype)
+    return _w8a8_matmul(qx, x_scale, w, w_scale, dtype)
 
 
-@_int8_matmul_op.register_fake
+@_w8a8_matmul_op.register_fake
 def _(qx, x_scale, w, w_scale, dtype):
     return qx.new_empty(qx.shape[0], w.shape[0], dtype=dtype)
 
@@ -1221,6 +1229,6 @@ quantize_rows = _eager_or_operator(_quantize_rows, _quantize_rows_op)
 # W8A8 for up to SKINNY_ROWS tokens whose activations are quantized already (int8 or E4M3 codes [M, K], fp32
 # scales [M, 1]) times 8-bit weights [N, K] with per-channel scales: the few-token and one-token CODES tiles
 codes_matmul = _eager_or_operator(_codes_matmul, _codes_matmul_op)
-int8_matmul = _eager_or_operator(_int8_matmul, _int8_matmul_op)
+w8a8_matmul = _eager_or_operator(_w8a8_matmul, _w8a8_matmul_op)
 dequantize_int4 = _eager_or_operator(_dequantize_int4, _dequantize_int4_op)
 dequantize_fp4 = _eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)

@@ -13,7 +13,8 @@ one dequantize or activation-quantize kernel for more (prefill). Elsewhere they 
   token on the fly; for prefill ``torch._int_mm`` (int8 x int8 -> int32) or ptq's one-pass int8 GEMM,
   whichever is faster for the shape.
 - ``Fp8Linear``: FP8 W8A8. E4M3 weights per output channel, activations quantized per token on the
-  fly; for prefill ``torch._scaled_mm`` with row-wise scales (FP8 tensor cores on Hopper); fp32 on the CPU.
+  fly; for prefill ``torch._scaled_mm`` with row-wise scales or ptq's FP8 GEMM (FP8 tensor cores on Hopper),
+  whichever is faster per shape; fp32 on the CPU.
 - ``CompactLinear``: any format's weight as stored (FP8 bytes, NVFP4/MX nibbles with their E4M3 / E8M0
   scales, integers the GPTQ layout cannot hold), dequantized per call; NVFP4 and MXFP4 take the kernels.
 
@@ -239,7 +240,7 @@ class Int8Linear(StoredLayer):
             y = few_tokens_w8a8(self, flat, kernels.ACT_INT8, x.dtype)
         elif fast:
             qx, x_scale = int8_rows(flat) if compiled else kernels.quantize_rows(flat, kernels.ACT_INT8)
-            y = kernels.int8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+            y = kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
         else:
             qx, x_scale = int8_rows(flat)
             if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
@@ -252,7 +253,8 @@ class Int8Linear(StoredLayer):
 
 class Fp8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: FP8 W8A8 on FP8 tensor cores (Hopper and later; the CPU too) through
-    ``torch._scaled_mm`` with row-wise scales: E4M3 weights with one scale per output channel
+    ``kernels.w8a8_matmul`` (``torch._scaled_mm`` with row-wise scales, or ptq's FP8 GEMM where it is faster),
+    up to 64 tokens through the one-token and few-token kernels: E4M3 weights with one scale per output channel
     (``WeightSpec("fp8_e4m3", 8, -1, True)``, what evaluation rounds to) and activations quantized per
     token at each call (max|x| / 448), the output in the activations' dtype. On the CPU the same product
     is taken in fp32."""
@@ -283,15 +285,11 @@ class Fp8Linear(StoredLayer):
         if fast and flat.shape[0] <= kernels.SKINNY_ROWS:
             y = few_tokens_w8a8(self, flat, kernels.ACT_FP8, x.dtype).reshape(*x.shape[:-1], -1)
             return y + self.bias if self.bias is not None else y
-        scaled_mm = self.in_features % 16 == 0 and self.out_features % 16 == 0  # the shapes torch._scaled_mm takes
-        if fast and not kernels.INTERPRET and scaled_mm and not compiled:
-            qx, x_scale = kernels.quantize_rows(flat, kernels.ACT_FP8)
-        else:  # the CPU, the interpreter, odd shapes, and torch.compile
+        if fast:
+            qx, x_scale = fp8_rows(flat) if compiled else kernels.quantize_rows(flat, kernels.ACT_FP8)
+            y = kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+        else:  # CPU builds of _scaled_mm may take per-tensor scales only: the same product in fp32
             qx, x_scale = fp8_rows(flat)
-        if qx.is_cuda and scaled_mm:
-            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-            y = torch._scaled_mm(qx, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=out_dtype)
-        else:  # CPU builds of _scaled_mm may take per-tensor scales only, and it needs multiples of 16: fp32
             y = (qx.float() * x_scale) @ (self.weight.float() * self.weight_scale.t()).t()
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
