@@ -38,7 +38,9 @@ the CPU in fp32 (it has no bf16 dot), which is how the CPU tests check them.
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -803,6 +805,9 @@ GEMV_CANDIDATES = {
 }  # fmt: skip
 _tuned: dict[tuple, tuple] = {}
 TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
+# the tiles timed in earlier processes, per GPU model and kernel source (``tile_store``); PTQ_KERNEL_TILE_STORE=0:
+# every process times its own
+TILE_STORE = os.environ.get("PTQ_KERNEL_TILE_STORE", "1") != "0"
 
 
 def _block_m(rows: int) -> int:
@@ -961,9 +966,47 @@ def tuned_tiles() -> dict[tuple, tuple]:
     return dict(_tuned)
 
 
+def tile_store(device_name: str) -> Path:
+    """The file of tiles timed on GPUs named ``device_name`` with this kernel source, torch and Triton (in ptq's
+    cache folder): timing every candidate compiles each, minutes per model, which a later process skips."""
+    from ptq.cache import default_dir, digest
+
+    tag = digest(device_name, torch.__version__, getattr(triton, "__version__", None), _kernel_source())[:20]
+    return default_dir() / "kernel_tiles" / f"{tag}.json"
+
+
+@functools.cache
+def _kernel_source() -> bytes:
+    return Path(__file__).read_bytes()
+
+
+def _key_text(key: tuple) -> str:
+    """A tuning key without its device (the store is per GPU model), as text."""
+    return "|".join(str(part) for part in key if not isinstance(part, torch.device))
+
+
+def read_tiles(path: Path) -> dict[str, tuple]:
+    """The stored tiles by key text; none where the file is missing or unreadable (it is only a shortcut)."""
+    try:
+        return {key: tuple(config) for key, config in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def write_tile(path: Path, key_text: str, config: tuple) -> None:
+    """Add one tile to the store, atomically (processes that tune at once each keep a whole file)."""
+    tiles = {key: list(tile) for key, tile in read_tiles(path).items()}
+    tiles[key_text] = list(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(tiles, indent=0, sort_keys=True))
+    os.replace(partial, path)
+
+
 def _config(key: tuple, candidates: list, run) -> tuple:
     """The fastest candidate for ``key``, timed once per process (not during CUDA-graph capture, nor in
-    the interpreter, nor with PTQ_KERNEL_TUNE=0: then the first candidate)."""
+    the interpreter, nor with PTQ_KERNEL_TUNE=0: then the first candidate), or read from ``tile_store``
+    where an earlier process timed it on the same GPU model and it is still a candidate."""
     if key in _tuned:
         return _tuned[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -971,6 +1014,11 @@ def _config(key: tuple, candidates: list, run) -> tuple:
     if not TUNE or INTERPRET:
         _tuned[key] = candidates[0]
         return candidates[0]
+    store = tile_store(torch.cuda.get_device_name(key[-1])) if TILE_STORE else None
+    stored = read_tiles(store).get(_key_text(key)) if store else None
+    if stored in candidates:
+        _tuned[key] = stored
+        return stored
     times = {}
     for config in candidates:
         try:
@@ -979,6 +1027,8 @@ def _config(key: tuple, candidates: list, run) -> tuple:
         except Exception:  # a tile that does not compile for this shape (registers, shared memory)
             continue
     _tuned[key] = min(times, key=times.get) if times else candidates[0]
+    if store and times:
+        write_tile(store, _key_text(key), _tuned[key])
     return _tuned[key]
 
 
