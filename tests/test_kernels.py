@@ -448,6 +448,29 @@ def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
     assert relative_error(compiled(x), eager) < 1e-6
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_compiled_w8a8_layers_can_leave_the_rounding_to_the_kernel(fmt, monkeypatch):
+    """With PTQ_W8A8_COMPILED_ROUNDING=kernel a compiled W8A8 layer hands one token's x to the operator that eager
+    calls use (the tile rounds it), not to torch ops and ``codes_matmul``: the same bits as eagerly."""
+    from ptq.bench.infer import make_layer
+    from ptq.quant import kernels, linear
+
+    def not_this_path(*args, **kwargs):
+        raise AssertionError("codes_matmul called: the activations were rounded by torch ops")
+
+    monkeypatch.setattr(linear, "COMPILED_ROUNDING", "kernel")
+    monkeypatch.setattr(kernels, "codes_matmul", not_this_path)
+    torch._dynamo.reset()
+    weight = (torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02).to(DEVICE, DTYPE)
+    layer = make_layer(fmt, weight)
+    x = inputs(1, 256)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    torch._dynamo.reset()
+
+
 def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
     """Variants that ``_launch`` would run as the plain tile (int32 sums for FP8, codes for weight-only 8-bit, the
     FP8 transposed product for int8, DP4A on rows that are not whole words) are not candidates; every applicable

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -92,3 +94,13 @@ def test_zero_row_and_zero_is_exact():
 def test_spec_rejects_bad_values(bits, group):
     with pytest.raises(ValueError):
         WeightSpec("int", bits, group)
+
+
+def test_an_unknown_compiled_rounding_choice_is_refused_at_import():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PTQ_W8A8_COMPILED_ROUNDING": "fast"}
+    result = subprocess.run([sys.executable, "-c", "import ptq.quant.linear"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PTQ_W8A8_COMPILED_ROUNDING='fast' is not a choice: set it to torch or kernel" in result.stderr

@@ -25,6 +25,8 @@ one dequantize or activation-quantize kernel for more (prefill). Elsewhere they 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,12 +198,22 @@ def fp8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (flat.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
 
 
+# How compiled W8A8 layers take up to kernels.SKINNY_ROWS tokens (PTQ_W8A8_COMPILED_ROUNDING): "torch" rounds the
+# activations with torch ops, which inductor fuses into the norm or activation that wrote x, and the kernels multiply
+# codes; "kernel" hands x over as it is and the tuned tile rounds it, as in eager calls (no rounding kernel where
+# inductor has nothing to fuse it into, e.g. after attention, or splits a long reduction into several kernels).
+COMPILED_ROUNDING = os.environ.get("PTQ_W8A8_COMPILED_ROUNDING", "torch")
+if COMPILED_ROUNDING not in ("torch", "kernel"):
+    raise ValueError(f"PTQ_W8A8_COMPILED_ROUNDING={COMPILED_ROUNDING!r} is not a choice: set it to torch or kernel")
+
+
 def few_tokens_w8a8(layer, flat: torch.Tensor, act: int, dtype: torch.dtype) -> torch.Tensor:
     """An Int8Linear's or Fp8Linear's product for up to ``kernels.SKINNY_ROWS`` tokens on the kernels. Under
-    torch.compile the activations are rounded by torch ops (fused by inductor into what wrote x) and the codes
-    multiplied by ``codes_matmul``; eagerly, the tuned tile rounds them itself or quantizes them first."""
+    torch.compile (with ``COMPILED_ROUNDING`` "torch") the activations are rounded by torch ops (fused by inductor
+    into what wrote x) and the codes multiplied by ``codes_matmul``; eagerly, the tuned tile rounds them itself or
+    quantizes them first."""
     args = (layer.weight, layer.weight_scale, layer.out_features, layer.in_features)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and COMPILED_ROUNDING == "torch":
         qx, x_scale = (int8_rows if act == kernels.ACT_INT8 else fp8_rows)(flat)
         return kernels.codes_matmul(qx, x_scale, *args, act, dtype)
     return kernels.skinny_matmul(flat, *args, (layer.in_features, 0), 0, kernels.W8, act=act)
