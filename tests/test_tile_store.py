@@ -74,3 +74,13 @@ def test_no_store_when_it_is_turned_off(tuning, monkeypatch):
     monkeypatch.setattr(kernels, "TILE_STORE", False)
     kernels._config(KEY, CANDIDATES, run)
     assert not kernels.tile_store("Test GPU").exists()
+
+
+def test_a_store_that_cannot_be_written_costs_a_warning_not_the_run(tuning, tmp_path, monkeypatch, caplog):
+    run, timed = tuning
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PTQ_CACHE", str(blocker))  # kernel_tiles/ would have to be made inside a file
+    with caplog.at_level("WARNING", logger="ptq.quant.kernels"):
+        assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
+    assert "kernel tiles not stored" in caplog.text

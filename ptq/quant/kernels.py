@@ -39,10 +39,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -994,13 +997,17 @@ def read_tiles(path: Path) -> dict[str, tuple]:
 
 
 def write_tile(path: Path, key_text: str, config: tuple) -> None:
-    """Add one tile to the store, atomically (processes that tune at once each keep a whole file)."""
+    """Add one tile to the store, atomically (processes that tune at once each keep a whole file). A store that
+    cannot be written (a read-only cache folder) is passed over with a warning: the tile is still used."""
     tiles = {key: list(tile) for key, tile in read_tiles(path).items()}
     tiles[key_text] = list(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(tiles, indent=0, sort_keys=True))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(tiles, indent=0, sort_keys=True))
+        os.replace(partial, path)
+    except OSError as err:
+        log.warning("kernel tiles not stored (%s); set PTQ_CACHE to a writable folder to keep them", err)
 
 
 def _config(key: tuple, candidates: list, run) -> tuple:
