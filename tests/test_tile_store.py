@@ -21,6 +21,7 @@ def tuning(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "INTERPRET", False)
     monkeypatch.setattr(kernels, "TILE_STORE", True)
     monkeypatch.setattr(kernels, "_tuned", {})
+    monkeypatch.setattr(kernels, "tile_origins", {"timed": 0, "stored": 0})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     timed = []
@@ -46,6 +47,7 @@ def test_a_timed_tile_is_stored_and_read_back_by_the_next_process(tuning):
     timed.clear()
     assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
     assert timed == []  # nothing timed, nothing compiled
+    assert kernels.tile_origins == {"timed": 1, "stored": 1}
     other_key = KEY[:6] + (14336,) + KEY[7:]
     assert kernels._config(other_key, CANDIDATES, run) == kernels.LIBRARY and timed == CANDIDATES  # timed anew
     assert len(kernels.read_tiles(path)) == 2

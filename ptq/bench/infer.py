@@ -48,7 +48,7 @@ from ptq.bench.quant import SHAPES, build_model, command_line
 from ptq.checkpoint import module_bytes
 from ptq.fuse import fuse_projections, sort_act_order_groups
 from ptq.models import block_linears, get_arch, get_blocks, get_weight
-from ptq.quant import WeightSpec, quantize_weight, shared_tensor_scale
+from ptq.quant import WeightSpec, kernels, quantize_weight, shared_tensor_scale
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
 from ptq.quant.weight import QuantizedWeight
 from ptq.results import environment
@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
             "weight_bytes_per_step": weight_bytes_per_step(model),
             **measure(model, model.config.vocab_size, args.prefill, batches, args.prompt, args.steps, args.repeat,
                       weights, (kv, args.context), args.compile),
+            # tiles tuned so far in this process: timed here, or taken from the tile store (timed by an earlier one)
+            "kernel_tiles": dict(kernels.tile_origins),
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)

@@ -807,6 +807,7 @@ GEMV_CANDIDATES = {
           (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
 _tuned: dict[tuple, tuple] = {}
+tile_origins = {"timed": 0, "stored": 0}  # how this process's tuned tiles were chosen (the benchmarks record it)
 TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
 # the tiles timed in earlier processes, per GPU model and kernel source (``tile_store``); PTQ_KERNEL_TILE_STORE=0:
 # every process times its own
@@ -1025,6 +1026,7 @@ def _config(key: tuple, candidates: list, run) -> tuple:
     stored = read_tiles(store).get(_key_text(key)) if store else None
     if stored in candidates:
         _tuned[key] = stored
+        tile_origins["stored"] += 1
         return stored
     times = {}
     for config in candidates:
@@ -1034,6 +1036,7 @@ def _config(key: tuple, candidates: list, run) -> tuple:
         except Exception:  # a tile that does not compile for this shape (registers, shared memory)
             continue
     _tuned[key] = min(times, key=times.get) if times else candidates[0]
+    tile_origins["timed"] += 1
     if store and times:
         write_tile(store, _key_text(key), _tuned[key])
     return _tuned[key]
