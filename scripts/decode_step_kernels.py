@@ -23,6 +23,8 @@ ATTENTION = ("attention", "flash", "fmha", "sdpa", "softmax", "_attn")
 
 def kind(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_"):  # inductor's fused kernels, named after the ops they fuse (ptq's included)
+        return "attention" if "scaled_dot_product" in low else "other"
     if any(a in low for a in ATTENTION):
         return "attention"
     return "linear" if any(m in low for m in LINEAR) else "other"
