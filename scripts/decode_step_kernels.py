@@ -13,9 +13,8 @@ import argparse
 
 import torch
 
-from ptq.bench.infer import convert, kernel_launches, parse_formats, static_decode_step
+from ptq.bench.infer import convert_and_join, kernel_launches, parse_formats, static_decode_step
 from ptq.bench.quant import SHAPES, build_model
-from ptq.fuse import fuse_projections, sort_act_order_groups
 
 LINEAR = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas", "matmul", "splitk")
 ATTENTION = ("attention", "flash", "fmha", "sdpa", "softmax", "_attn")
@@ -35,9 +34,7 @@ def step_kernels(fmt: str, shape: str, layers: int, prompt: int) -> dict[str, li
     torch.manual_seed(0)
     model = build_model(shape, layers, torch.bfloat16, "cuda")
     model.config.use_cache = True
-    convert(model, fmt)
-    sort_act_order_groups(model)
-    fuse_projections(model)
+    convert_and_join(model, fmt)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     step = static_decode_step(model, ids, steps=4, compiled=True)
     step()  # the compile; kernel_launches runs one more untimed step

@@ -15,9 +15,8 @@ import time
 
 import torch
 
-from ptq.bench.infer import convert, cuda_or_exit
+from ptq.bench.infer import convert_and_join, cuda_or_exit
 from ptq.bench.quant import build_model
-from ptq.fuse import fuse_projections
 
 
 def frames_of(event: dict, depth: int = 6) -> str:
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in args.formats.split(","):
         torch.manual_seed(0)
         model = build_model(args.shape, args.layers, torch.bfloat16, device)
-        convert(model, fmt)
-        fuse_projections(model)
+        convert_and_join(model, fmt)
         ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
 
         def prefill(model=model, ids=ids):

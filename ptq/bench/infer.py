@@ -122,6 +122,16 @@ def convert(model, fmt: str, group_size: int = 128) -> None:
     torch.cuda.empty_cache()
 
 
+def convert_and_join(model, fmt: str, join: bool = True) -> tuple[int, int]:
+    """``convert``, then the layers as the benchmark serves them: act-order inputs in group order and each
+    block's q, k, v and gate, up joined (``ptq.fuse``; ``join=False``: as stored). Returns (sorted layers,
+    joined groups)."""
+    convert(model, fmt)
+    if not join:
+        return 0, 0
+    return sort_act_order_groups(model), fuse_projections(model)
+
+
 def shared_tensor_scales(model, linears: dict, fmt: str) -> dict[str, torch.Tensor]:
     """NVFP4's global scale shared by the linears that read one input (the architecture table's
     ``residual.readers``), as ptq's methods store them (``ptq.methods.rtn.round_group``) and as serving
@@ -461,9 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
         total_bf16 = module_bytes(model)
         linears_bf16 = block_linear_bytes(model)
-        convert(model, fmt)
-        sorted_layers = 0 if args.no_fuse else sort_act_order_groups(model)
-        joined = 0 if args.no_fuse else fuse_projections(model)
+        sorted_layers, joined = convert_and_join(model, fmt, join=not args.no_fuse)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
         kv = kv_bytes_per_token({**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})})

@@ -973,15 +973,17 @@ def tuned_tiles() -> dict[tuple, tuple]:
 def tile_store(device_name: str) -> Path:
     """The file of tiles timed on GPUs named ``device_name`` with this kernel source, torch and Triton (in ptq's
     cache folder): timing every candidate compiles each, minutes per model, which a later process skips."""
-    from ptq.cache import default_dir, digest
+    from ptq.cache import default_dir
 
-    tag = digest(device_name, torch.__version__, getattr(triton, "__version__", None), _kernel_source())[:20]
-    return default_dir() / "kernel_tiles" / f"{tag}.json"
+    return default_dir() / "kernel_tiles" / f"{_tile_tag(device_name)}.json"
 
 
 @functools.cache
-def _kernel_source() -> bytes:
-    return Path(__file__).read_bytes()
+def _tile_tag(device_name: str) -> str:
+    from ptq.cache import digest
+
+    source = Path(__file__).read_bytes()
+    return digest(device_name, torch.__version__, getattr(triton, "__version__", None), source)[:20]
 
 
 def _key_text(key: tuple) -> str:
