@@ -104,3 +104,13 @@ def test_an_unknown_compiled_rounding_choice_is_refused_at_import():
     result = subprocess.run([sys.executable, "-c", "import ptq.quant.linear"], env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "PTQ_W8A8_COMPILED_ROUNDING='fast' is not a choice: set it to torch or kernel" in result.stderr
+
+
+def test_an_unknown_fp8_accumulation_choice_is_refused_at_import():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PTQ_FP8_FAST_ACCUM": "yes"}
+    result = subprocess.run([sys.executable, "-c", "import ptq.quant.kernels"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PTQ_FP8_FAST_ACCUM='yes' is not a choice: set it to 1 (fast) or 0 (fp32 per K tile)" in result.stderr

@@ -49,6 +49,7 @@ from ptq.checkpoint import module_bytes
 from ptq.fuse import fuse_projections, sort_act_order_groups
 from ptq.models import block_linears, get_arch, get_blocks, get_weight
 from ptq.quant import WeightSpec, kernels, quantize_weight, shared_tensor_scale
+from ptq.quant import linear as quantized_linears
 from ptq.quant.linear import QUANTIZED_LAYERS, CompactLinear, Fp8Linear, Int8Linear, QuantLinear
 from ptq.quant.weight import QuantizedWeight
 from ptq.results import environment
@@ -146,6 +147,13 @@ def shared_tensor_scales(model, linears: dict, fmt: str) -> dict[str, torch.Tens
         if scale is not None:
             shared.update(dict.fromkeys(group, scale))
     return shared
+
+
+def kernel_settings() -> dict:
+    """The PTQ_* switches the kernels ran under (environment variables, read when ptq is imported)."""
+    return {"PTQ_KERNELS": kernels.ENABLED, "PTQ_KERNEL_TUNE": kernels.TUNE,
+            "PTQ_KERNEL_TILE_STORE": kernels.TILE_STORE, "PTQ_FP8_FAST_ACCUM": kernels.FP8_FAST_ACCUM,
+            "PTQ_W8A8_COMPILED_ROUNDING": quantized_linears.COMPILED_ROUNDING}  # fmt: skip
 
 
 def copy_bandwidth(device: torch.device, gib: int = 2, repeat: int = 5) -> float:
@@ -462,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
                "steps": args.steps, "repeat": args.repeat, "context": args.context, "copy_bytes_per_s": bandwidth,
                "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
-               "env": environment(device), "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
+               "env": environment(device), "kernel_settings": kernel_settings(),
+               "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
     records = []
     for fmt in formats:
         torch.manual_seed(0)

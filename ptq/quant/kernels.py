@@ -649,13 +649,13 @@ if triton is not None:
     @triton.jit
     def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          K_TILES: tl.constexpr, FP8: tl.constexpr):  # fmt: skip
+                          K_TILES: tl.constexpr, FP8: tl.constexpr, FAST_ACCUM: tl.constexpr):  # fmt: skip
         """y = (a b^T) * s_a[m] * s_b[n] for 8-bit codes a [M, K] (tokens, one scale each) and b [N, K] (weights,
         one scale per output channel), both scales applied as the tile is written. int8: tensor-core products
         summed exactly in int32 (the library path writes the int32 product and scales it in a second pass: the
-        same arithmetic, so the same bits). FP8 (E4M3): summed in fp32, each BLOCK_K tile's MMAs first in the
-        tensor cores' own accumulator and then added to the fp32 sum (``max_num_imprecise_acc``), as cuBLAS does
-        for ``torch._scaled_mm`` without fast accumulation."""
+        same arithmetic, so the same bits). FP8 (E4M3): in the tensor cores' own accumulator, from the first K to
+        the last (FAST_ACCUM), or each BLOCK_K tile's MMAs there and then added to an fp32 sum
+        (``max_num_imprecise_acc``), as cuBLAS does for ``torch._scaled_mm`` without fast accumulation."""
         pid = tl.program_id(0)
         grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         width = GROUP_M * grid_n  # GROUP_M row tiles run against each column tile of b while it sits in L2
@@ -672,7 +672,9 @@ if triton is not None:
                         other=0.0)  # fmt: skip
             b = tl.load(b_ptr + rn[None, :] * stride_bn + rk[:, None], mask=(rk < K)[:, None] & (rn < N)[None, :],
                         other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc, out_dtype=acc.dtype, max_num_imprecise_acc=BLOCK_K if FP8 else None)
+            # FP8: promoted to the fp32 sum every BLOCK_K, or (FAST_ACCUM; None is that on sm_90) never
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype,
+                         max_num_imprecise_acc=BLOCK_K if FP8 and not FAST_ACCUM else None)  # fmt: skip
         x_scale = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
         w_scale = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
         y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
@@ -812,6 +814,17 @@ TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
 # the tiles timed in earlier processes, per GPU model and kernel source (``tile_store``); PTQ_KERNEL_TILE_STORE=0:
 # every process times its own
 TILE_STORE = os.environ.get("PTQ_KERNEL_TILE_STORE", "1") != "0"
+# How FP8 GEMMs for many tokens sum (PTQ_FP8_FAST_ACCUM). 1: from the first K to the last in the tensor cores' own
+# accumulator, whose adds keep fewer bits than fp32 (DeepSeek-V3 technical report, "Increasing Accumulation
+# Precision"), as vLLM's CUTLASS FP8 kernels and torchao's float8 inference do: faster. 0: each K tile's sum added
+# to an fp32 one (torch._scaled_mm's default).
+# The extra error is far below E4M3's own rounding (README, "FP8 accumulation").
+FP8_FAST_ACCUM = os.environ.get("PTQ_FP8_FAST_ACCUM", "1")
+if FP8_FAST_ACCUM not in ("0", "1"):
+    raise ValueError(
+        f"PTQ_FP8_FAST_ACCUM={FP8_FAST_ACCUM!r} is not a choice: set it to 1 (fast) or 0 (fp32 per K tile)"
+    )
+FP8_FAST_ACCUM = FP8_FAST_ACCUM == "1"
 
 
 def _block_m(rows: int) -> int:
@@ -1137,12 +1150,14 @@ W8A8_GEMM_CANDIDATES = [(128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3), (128
                         (64, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3)]  # fmt: skip
 
 
-def _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
+def _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype, fast_accum=False) -> torch.Tensor:
     m, k = qx.shape
     n = w.shape[0]
     fp8 = qx.dtype == torch.float8_e4m3fn
     if config == LIBRARY and fp8:
-        return torch._scaled_mm(qx, w.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, n), out_dtype=dtype)
+        return torch._scaled_mm(
+            qx, w.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, n), out_dtype=dtype, use_fast_accum=fast_accum
+        )
     if config == LIBRARY:
         return _scale_int_product(torch._int_mm(qx, w.t()), x_scale, w_scale, dtype)
     block_m, block_n, block_k, group_m, warps, stages = config
@@ -1150,7 +1165,8 @@ def _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _w8a8_gemm_kernel[grid](qx, w, x_scale, w_scale, y, m, n, k, qx.stride(0), w.stride(0), y.stride(0),
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                            K_TILES=triton.cdiv(k, block_k), FP8=fp8, num_warps=warps, num_stages=stages)  # fmt: skip
+                            K_TILES=triton.cdiv(k, block_k), FP8=fp8, FAST_ACCUM=fast_accum, num_warps=warps,
+                            num_stages=stages)  # fmt: skip
     return y
 
 
@@ -1165,10 +1181,11 @@ def _w8a8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
         library = k % 16 == 0 and n % 16 == 0 and dtype in (torch.bfloat16, torch.float16, torch.float32)
     else:  # torch._int_mm takes more than 16 rows and multiples of 8
         library = m > 16 and k % 8 == 0 and n % 8 == 0
-    key = ("w8a8_gemm", qx.dtype, max(16, triton.next_power_of_2(m)), n, k, dtype, qx.device)
+    fast = FP8_FAST_ACCUM and qx.dtype == torch.float8_e4m3fn
+    key = ("w8a8_gemm", qx.dtype, max(16, triton.next_power_of_2(m)), n, k, dtype, fast, qx.device)
     candidates = [LIBRARY] * library + W8A8_GEMM_CANDIDATES  # the library first: it runs untuned where it can
-    config = _config(key, candidates, lambda c: _launch_w8a8_gemm(c, qx, x_scale, w, w_scale, dtype))
-    return _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype)
+    config = _config(key, candidates, lambda c: _launch_w8a8_gemm(c, qx, x_scale, w, w_scale, dtype, fast))
+    return _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype, fast)
 
 
 def _dequantize_int4(qweight, scales, qzeros, g_idx, dtype, group: int = 0) -> torch.Tensor:
