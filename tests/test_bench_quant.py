@@ -60,6 +60,19 @@ def test_kernel_benchmarks_say_they_need_a_gpu(module):
         importlib.import_module(module).main(["--formats", "bf16"])
 
 
+def test_inference_records_name_the_kernel_switches_they_ran_under(monkeypatch):
+    from ptq.bench.infer import kernel_settings
+    from ptq.quant import kernels
+    from ptq.quant import linear as quantized_linears
+
+    monkeypatch.setattr(kernels, "FP8_FAST_ACCUM", False)
+    monkeypatch.setattr(quantized_linears, "COMPILED_ROUNDING", "kernel")
+    settings = kernel_settings()
+    assert settings["PTQ_FP8_FAST_ACCUM"] is False and settings["PTQ_W8A8_COMPILED_ROUNDING"] == "kernel"
+    assert set(settings) == {"PTQ_KERNELS", "PTQ_KERNEL_TUNE", "PTQ_KERNEL_TILE_STORE", "PTQ_FP8_FAST_ACCUM",
+                             "PTQ_W8A8_COMPILED_ROUNDING"}  # fmt: skip
+
+
 def test_static_decode_step_gives_the_next_tokens_logits_of_a_dynamic_cache():
     from transformers import DynamicCache
 
