@@ -1,16 +1,19 @@
 """W8A8 GEMMs for a 2048-token prefill at Llama-3-8B's block shapes, one CUDA GPU.
 
-    python scripts/fp8_gemm_accumulation.py
+    python scripts/fp8_gemm_accumulation.py [--rounding]
 
 FP8 (E4M3) through torch._scaled_mm (row-wise scales) and every tile of ptq's GEMM, summed with an fp32 promotion
 per K tile and without (PTQ_FP8_FAST_ACCUM); int8 (torch._int_mm + scaling, ptq's tiles) and bf16 beside. Per
 product: the median time of CUDA-graph replays (triton.testing.do_bench_cudagraph), TFLOPS, and the relative error
 (Frobenius) against the exact product of the codes and their scales. The activations are random with 16 outlier
 channels, the weights random; both rounded as the layers round them (per token, per output channel).
+``--rounding`` (any machine): what rounding x and W to E4M3 and to int8 does to the same products, against the
+unrounded product, for scale beside the summation errors.
 """
 
+import argparse
+
 import torch
-import triton
 
 from ptq.bench.infer import cuda_or_exit
 from ptq.quant import kernels
@@ -23,6 +26,8 @@ EXTRA = [(128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 4, 4), (256, 128, 64, 8, 8,
 
 
 def bench(fn, *args):
+    import triton
+
     try:
         return triton.testing.do_bench_cudagraph(lambda: fn(*args), rep=30, return_mode="median") * 1e3
     except Exception as e:  # noqa: BLE001 (a tile that does not compile or launch for this shape)
@@ -41,10 +46,30 @@ def rounded_weight(w, dtype):
     return (codes.round().to(dtype) if dtype == torch.int8 else codes.to(dtype)), scale
 
 
-def time_shape(n, k):
-    x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+def random_operands(rows, n, k, device):
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
     x[:, :16] *= 20  # a few outlier channels, as real activations have
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    return x, torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+
+
+def rounding_errors(n, k, rows=256):
+    """Relative error of the product when x (per token) and W (per output channel) are rounded to each format."""
+    x, w = random_operands(rows, n, k, "cpu")
+    exact = x.double() @ w.double().t()
+    errors = {}
+    for dtype in (torch.float8_e4m3fn, torch.int8):
+        qmax = 448.0 if dtype == torch.float8_e4m3fn else 127.0
+        sx = x.float().abs().amax(1, keepdim=True) / qmax
+        qx = (x.float() / sx).clamp(-qmax, qmax)
+        qx = qx.round() if dtype == torch.int8 else qx.to(dtype).float()
+        qw, sw = rounded_weight(w, dtype)
+        product = (qx.double() * sx.double()) @ (qw.double() * sw.double()[:, None]).t()
+        errors[str(dtype).removeprefix("torch.")] = rel(product, exact)
+    return errors
+
+
+def time_shape(n, k):
+    x, w = random_operands(M, n, k, "cuda")
     line = {"bf16": bench(torch.matmul, x, w.t())}
     for act, dtype in ((kernels.ACT_FP8, torch.float8_e4m3fn), (kernels.ACT_INT8, torch.int8)):
         qx, sx = kernels.quantize_rows(x, act)
@@ -66,8 +91,16 @@ def time_shape(n, k):
 
 
 def main() -> None:
-    cuda_or_exit("scripts/fp8_gemm_accumulation.py")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounding", action="store_true", help="only the formats' rounding errors (CPU)")
+    args = p.parse_args()
     torch.manual_seed(0)
+    if args.rounding:
+        for name, (n, k) in SHAPES.items():
+            errors = ", ".join(f"{fmt} {err:.2e}" for fmt, err in rounding_errors(n, k).items())
+            print(f"{name} {n}x{k}: rounding x and W to {errors}")
+        return
+    cuda_or_exit("scripts/fp8_gemm_accumulation.py")
     totals = {}
     for name, (n, k) in SHAPES.items():
         flops = 2 * M * n * k
