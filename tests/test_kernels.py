@@ -496,25 +496,6 @@ def test_compiled_w8a8_layers_can_leave_the_rounding_to_the_kernel(fmt, monkeypa
     torch._dynamo.reset()
 
 
-@needs_kernels
-def test_tma_tiles_are_candidates_only_where_a_descriptor_takes_the_words():
-    """The INT4 one-token TMA tiles: candidates on Hopper (and in the interpreter) for rows of whole 16-byte units,
-    never the untuned default, and not timed where ``_launch_int4_gemv`` would run them as the plain tile."""
-    from ptq.quant import kernels
-
-    words = torch.zeros(64, 128, dtype=torch.int32, device=DEVICE)
-    odd = torch.zeros(64, 130, dtype=torch.int32, device=DEVICE)[:, :129]  # rows 520 bytes apart
-    tma = [c for c in kernels.GEMV_CANDIDATES[kernels.INT4] if kernels.TMA in c]
-    assert tma and all(kernels.COLUMNS in c for c in tma)
-    hopper = INTERPRETED or torch.cuda.get_device_capability() >= (9, 0)
-    assert all(kernels._tma_applies(c, words) == hopper for c in tma)
-    assert not any(kernels._tma_applies(c, odd) for c in tma)
-    for w in (words, odd):
-        candidates = kernels._candidates(kernels.INT4, kernels.ACT_NONE, w, True, False, 128, 512, True)
-        assert kernels.TMA not in candidates[0]
-        assert any(kernels.TMA in c for c in candidates) == (hopper and w is words)
-
-
 def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
     """Variants that ``_launch`` would run as the plain tile (int32 sums for FP8, codes for weight-only 8-bit, the
     FP8 transposed product for int8, DP4A on rows that are not whole words) are not candidates; every applicable

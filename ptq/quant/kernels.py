@@ -52,10 +52,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the layers dequantize and call F.linear
     triton = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # Triton before 3.4: no TMA tiles
-    TensorDescriptor = None
 
 SKINNY_ROWS = 64  # at most this many rows (tokens) take the fused kernel; more take cuBLAS
 INT4, W8, FP4 = 0, 1, 2  # weight kinds
@@ -468,8 +464,7 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s, group,
                           BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr,
-                          EVEN: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                          TMA: tl.constexpr = False):  # fmt: skip
+                          EVEN: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times a GPTQ-packed 4-bit weight with contiguous groups, near the memory bound: each
         thread holds whole columns of a tile of ROWS words (8 K each, one group: ROWS * 8 divides it), so the
         sum over the tile is the thread's own and its group's scale and zero point apply once per column
@@ -481,9 +476,7 @@ if triton is not None:
         nothing): each tile first asks the L2 cache for the program's tile two ahead, one request per 128-byte
         line, so that a warp's loads of a tile come from L2 rather than DRAM while the warp computed before
         (loading the next tile into registers instead needs registers, and the compiler moves those loads
-        below the tile's arithmetic). TMA: ``w_ptr`` is a tensor descriptor of the words, and each tile comes by
-        the Tensor Memory Accelerator (Hopper), STAGES tiles in flight per program through shared memory, zero
-        past the weight's edges, with no thread issuing the loads' addresses."""
+        below the tile's arithmetic)."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         k_words = (K + 7) // 8
         last = tl.cdiv(k_words, ROWS) - 1
@@ -494,12 +487,7 @@ if triton is not None:
                 rp = (t + 2 * SPLIT_K) * ROWS + tl.arange(0, ROWS)
                 _prefetch_row_tile(w_ptr, rp, rp < k_words, stride_w, pid_n * BLOCK_N, N, BLOCK_N // 32, 32,
                                    PREFETCH == 1)  # fmt: skip
-            if TMA:
-                words = w_ptr.load([t * ROWS, pid_n * BLOCK_N])
-                kk = (t * ROWS + tl.arange(0, ROWS))[:, None] * 8 + tl.arange(0, 8)[None, :]
-                x = tl.load(x_ptr + kk) if EVEN else tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-            else:
-                words, x = _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS, EVEN)
+            words, x = _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS, EVEN)
             xf = x.to(tl.float32)
             columns = _columns_of_eight(xf)
             upper = words >> 12  # codes 5, 6, 7 at bits 8, 12, 16 (code 5 in place would touch the exponent)
@@ -790,16 +778,12 @@ ROWS = "rows"
 # through shared memory); act-order takes _gemv_kernel (the other entries), which gathers each column's group.
 COLUMNS = "columns"
 PREFETCH = "prefetch"  # COLUMNS and ROWS: each tile asks L2 for the tile two ahead (no registers, no wait)
-# COLUMNS on Hopper (or the interpreter): the tiles come by TMA, STAGES of them in flight (``_tma_applies``)
-TMA = "tma"
 GEMV_CANDIDATES = {
     INT4: [(1024, 16, 3, 8, 1, COLUMNS), (512, 16, 4, 4, 1, COLUMNS), (256, 16, 8, 2, 1, COLUMNS),
            (1024, 16, 3, 8, 3, COLUMNS), (512, 8, 4, 4, 3, COLUMNS), (1024, 8, 4, 4, 1, COLUMNS),
            (2048, 8, 2, 8, 1, COLUMNS), (256, 16, 8, 2, 3, COLUMNS), (1024, 16, 3, 8, 1, COLUMNS, PREFETCH),
            (512, 16, 4, 4, 1, COLUMNS, PREFETCH), (256, 16, 8, 2, 1, COLUMNS, PREFETCH),
            (1024, 8, 2, 8, 1, COLUMNS, PREFETCH), (512, 8, 2, 4, 1, COLUMNS, PREFETCH),
-           (256, 16, 8, 2, 3, COLUMNS, TMA), (256, 16, 4, 4, 4, COLUMNS, TMA), (128, 16, 8, 2, 4, COLUMNS, TMA),
-           (256, 8, 8, 2, 6, COLUMNS, TMA),
            (64, 512, 2, 4, 2), (64, 512, 1, 4, 2), (64, 512, 4, 4, 2), (32, 512, 4, 4, 2), (128, 256, 2, 8, 2),
            (64, 1024, 2, 8, 2), (32, 1024, 8, 4, 2), (64, 256, 8, 4, 3)],
     W8: [(8, 4, 4, 1, ROWS), (16, 4, 4, 1, ROWS), (8, 2, 8, 1, ROWS), (8, 4, 4, 3, ROWS), (16, 8, 2, 1, ROWS),
@@ -898,27 +882,12 @@ def _ptx_mode(on: bool) -> int:
     return (2 if INTERPRET else 1) if on else 0
 
 
-def _tma_applies(config: tuple, w: torch.Tensor) -> bool:
-    """Whether a TMA tile can take these words: Hopper or later (or the interpreter), a box of at most 256 along
-    each side, rows of whole 16-byte units starting at a 16-byte boundary (the descriptor's rules). Elsewhere
-    ``_launch_int4_gemv`` runs it as the plain tile of its shape."""
-    if TMA not in config:
-        return True
-    block_n, rows = config[0], config[1]
-    hopper = TensorDescriptor is not None and (INTERPRET or (w.is_cuda and _capability(w.device) >= (9, 0)))
-    aligned = w.stride(-1) == 1 and (w.stride(0) * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-    return hopper and aligned and block_n <= 256 and rows <= 256
-
-
 def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
     block_n, rows, per_sm, warps, stages, _, *variant = config
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
-    tma = TMA in variant and _tma_applies(config, w)
-    words = TensorDescriptor.from_tensor(w, [rows, block_n]) if tma else w
-    _int4_gemv_kernel[grid](x, words, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
+    _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
                             strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
-                            STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), TMA=tma,
-                            num_warps=warps)  # fmt: skip
+                            STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     return y
 
 
@@ -1131,8 +1100,6 @@ def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: b
         candidates = [c for c in candidates if ROWS not in c]
     if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
         candidates = [c for c in candidates if _w8_variant_applies(c, act, w)]
-    if weight == INT4 and gemv:
-        candidates = [c for c in candidates if _tma_applies(c, w)]
     return candidates
 
 
