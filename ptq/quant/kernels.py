@@ -1173,8 +1173,8 @@ def _launch_w8a8_gemm(config, qx, x_scale, w, w_scale, dtype, fast_accum=False) 
 def _w8a8_matmul(qx, x_scale, w, w_scale, dtype) -> torch.Tensor:
     """W8A8 for many tokens: int8 or E4M3 codes [M, K] with per-token scales [M, 1] times codes of the same kind
     [N, K] with per-channel scales (N of them) -> [M, N] in ``dtype``, by whichever of the library and ptq's
-    one-pass GEMM is faster for the shape (int8: the same bits either way; E4M3: both sum in fp32, in another
-    order)."""
+    one-pass GEMM is faster for the shape (int8: the same bits either way; E4M3: both sum as ``FP8_FAST_ACCUM``
+    says, in another order)."""
     m, k = qx.shape
     n = w.shape[0]
     if qx.dtype == torch.float8_e4m3fn:  # torch._scaled_mm takes multiples of 16 and 16-bit or fp32 outputs
