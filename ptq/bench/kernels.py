@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from ptq.bench.infer import FORMATS, copy_bandwidth, cuda_or_exit, make_layer, parse_formats
+from ptq.bench.infer import FORMATS, copy_bandwidth, cuda_or_exit, kernel_settings, make_layer, parse_formats
 from ptq.bench.quant import SHAPES, command_line
 from ptq.checkpoint import module_bytes
 from ptq.quant import kernels
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)
     rows = [int(r) for r in args.rows.split(",")]
     record = {"shape": args.shape, "rows": rows, "joined": args.joined, "copy_bytes_per_s": bandwidth,
-              "env": environment(device), "command": command_line("python -m ptq.bench.kernels", argv),
-              "formats": []}  # fmt: skip
+              "env": environment(device), "kernel_settings": kernel_settings(),
+              "command": command_line("python -m ptq.bench.kernels", argv), "formats": []}  # fmt: skip
     for fmt in formats:
         linears = block_linear_shapes(args.shape, args.joined and fmt not in UNJOINED)
         entry = {"format": fmt, "linears": {}}
