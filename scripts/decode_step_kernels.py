@@ -13,20 +13,8 @@ import argparse
 
 import torch
 
-from ptq.bench.infer import convert_and_join, kernel_launches, parse_formats, static_decode_step
+from ptq.bench.infer import convert_and_join, kernel_kind, kernel_launches, parse_formats, static_decode_step
 from ptq.bench.quant import SHAPES, build_model
-
-LINEAR = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas", "matmul", "splitk")
-ATTENTION = ("attention", "flash", "fmha", "sdpa", "softmax", "_attn")
-
-
-def kind(name: str) -> str:
-    low = name.lower()
-    if low.startswith("triton_"):  # inductor's fused kernels, named after the ops they fuse (ptq's included)
-        return "attention" if "scaled_dot_product" in low else "other"
-    if any(a in low for a in ATTENTION):
-        return "attention"
-    return "linear" if any(m in low for m in LINEAR) else "other"
 
 
 @torch.no_grad()
@@ -56,12 +44,12 @@ def main():
         kernels = step_kernels(fmt, args.shape, args.layers, args.prompt)
         split = {"linear": 0.0, "attention": 0.0, "other": 0.0}
         for name, (_, us) in kernels.items():
-            split[kind(name)] += us
+            split[kernel_kind(name)] += us
         total = sum(split.values())
         print(f"{fmt}: {len(kernels)} kernel names, {sum(c for c, _ in kernels.values())} launches, {total:.1f} us "
               f"per step; " + ", ".join(f"{k} {v:.1f} us" for k, v in split.items()), flush=True)  # fmt: skip
         for name, (count, us) in sorted(kernels.items(), key=lambda item: -item[1][1]):
-            print(f"  {us:8.1f} us {count:4d}x  {kind(name):9s} {name[:150]}")
+            print(f"  {us:8.1f} us {count:4d}x  {kernel_kind(name):9s} {name[:150]}")
 
 
 if __name__ == "__main__":

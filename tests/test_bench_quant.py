@@ -73,6 +73,21 @@ def test_inference_records_name_the_kernel_switches_they_ran_under(monkeypatch):
                              "PTQ_W8A8_COMPILED_ROUNDING"}  # fmt: skip
 
 
+@pytest.mark.parametrize("name,kind", [
+    ("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_splitK_TNT", "linear"), ("_int4_gemv_kernel", "linear"),
+    ("_skinny_kernel", "linear"), ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_3", "attention"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add", "attention"),
+    ("triton_red_fused__to_copy_abs_amax_clamp_codes_matmul_div_mul_silu_view_9", "other"),
+    ("triton_per_fused_add_mean_mul_pow_rsqrt_3", "other"),
+])  # fmt: skip
+def test_kernels_are_told_apart_by_name_as_profiles_and_scripts_count_them(name, kind):
+    """Inductor names its fused kernels after every op they touch (ptq's codes_matmul included): its rounding
+    and norm kernels are not matmuls; cuBLAS's nvjet kernels are."""
+    from ptq.bench.infer import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
 def test_static_decode_step_gives_the_next_tokens_logits_of_a_dynamic_cache():
     from transformers import DynamicCache
 

@@ -350,15 +350,29 @@ def kernel_launches(run) -> dict[str, list]:
     return launches
 
 
+MATMUL_KERNELS = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas", "matmul",
+                  "splitk")  # fmt: skip
+ATTENTION_KERNELS = ("attention", "flash", "fmha", "sdpa", "softmax", "_attn")
+
+
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's kind by its name (cuBLAS, CUTLASS, cuDNN, ptq's Triton): linear, attention or other."""
+    low = name.lower()
+    if low.startswith("triton_"):  # inductor's fused kernels, named after the ops they fuse (ptq's included)
+        return "attention" if "scaled_dot_product" in low else "other"
+    if any(a in low for a in ATTENTION_KERNELS):
+        return "attention"
+    return "linear" if any(m in low for m in MATMUL_KERNELS) else "other"
+
+
 def kernel_table(run) -> dict:
     """``kernel_launches`` summed: how many kernels, their summed time, the share of the matmuls, and the costliest
     names."""
     launches = kernel_launches(run)
     by_name = {name: seconds for name, (_, seconds) in launches.items()}
-    matmul = ("gemm", "gemv", "skinny", "_int_mm", "int4pack", "cutlass", "sm90", "xmma", "cublas")
     top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
     return {"kernels": sum(count for count, _ in launches.values()), "kernel_seconds": sum(by_name.values()),
-            "matmul_seconds": sum(t for n, t in by_name.items() if any(m in n.lower() for m in matmul)),
+            "matmul_seconds": sum(t for n, t in by_name.items() if kernel_kind(n) == "linear"),
             "top": [[name[:120], t] for name, t in top]}  # fmt: skip
 
 
