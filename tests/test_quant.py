@@ -96,21 +96,15 @@ def test_spec_rejects_bad_values(bits, group):
         WeightSpec("int", bits, group)
 
 
-def test_an_unknown_compiled_rounding_choice_is_refused_at_import():
+@pytest.mark.parametrize("module,name,value,fix", [
+    ("ptq.quant.linear", "PTQ_W8A8_COMPILED_ROUNDING", "fast", "set it to torch or kernel"),
+    ("ptq.quant.kernels", "PTQ_FP8_FAST_ACCUM", "yes", "set it to 1 (fast) or 0 (fp32 per K tile)"),
+])  # fmt: skip
+def test_an_unknown_kernel_switch_value_is_refused_at_import(module, name, value, fix):
     import subprocess
     import sys
 
-    env = {**os.environ, "PTQ_W8A8_COMPILED_ROUNDING": "fast"}
-    result = subprocess.run([sys.executable, "-c", "import ptq.quant.linear"], env=env, capture_output=True, text=True)
+    env = {**os.environ, name: value}
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "PTQ_W8A8_COMPILED_ROUNDING='fast' is not a choice: set it to torch or kernel" in result.stderr
-
-
-def test_an_unknown_fp8_accumulation_choice_is_refused_at_import():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PTQ_FP8_FAST_ACCUM": "yes"}
-    result = subprocess.run([sys.executable, "-c", "import ptq.quant.kernels"], env=env, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "PTQ_FP8_FAST_ACCUM='yes' is not a choice: set it to 1 (fast) or 0 (fp32 per K tile)" in result.stderr
+    assert f"{name}={value!r} is not a choice: {fix}" in result.stderr

@@ -808,6 +808,18 @@ GEMV_CANDIDATES = {
           (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
           (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
 }  # fmt: skip
+
+
+def env_choice(name: str, choices: dict[str, str]) -> str:
+    """The value of environment variable ``name`` (the first choice where unset), refused unless it is one of
+    ``choices`` (value: what it means, or "")."""
+    value = os.environ.get(name, next(iter(choices)))
+    if value not in choices:
+        options = " or ".join(f"{v} ({meaning})" if meaning else v for v, meaning in choices.items())
+        raise ValueError(f"{name}={value!r} is not a choice: set it to {options}")
+    return value
+
+
 _tuned: dict[tuple, tuple] = {}
 tile_origins = {"timed": 0, "stored": 0}  # how this process's tuned tiles were chosen (the benchmarks record it)
 TUNE = os.environ.get("PTQ_KERNEL_TUNE", "1") != "0"
@@ -819,12 +831,7 @@ TILE_STORE = os.environ.get("PTQ_KERNEL_TILE_STORE", "1") != "0"
 # Precision"), as vLLM's CUTLASS FP8 kernels and torchao's float8 inference do: faster. 0: each K tile's sum added
 # to an fp32 one (torch._scaled_mm's default).
 # The extra error is far below E4M3's own rounding (README, "FP8 accumulation").
-FP8_FAST_ACCUM = os.environ.get("PTQ_FP8_FAST_ACCUM", "1")
-if FP8_FAST_ACCUM not in ("0", "1"):
-    raise ValueError(
-        f"PTQ_FP8_FAST_ACCUM={FP8_FAST_ACCUM!r} is not a choice: set it to 1 (fast) or 0 (fp32 per K tile)"
-    )
-FP8_FAST_ACCUM = FP8_FAST_ACCUM == "1"
+FP8_FAST_ACCUM = env_choice("PTQ_FP8_FAST_ACCUM", {"1": "fast", "0": "fp32 per K tile"}) == "1"
 
 
 def _block_m(rows: int) -> int:

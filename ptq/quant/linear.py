@@ -25,8 +25,6 @@ one dequantize or activation-quantize kernel for more (prefill). Elsewhere they 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,9 +200,7 @@ def fp8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # activations with torch ops, which inductor fuses into the norm or activation that wrote x, and the kernels multiply
 # codes; "kernel" hands x over as it is and the tuned tile rounds it, as in eager calls (no rounding kernel where
 # inductor has nothing to fuse it into, e.g. after attention, or splits a long reduction into several kernels).
-COMPILED_ROUNDING = os.environ.get("PTQ_W8A8_COMPILED_ROUNDING", "torch")
-if COMPILED_ROUNDING not in ("torch", "kernel"):
-    raise ValueError(f"PTQ_W8A8_COMPILED_ROUNDING={COMPILED_ROUNDING!r} is not a choice: set it to torch or kernel")
+COMPILED_ROUNDING = kernels.env_choice("PTQ_W8A8_COMPILED_ROUNDING", {"torch": "", "kernel": ""})
 
 
 def few_tokens_w8a8(layer, flat: torch.Tensor, act: int, dtype: torch.dtype) -> torch.Tensor:
