@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
         total_bf16 = module_bytes(model)
         linears_bf16 = block_linear_bytes(model)
+        tiles_before = dict(kernels.tile_origins)
         sorted_layers, joined = convert_and_join(model, fmt, join=not args.no_fuse)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
@@ -511,8 +512,8 @@ def main(argv: list[str] | None = None) -> None:
             "weight_bytes_per_step": weight_bytes_per_step(model),
             **measure(model, model.config.vocab_size, args.prefill, batches, args.prompt, args.steps, args.repeat,
                       weights, (kv, args.context), args.compile),
-            # tiles tuned so far in this process: timed here, or taken from the tile store (timed by an earlier one)
-            "kernel_tiles": dict(kernels.tile_origins),
+            # this format's tuned tiles: timed here, or taken from the tile store (timed by an earlier process)
+            "kernel_tiles": {origin: n - tiles_before[origin] for origin, n in kernels.tile_origins.items()},
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)
