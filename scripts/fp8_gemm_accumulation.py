@@ -17,9 +17,11 @@ import torch
 
 from ptq.bench.infer import cuda_or_exit
 from ptq.quant import kernels
+from ptq.quant.linear import Fp8Linear, Int8Linear, fp8_rows, int8_rows
 
 M = 2048
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = {torch.float8_e4m3fn: (Fp8Linear, fp8_rows), torch.int8: (Int8Linear, int8_rows)}
 # FP8 tiles timed beside kernels.W8A8_GEMM_CANDIDATES
 EXTRA = [(128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 4, 4), (256, 128, 64, 8, 8, 4), (64, 256, 128, 8, 4, 4),
          (128, 256, 128, 8, 8, 4), (128, 128, 256, 8, 8, 3)]  # fmt: skip
@@ -39,11 +41,9 @@ def rel(got, exact):
 
 
 def rounded_weight(w, dtype):
-    """Per-output-channel codes and scales of ``w``, as Int8Linear / Fp8Linear store them."""
-    qmax = 448.0 if dtype == torch.float8_e4m3fn else 127.0
-    scale = w.float().abs().amax(1) / qmax
-    codes = (w.float() / scale[:, None]).clamp(-qmax, qmax)
-    return (codes.round().to(dtype) if dtype == torch.int8 else codes.to(dtype)), scale
+    """W's codes [N, K] and per-output-channel scales [N], as the W8A8 layer of that kind stores them."""
+    layer = LAYERS[dtype][0].from_weight(w, None)
+    return layer.weight, layer.weight_scale.reshape(-1)
 
 
 def random_operands(rows, n, k, device):
@@ -57,11 +57,8 @@ def rounding_errors(n, k, rows=256):
     x, w = random_operands(rows, n, k, "cpu")
     exact = x.double() @ w.double().t()
     errors = {}
-    for dtype in (torch.float8_e4m3fn, torch.int8):
-        qmax = 448.0 if dtype == torch.float8_e4m3fn else 127.0
-        sx = x.float().abs().amax(1, keepdim=True) / qmax
-        qx = (x.float() / sx).clamp(-qmax, qmax)
-        qx = qx.round() if dtype == torch.int8 else qx.to(dtype).float()
+    for dtype, (_, rows_of) in LAYERS.items():
+        qx, sx = rows_of(x)  # per token, as the layers round activations
         qw, sw = rounded_weight(w, dtype)
         product = (qx.double() * sx.double()) @ (qw.double() * sw.double()[:, None]).t()
         errors[str(dtype).removeprefix("torch.")] = rel(product, exact)
