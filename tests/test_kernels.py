@@ -194,6 +194,8 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
     for gemv, candidates in ((False, kernels.CANDIDATES), (True, kernels.GEMV_CANDIDATES)):
         rows = slice(0, 1) if gemv else slice(None)
         for config in candidates_to_run(candidates[kw["weight"]]):
+            if kernels.MMA in config and not kernels.mma_applies(config, x[rows], n, k, group):
+                continue  # test_int4_mma_tiles_over_odd_shapes runs them where they apply
             g_idx = kw["g_idx"]
             if gemv and weight_kind == "int4" and kernels.COLUMNS not in config:  # the gathering kernel reads g_idx
                 g_idx = (torch.arange(k, device=DEVICE) // group).to(torch.int32)
@@ -203,6 +205,39 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
             assert relative_error(got, want[rows]) < TOLERANCE, (gemv, config)
             again = kernels._launch(*launch)
             assert torch.equal(again, got), (gemv, config)  # split-K's counters were left at zero for the next call
+    assert not kernels._counters[x.device].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on CUDA only (the interpreter does not run them)")
+@pytest.mark.parametrize("group,sym,dtype", [(128, False, torch.bfloat16), (128, True, torch.float16),
+                                             (64, False, torch.bfloat16)])  # fmt: skip
+def test_int4_mma_tiles_over_odd_shapes(group, sym, dtype):
+    """Every MMA tile (ptq.quant.int4_mma: codes decoded into mma.sync's operand registers) against
+    dequantize-then-matmul: rows 1, 7 and 33 (row blocks of 16 and 32, rows past M clamped), 16 or 32 groups split
+    every way the table holds, both activation dtypes; again on the next call (split-K's counters reset)."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import QuantLinear
+
+    n, k = 768, 2048
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(group))
+    layer = QuantLinear.from_quantized(quantize_weight(weight, WeightSpec("int", 4, group, sym)), None, dtype)
+    layer = layer.to(DEVICE)
+    w_t = layer.dequantized_weight(torch.float32).t()
+    ran = 0
+    for rows in (1, 7, 33):
+        x = inputs(rows, k).to(dtype)
+        want = x.float() @ w_t
+        for config in kernels.CANDIDATES[kernels.INT4]:
+            if kernels.MMA not in config or not kernels.mma_applies(config, x, n, k, group):
+                continue
+            launch = (config, x, layer.qweight, layer.scales, layer.qzeros, None, None, n, k,
+                      (layer.qweight.stride(0), layer.scales.stride(0)), group, kernels.INT4, 0, False, 0)  # fmt: skip
+            got = kernels._launch(*launch)
+            assert got.dtype == dtype and relative_error(got, want) < TOLERANCE, (rows, config)
+            assert torch.equal(kernels._launch(*launch), got), (rows, config)
+            ran += 1
+    assert ran == 3 * sum(kernels.MMA in c for c in kernels.CANDIDATES[kernels.INT4])
     assert not kernels._counters[x.device].any()
 
 

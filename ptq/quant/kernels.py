@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from ptq.quant import int4_mma
+
 log = logging.getLogger(__name__)
 
 try:
@@ -747,13 +749,19 @@ CODES = "codes"  # W8A8: the activations quantized once per call by a kernel bef
 # SWAP: the product taken as y^T = w x^T, the weight tile the dot's left operand: FP8 codes on Hopper's FP8
 # warp-group dots (int8: ignored); INT4 NIBBLE tiles decoded in the registers the warp-group dot reads.
 SWAP = "swap"
+# MMA (INT4, contiguous groups of 64 or 128, bf16/fp16 on CUDA): ``ptq.quant.int4_mma``, the codes decoded into
+# mma.sync's operand registers (BLOCK_N = 8 x words per lane x num_warps; BLOCK_K is its 64-input chunk).
+MMA = "mma"
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
            (32, 128, 8, 4, 4, NIBBLE), (64, 128, 2, 4, 3, NIBBLE, SWAP), (64, 128, 4, 4, 3, NIBBLE, SWAP),
            (128, 128, 1, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 3, NIBBLE, SWAP), (256, 128, 1, 8, 3, NIBBLE, SWAP),
            (64, 128, 8, 4, 3, NIBBLE, SWAP), (128, 128, 4, 4, 3, NIBBLE, SWAP), (128, 128, 2, 4, 5, NIBBLE, SWAP),
-           (64, 128, 4, 4, 5, NIBBLE, SWAP), (128, 128, 8, 8, 3, NIBBLE, SWAP)],
+           (64, 128, 4, 4, 5, NIBBLE, SWAP), (128, 128, 8, 8, 3, NIBBLE, SWAP), (128, 64, 1, 4, 1, MMA),
+           (128, 64, 2, 4, 1, MMA), (128, 64, 4, 4, 1, MMA), (64, 64, 2, 4, 1, MMA), (64, 64, 4, 4, 1, MMA),
+           (64, 64, 8, 4, 1, MMA), (64, 64, 16, 4, 1, MMA), (32, 64, 4, 4, 1, MMA), (32, 64, 8, 4, 1, MMA),
+           (128, 64, 2, 8, 1, MMA), (256, 64, 1, 8, 1, MMA), (256, 64, 2, 8, 1, MMA)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
          (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
@@ -939,6 +947,8 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                                  x_scale, out_dtype)  # fmt: skip
     if gemv and weight == INT4 and g_idx is None:
         raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
+    if MMA in config:
+        return _launch_int4_mma(config, x, w, scale, zero, n, k, group)
     block_n, block_k, split_k, warps, stages, *variant = config
     gemv = gemv and SKINNY not in variant  # SKINNY: one token through the few-token tile (its first row)
     m = x.shape[0]
@@ -966,6 +976,19 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
                              INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant, **common)  # fmt: skip
     return y
+
+
+def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:
+    block_n, _, split_k, warps, *_ = config
+    grid_tiles = (n // block_n) * triton.cdiv(x.shape[0], 16)
+    return int4_mma.int4_mma(x, w, scale, zero, group, block_n // (8 * warps), warps, split_k,
+                             _tile_counters(x.device, grid_tiles))  # fmt: skip
+
+
+def mma_applies(config: tuple, x: torch.Tensor, n: int, k: int, group: int) -> bool:
+    """Whether an MMA candidate computes this INT4 product (contiguous groups; see ``int4_mma.applies``)."""
+    block_n, _, split_k, warps, *_ = config
+    return not INTERPRET and int4_mma.applies(x, n, k, group, block_n // (8 * warps), warps, split_k)
 
 
 def _whole_words(w: torch.Tensor, size: int) -> bool:
@@ -1086,6 +1109,7 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
     config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
     if config is None:
         candidates = _candidates(weight, act, w, gemv, act_order, group, k, words)
+        candidates = [c for c in candidates if MMA not in c or mma_applies(c, x, n, k, group)]
         if x_scale is not None:
             candidates = [c for c in candidates if CODES in c]
         config = _config(key, candidates, run)
@@ -1103,6 +1127,8 @@ def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: b
             raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")
     elif weight == INT4 and gemv:  # act-order: the gathering kernel
         candidates = [c for c in candidates if COLUMNS not in c]
+    elif weight == INT4:  # act-order: the tiles that gather each element's group
+        candidates = [c for c in candidates if MMA not in c]
     if weight == FP4 and gemv and not words:
         candidates = [c for c in candidates if ROWS not in c]
     if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
