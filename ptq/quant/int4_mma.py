@@ -31,7 +31,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 except ImportError:  # CPU-only installs, or a Triton without Gluon: the other tiles only
     gluon = None
 
@@ -83,14 +83,36 @@ if gluon is not None:
         return mma_v2(a, b, acc)
 
     @gluon.jit
+    def _group_product(words, x, zw, cols, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, COLS: gl.constexpr,
+                       WARPS: gl.constexpr, GROUP: gl.constexpr, WORD3_LAYOUT: gl.constexpr,
+                       MMA_LAYOUT: gl.constexpr):  # fmt: skip
+        """x W^T over one group (one or two 64-input chunks), fp32, before its scale; zw: the group's qzeros words
+        of ``cols``."""
+        zero = (((zw >> ((cols % 8) * 4)) & 15) + 1) & 15  # stored minus one (ptq.quant.pack)
+        magic: gl.constexpr = 0x4300 if x.dtype == gl.bfloat16 else 0x6400
+        # -(MAGIC + zero) in both halves: the sign bit over the magic's bits plus the zero point
+        neg_zero = gl.expand_dims(gl.expand_dims((zero + (magic | 0x8000)) * 65537, 0), 2)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=MMA_LAYOUT)
+        if GROUP == 64:
+            acc = _chunk_product(words, x, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
+        else:
+            w0, w1 = gl.split(gl.permute(gl.reshape(words, [2, 8, 2 * BLOCK_N]), [1, 2, 0]))
+            x0, x1 = gl.split(gl.permute(gl.reshape(x, [BLOCK_M, 2, 64]), [0, 2, 1]))
+            acc = _chunk_product(w0, x0, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
+            acc = _chunk_product(w1, x1, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
+        return acc
+
+    @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                          N: gl.constexpr, K: gl.constexpr, STRIDE_X: gl.constexpr, STRIDE_Y: gl.constexpr,
-                         GROUP: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, COLS: gl.constexpr,
-                         WARPS: gl.constexpr, WORD_LAYOUT: gl.constexpr, WORD3_LAYOUT: gl.constexpr,
-                         X_LAYOUT: gl.constexpr):  # fmt: skip
+                         GROUP: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                         COLS: gl.constexpr, WARPS: gl.constexpr, WORD_LAYOUT: gl.constexpr,
+                         WORD3_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                         SMEM_LAYOUT: gl.constexpr):  # fmt: skip
         """y [M, N] = x [M, K] W^T for W in the GPTQ layout (qweight seen as int16 [K/8, 2N], scales [K/GROUP, N],
         qzeros [K/GROUP, N/8]); program (column block, row block, K split). N, K and the strides are compile-time
-        constants, so every address is a register plus an immediate."""
+        constants, so every address is a register plus an immediate. STAGES 1: each group's loads straight into
+        registers (ptxas places them near their uses: a memory latency or more per group); more: a cp.async ring."""
         BLOCK_N: gl.constexpr = 8 * COLS * WARPS
         CHUNKS: gl.constexpr = GROUP // 64
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
@@ -101,35 +123,65 @@ if gluon is not None:
         # a group's words: [8 CHUNKS, 2 BLOCK_N] int16
         rows = gl.arange(0, 8 * CHUNKS, layout=gl.SliceLayout(1, WORD_LAYOUT))
         halves = 2 * n0 + gl.arange(0, 2 * BLOCK_N, layout=gl.SliceLayout(0, WORD_LAYOUT))
-        w_offs = gl.expand_dims(rows, 1) * (2 * N) + gl.expand_dims(halves, 0)
+        w_ptrs = w_ptr + gl.expand_dims(rows, 1) * (2 * N) + gl.expand_dims(halves, 0)
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORD3_LAYOUT)))
+        z_ptrs = z_ptr + cols // 8
         # a group's activations in input order; rows past M read row M - 1 (their outputs are not stored)
         xm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LAYOUT)), M - 1)
         xk = gl.arange(0, GROUP, layout=gl.SliceLayout(0, X_LAYOUT))
-        x_offs = gl.expand_dims(xm, 1) * STRIDE_X + gl.expand_dims(xk, 0)
+        x_ptrs = x_ptr + gl.expand_dims(xm, 1) * STRIDE_X + gl.expand_dims(xk, 0)
         # output slot v = q + 8 w + 8 WARPS t holds column t + COLS q + 8 COLS w
         v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         out_cols = n0 + (v >> _log2(8 * WARPS)) + COLS * (v & 7) + 8 * COLS * ((v >> 3) & (WARPS - 1))
-        magic: gl.constexpr = 0x4300 if x_ptr.dtype.element_ty == gl.bfloat16 else 0x6400
+        s_ptrs = s_ptr + out_cols
+        W_STEP: gl.constexpr = 16 * CHUNKS * N  # int16 elements per group of words
         total = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
         GROUPS_PER_SPLIT: gl.constexpr = K // GROUP // SPLIT_K
-        for g in range(pid_k * GROUPS_PER_SPLIT, (pid_k + 1) * GROUPS_PER_SPLIT):
-            words = gl.load(w_ptr + g * (16 * CHUNKS * N) + w_offs)
-            x = gl.load(x_ptr + g * GROUP + x_offs)
-            zw = gl.load(z_ptr + g * (N // 8) + cols // 8)
-            zero = (((zw >> ((cols % 8) * 4)) & 15) + 1) & 15  # stored minus one (ptq.quant.pack)
-            # -(MAGIC + zero) in both halves: the sign bit set over the magic's bits plus the zero point
-            neg_zero = gl.expand_dims(gl.expand_dims((zero + (magic | 0x8000)) * 65537, 0), 2)
-            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-            if CHUNKS == 1:
-                acc = _chunk_product(words, x, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
-            else:
-                w0, w1 = gl.split(gl.permute(gl.reshape(words, [2, 8, 2 * BLOCK_N]), [1, 2, 0]))
-                x0, x1 = gl.split(gl.permute(gl.reshape(x, [BLOCK_M, 2, 64]), [0, 2, 1]))
-                acc = _chunk_product(w0, x0, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
-                acc = _chunk_product(w1, x1, neg_zero, acc, BLOCK_M, BLOCK_N, COLS, WARPS, WORD3_LAYOUT)
-            scale = gl.load(s_ptr + g * N + out_cols).to(gl.float32)
-            total += acc * gl.expand_dims(scale, 0)
+        first = pid_k * GROUPS_PER_SPLIT
+        last = first + GROUPS_PER_SPLIT - 1
+        if STAGES == 1:
+            for g in range(first, last + 1):
+                words = gl.load(w_ptrs + g * W_STEP)
+                x = gl.load(x_ptrs + g * GROUP)
+                zw = gl.load(z_ptrs + g * (N // 8))
+                scale = gl.load(s_ptrs + g * N)
+                acc = _group_product(words, x, zw, cols, BLOCK_M, BLOCK_N, COLS, WARPS, GROUP, WORD3_LAYOUT, mma)
+                total += acc * gl.expand_dims(scale.to(gl.float32), 0)
+        else:
+            # words and activations through a ring of STAGES groups in shared memory (cp.async, STAGES - 1 groups
+            # in flight); zero points two groups ahead and scales one group ahead in registers
+            w_smem = gl.allocate_shared_memory(gl.int16, [STAGES, 8 * CHUNKS, 2 * BLOCK_N], SMEM_LAYOUT)
+            x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, BLOCK_M, GROUP], SMEM_LAYOUT)
+            xc_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // GROUP, GROUP // 8], [WARPS, 1], [1, 0])
+            xcm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xc_layout)), M - 1)
+            xck = gl.arange(0, GROUP, layout=gl.SliceLayout(0, xc_layout))
+            xc_ptrs = x_ptr + gl.expand_dims(xcm, 1) * STRIDE_X + gl.expand_dims(xck, 0)
+            for i in gl.static_range(STAGES - 1):
+                g = gl.minimum(first + i, last)
+                async_copy.async_copy_global_to_shared(w_smem.index(i), w_ptrs + g * W_STEP)
+                async_copy.async_copy_global_to_shared(x_smem.index(i), xc_ptrs + g * GROUP)
+                async_copy.commit_group()
+            zw = gl.load(z_ptrs + first * (N // 8))
+            zw_next = gl.load(z_ptrs + gl.minimum(first + 1, last) * (N // 8))
+            scale = gl.load(s_ptrs + first * N)
+            for g in range(first, last + 1):
+                stage = (g - first) % STAGES
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of group g are done
+                gl.thread_barrier()  # everyone's are, and everyone has read the stage refilled next
+                refill = gl.minimum(g + STAGES - 1, last)  # past the end: a copy nobody reads, for even counts
+                async_copy.async_copy_global_to_shared(w_smem.index((stage + STAGES - 1) % STAGES),
+                                                       w_ptrs + refill * W_STEP)  # fmt: skip
+                async_copy.async_copy_global_to_shared(x_smem.index((stage + STAGES - 1) % STAGES),
+                                                       xc_ptrs + refill * GROUP)  # fmt: skip
+                async_copy.commit_group()
+                words = w_smem.index(stage).load(WORD_LAYOUT)
+                x = x_smem.index(stage).load(X_LAYOUT)
+                zw_after = gl.load(z_ptrs + gl.minimum(g + 2, last) * (N // 8))
+                scale_next = gl.load(s_ptrs + gl.minimum(g + 1, last) * N)
+                acc = _group_product(words, x, zw, cols, BLOCK_M, BLOCK_N, COLS, WARPS, GROUP, WORD3_LAYOUT, mma)
+                total += acc * gl.expand_dims(scale.to(gl.float32), 0)
+                zw, zw_next, scale = zw_next, zw_after, scale_next
+            async_copy.wait_group(0)
         ym = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         y_offs = gl.expand_dims(ym, 1) * STRIDE_Y + gl.expand_dims(out_cols, 0)
         y_mask = gl.expand_dims(ym < M, 1) & (y_offs >= 0)
@@ -147,6 +199,9 @@ if gluon is not None:
                     total += gl.load(ws_ptr + s * M * N + part, mask=y_mask, other=0.0, cache_modifier=".cg")
                 gl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
                 gl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+SMEM_LAYOUT = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if gluon is not None else None  # a stage, unswizzled
 
 
 def _bits(n: int) -> int:
@@ -197,8 +252,10 @@ def applies(x: torch.Tensor, n: int, k: int, group: int, cols: int, warps: int, 
             and k % group == 0 and (k // group) % split_k == 0 and n % (8 * cols * warps) == 0)  # fmt: skip
 
 
-def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, split_k: int, counters: torch.Tensor):
-    """y = x W^T for the GPTQ-packed W (``applies`` must hold); ``counters``: zeroed int32, one per output tile."""
+def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, split_k: int, stages: int,
+             counters: torch.Tensor):  # fmt: skip
+    """y = x W^T for the GPTQ-packed W (``applies`` must hold); ``stages``: 1 (loads into registers) or the groups
+    in the shared-memory ring; ``counters``: zeroed int32, one per output tile."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m = 16 if m <= 16 else 32
@@ -207,8 +264,9 @@ def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, spli
     grid = (n // (8 * cols * warps), triton.cdiv(m, block_m), split_k)
     chunks = group // 64
     _int4_mma_kernel[grid](x, qweight.view(torch.int16), scales, qzeros, y, workspace, counters, m, N=n, K=k,
-                           STRIDE_X=x.stride(0), STRIDE_Y=y.stride(0), GROUP=group, SPLIT_K=split_k, BLOCK_M=block_m,
-                           COLS=cols, WARPS=warps, WORD_LAYOUT=word_layout(warps, cols, chunks),
+                           STRIDE_X=x.stride(0), STRIDE_Y=y.stride(0), GROUP=group, SPLIT_K=split_k, STAGES=stages,
+                           BLOCK_M=block_m, COLS=cols, WARPS=warps, WORD_LAYOUT=word_layout(warps, cols, chunks),
                            WORD3_LAYOUT=word3_layout(warps, cols), X_LAYOUT=x_layout(warps, block_m, chunks),
+                           SMEM_LAYOUT=SMEM_LAYOUT,
                            num_warps=warps)  # fmt: skip
     return y

@@ -750,7 +750,8 @@ CODES = "codes"  # W8A8: the activations quantized once per call by a kernel bef
 # warp-group dots (int8: ignored); INT4 NIBBLE tiles decoded in the registers the warp-group dot reads.
 SWAP = "swap"
 # MMA (INT4, contiguous groups of 64 or 128, bf16/fp16 on CUDA): ``ptq.quant.int4_mma``, the codes decoded into
-# mma.sync's operand registers (BLOCK_N = 8 x words per lane x num_warps; BLOCK_K is its 64-input chunk).
+# mma.sync's operand registers (BLOCK_N = 8 x words per lane x num_warps; BLOCK_K is its 64-input chunk; the fifth
+# field: 1, each group loaded into registers, or the groups in a cp.async ring through shared memory).
 MMA = "mma"
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
@@ -761,7 +762,9 @@ CANDIDATES = {
            (64, 128, 4, 4, 5, NIBBLE, SWAP), (128, 128, 8, 8, 3, NIBBLE, SWAP), (128, 64, 1, 4, 1, MMA),
            (128, 64, 2, 4, 1, MMA), (128, 64, 4, 4, 1, MMA), (64, 64, 2, 4, 1, MMA), (64, 64, 4, 4, 1, MMA),
            (64, 64, 8, 4, 1, MMA), (64, 64, 16, 4, 1, MMA), (32, 64, 4, 4, 1, MMA), (32, 64, 8, 4, 1, MMA),
-           (128, 64, 2, 8, 1, MMA), (256, 64, 1, 8, 1, MMA), (256, 64, 2, 8, 1, MMA)],
+           (128, 64, 2, 8, 1, MMA), (256, 64, 1, 8, 1, MMA), (128, 64, 1, 4, 4, MMA), (128, 64, 2, 4, 4, MMA),
+           (64, 64, 2, 4, 4, MMA), (64, 64, 4, 4, 4, MMA), (64, 64, 8, 4, 3, MMA), (32, 64, 4, 4, 4, MMA),
+           (32, 64, 8, 4, 3, MMA), (128, 64, 2, 8, 4, MMA), (128, 64, 1, 4, 6, MMA), (64, 64, 4, 4, 6, MMA)],
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
          (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
@@ -979,9 +982,9 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
 
 
 def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:
-    block_n, _, split_k, warps, *_ = config
+    block_n, _, split_k, warps, stages, _ = config
     grid_tiles = (n // block_n) * triton.cdiv(x.shape[0], 16)
-    return int4_mma.int4_mma(x, w, scale, zero, group, block_n // (8 * warps), warps, split_k,
+    return int4_mma.int4_mma(x, w, scale, zero, group, block_n // (8 * warps), warps, split_k, stages,
                              _tile_counters(x.device, grid_tiles))  # fmt: skip
 
 
