@@ -2,6 +2,7 @@
 
     python scripts/one_token_candidates.py [--formats int4,int8,fp8,nvfp4,mxfp4] [--linears q,k,gate,down]
     python scripts/one_token_candidates.py --rows 16     # the few-token (tensor-core) candidates instead
+    python scripts/one_token_candidates.py --rows 16 --formats int4 --linears qkv,o,gate_up,down  # joined shapes
     ncu --clock-control none --kernel-name regex:skinny --launch-skip 3 --launch-count 1 --section SpeedOfLight \
         python scripts/one_token_candidates.py --rows 16 --formats int4 --linears gate --only 128,128,2,4,4,nibble
                                                          # --only: run that one tile a few times, untimed (ncu)
@@ -24,7 +25,9 @@ import triton
 from ptq.bench.infer import make_layer
 from ptq.quant import kernels
 
-SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336)}
+# qkv and gate_up: joined, as ptq.fuse joins them
+SHAPES = {"q": (4096, 4096), "k": (1024, 4096), "gate": (14336, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}
+SHAPES["gate_up"] = (28672, 4096)
 BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1.0, "fp8": 1.0, "nvfp4": 0.5625, "mxfp4": 0.53125}
 BENCH_FORMAT = {"int4": "w4a16", "int8": "w8a8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}  # ptq.bench.infer's
 L2_FLUSH_BYTES = 150e6
@@ -84,6 +87,8 @@ def main():
             kind = {"int4": kernels.INT4, "int8": kernels.W8, "fp8": kernels.W8}.get(fmt, kernels.FP4)
             rows = []
             for config in candidates[kind] + [parse_config(c) for c in args.extra.split(";") if c]:
+                if kernels.MMA in config and not kernels.mma_applies(config, x, n, k, 128):
+                    continue  # an MMA tile needs whole column blocks and splits of whole groups
                 runs = [launcher(fmt, m, n, k, gemv) for m in layers]
                 try:
                     got = runs[0](config, x).float()

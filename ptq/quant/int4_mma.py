@@ -258,6 +258,9 @@ def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, spli
     in the shared-memory ring; ``counters``: zeroed int32, one per output tile."""
     m, k = x.shape
     n = qweight.shape[1]
+    if not applies(x, n, k, group, cols, warps, split_k):
+        raise ValueError(f"the MMA tile ({cols} words per lane, {warps} warps, split {split_k}) does not compute "
+                         f"[{m}, {k}] x [{k}, {n}] with groups of {group} ({x.dtype}, {x.device})")  # fmt: skip
     block_m = 16 if m <= 16 else 32
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
