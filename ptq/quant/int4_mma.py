@@ -7,15 +7,16 @@ go through shared memory to get there (ptq's NIBBLE and SWAP tiles), several ins
 layouts are chosen so that no data moves. In mma.sync m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16")
 lane l holds, of a 16 x 8 B tile, column l / 4 and the K rows 2c, 2c + 1, 2c + 8, 2c + 9 (c = l % 4), two per
 32-bit register. The product sums over K, so any permutation of K applied to both operands gives the same sums:
-K slot s = e + 2c + 8u + 16j (pair element e, lane c, register half u, register j, within a 64-input chunk) is
-given input 16c + 8u + 4e + j. Then lane c's slots are exactly the 16 codes of GPTQ word rows 2c and 2c + 1 of its
-column (each word holds 8 consecutive inputs), and the register j of word row u pairs codes j and j + 4: one shift
-and one LOP3 put both nibbles into the mantissas of a bf16x2 128.0 (128 + q exactly), one fma.bf16x2 subtracts
-128 + zero (exact: small integers). The activations take the same permutation; a lane's slots are the 16
-contiguous inputs 16c..16c + 15, so they load as vectors and the permutation is a renaming of registers. Output
-columns are permuted too (slot v holds column t + COLS q + 8 COLS w), so each lane's words are COLS contiguous
-int32 (one vector load per word row). Every reshape/permute below only renames registers:
-``convert_layout(..., assert_trivial=True)`` makes the compiler prove it.
+K slot s = e + 2c + 8u + 16j of a 64-input chunk (e: the element within a 32-bit register, c: the lane within its
+quad, u: which of the lane's two registers per 16 K, j: the 16-K step) is given input 16c + 8u + 4e + j. Then
+lane c's slots are exactly the 16 codes of GPTQ word rows 2c and 2c + 1 of its column (each word holds 8
+consecutive inputs), and its register for (u, j) pairs codes j and j + 4 of word row 2c + u: one shift and one LOP3
+put both nibbles into the mantissas of a bf16x2 128.0 (128 + q exactly), one fma.bf16x2 subtracts 128 + zero
+(exact: small integers). The activations take the same permutation; a lane's slots are the 16 contiguous inputs
+16c..16c + 15, so they load as vectors and the permutation is a renaming of registers. Output columns are permuted
+too (slot v holds column t + COLS q + 8 COLS w), so each lane's words are COLS contiguous int32 (one vector load
+per word row). Every reshape/permute below only renames registers: ``convert_layout(..., assert_trivial=True)``
+makes the compiler prove it.
 
 Sums are fp32 per group of 128 (or 64) inputs, scaled once per group by the fp16 scale: exact up to the tensor
 cores' fp32 accumulation, like the other INT4 tiles.
