@@ -37,6 +37,12 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon: the other t
     gluon = None
 
 GROUPS = (64, 128)  # group sizes the kernel holds (a group is one or two 64-input chunks)
+# The renamings (tests/test_int4_mma_layouts.py checks them on the CPU): a chunk's decoded words, as
+# [c1, c0, u, w, q, t, e, j0, j1] (word row 2c + u, column (8w + q) COLS + t, code j + 4e), permuted to
+# [K slot bits j1 j0 u c1 c0 e, output slot bits t w q]; its activations [m, c1, c0, u, e, j1, j0] (input
+# 16c + 8u + 4e + j) permuted to [m, K slot bits].
+B_ORDER = (8, 7, 2, 0, 1, 6, 5, 3, 4)
+A_ORDER = (0, 5, 6, 3, 1, 2, 4)
 
 if gluon is not None:
     # Per int32 word (given as its two int16 halves, pack=2): four 32-bit pairs, pair j = (code j, code j + 4)
@@ -59,6 +65,8 @@ if gluon is not None:
     # bf16: 128 + q has the exponent of 128 (0x43) and q in the low mantissa bits; fp16 the same with 1024 (0x64)
     DECODE_BF16 = gl.constexpr(_DECODE.format(one="0x3F803F80", magic="0x43004300", kind="bf16x2"))
     DECODE_F16 = gl.constexpr(_DECODE.format(one="0x3C003C00", magic="0x64006400", kind="f16x2"))
+    _B_ORDER = gl.constexpr(B_ORDER)
+    _A_ORDER = gl.constexpr(A_ORDER)
 
     @gluon.constexpr_function
     def _log2(n):
@@ -76,10 +84,10 @@ if gluon is not None:
                                                    pack=2)  # fmt: skip
         b = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [word row 2c + u, column, e, j0, j1]: code j + 4e
         b = gl.reshape(b, [2, 2, 2, WARPS, 8, COLS, 2, 2, 2])  # [c1, c0, u, w, q, t, e, j0, j1]
-        b = gl.reshape(gl.permute(b, [8, 7, 2, 0, 1, 6, 5, 3, 4]), [64, BLOCK_N])  # [K slot, output slot]
+        b = gl.reshape(gl.permute(b, _B_ORDER.value), [64, BLOCK_N])  # [K slot, output slot]
         b = gl.convert_layout(b, gl.DotOperandLayout(1, mma, 2), assert_trivial=True)
         a = gl.reshape(x, [BLOCK_M, 2, 2, 2, 2, 2, 2])  # [m, c1, c0, u, e, j1, j0]: input 16c + 8u + 4e + j
-        a = gl.reshape(gl.permute(a, [0, 5, 6, 3, 1, 2, 4]), [BLOCK_M, 64])  # [m, K slot]
+        a = gl.reshape(gl.permute(a, _A_ORDER.value), [BLOCK_M, 64])  # [m, K slot]
         a = gl.convert_layout(a, gl.DotOperandLayout(0, mma, 2), assert_trivial=True)
         return mma_v2(a, b, acc)
 
