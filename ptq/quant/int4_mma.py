@@ -63,8 +63,9 @@ if gluon is not None:
     fma.rn.{kind} $3, t, one, $5;
     }}"""
     # bf16: 128 + q has the exponent of 128 (0x43) and q in the low mantissa bits; fp16 the same with 1024 (0x64)
-    DECODE_BF16 = gl.constexpr(_DECODE.format(one="0x3F803F80", magic="0x43004300", kind="bf16x2"))
-    DECODE_F16 = gl.constexpr(_DECODE.format(one="0x3C003C00", magic="0x64006400", kind="f16x2"))
+    MAGIC_BF16, MAGIC_F16 = gl.constexpr(0x4300), gl.constexpr(0x6400)
+    DECODE_BF16 = gl.constexpr(_DECODE.format(one="0x3F803F80", magic=hex(MAGIC_BF16.value * 65537), kind="bf16x2"))
+    DECODE_F16 = gl.constexpr(_DECODE.format(one="0x3C003C00", magic=hex(MAGIC_F16.value * 65537), kind="f16x2"))
     _B_ORDER = gl.constexpr(B_ORDER)
     _A_ORDER = gl.constexpr(A_ORDER)
 
@@ -98,7 +99,7 @@ if gluon is not None:
         """x W^T over one group (one or two 64-input chunks), fp32, before its scale; zw: the group's qzeros words
         of ``cols``."""
         zero = (((zw >> ((cols % 8) * 4)) & 15) + 1) & 15  # stored minus one (ptq.quant.pack)
-        magic: gl.constexpr = 0x4300 if x.dtype == gl.bfloat16 else 0x6400
+        magic: gl.constexpr = MAGIC_BF16 if x.dtype == gl.bfloat16 else MAGIC_F16
         # -(MAGIC + zero) in both halves: the sign bit over the magic's bits plus the zero point
         neg_zero = gl.expand_dims(gl.expand_dims((zero + (magic | 0x8000)) * 65537, 0), 2)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=MMA_LAYOUT)
@@ -135,7 +136,7 @@ if gluon is not None:
         w_ptrs = w_ptr + gl.expand_dims(rows, 1) * (2 * N) + gl.expand_dims(halves, 0)
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORD3_LAYOUT)))
         z_ptrs = z_ptr + cols // 8
-        # a group's activations in input order; rows past M read row M - 1 (their outputs are not stored)
+        # a group's activations in input order (STAGES 1); rows past M read row M - 1 (their outputs are not stored)
         xm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LAYOUT)), M - 1)
         xk = gl.arange(0, GROUP, layout=gl.SliceLayout(0, X_LAYOUT))
         x_ptrs = x_ptr + gl.expand_dims(xm, 1) * STRIDE_X + gl.expand_dims(xk, 0)
@@ -263,13 +264,11 @@ def applies(x: torch.Tensor, n: int, k: int, group: int, cols: int, warps: int, 
 
 def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, split_k: int, stages: int,
              counters: torch.Tensor):  # fmt: skip
-    """y = x W^T for the GPTQ-packed W (``applies`` must hold); ``stages``: 1 (loads into registers) or the groups
-    in the shared-memory ring; ``counters``: zeroed int32, one per output tile."""
+    """y = x W^T for the GPTQ-packed W; ``applies`` must hold (the tuner offers only such tiles). ``stages``: 1
+    (loads into registers) or the groups in the shared-memory ring; ``counters``: zeroed int32, one per output
+    tile."""
     m, k = x.shape
     n = qweight.shape[1]
-    if not applies(x, n, k, group, cols, warps, split_k):
-        raise ValueError(f"the MMA tile ({cols} words per lane, {warps} warps, split {split_k}) does not compute "
-                         f"[{m}, {k}] x [{k}, {n}] with groups of {group} ({x.dtype}, {x.device})")  # fmt: skip
     block_m = 16 if m <= 16 else 32
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y

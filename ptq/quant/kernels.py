@@ -1111,16 +1111,15 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
 
     config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
     if config is None:
-        candidates = _candidates(weight, act, w, gemv, act_order, group, k, words)
-        candidates = [c for c in candidates if MMA not in c or mma_applies(c, x, n, k, group)]
+        candidates = _candidates(weight, act, x, w, gemv, act_order, group, n, k, words)
         if x_scale is not None:
             candidates = [c for c in candidates if CODES in c]
         config = _config(key, candidates, run)
     return run(config)
 
 
-def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: bool, group: int, k: int,
-                words: bool) -> list[tuple]:  # fmt: skip
+def _candidates(weight: int, act: int, x: torch.Tensor, w: torch.Tensor, gemv: bool, act_order: bool, group: int,
+                n: int, k: int, words: bool) -> list[tuple]:  # fmt: skip
     """The tiles that can compute this product, the untuned default first."""
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
     if weight == INT4 and not act_order:  # contiguous groups: a tile (ROWS words, or BLOCK_K) lies in one group
@@ -1130,8 +1129,8 @@ def _candidates(weight: int, act: int, w: torch.Tensor, gemv: bool, act_order: b
             raise ValueError(f"group size {group} is not a multiple of 64: pass g_idx (the gathering path)")
     elif weight == INT4 and gemv:  # act-order: the gathering kernel
         candidates = [c for c in candidates if COLUMNS not in c]
-    elif weight == INT4:  # act-order: the tiles that gather each element's group
-        candidates = [c for c in candidates if MMA not in c]
+    if weight == INT4 and not gemv:  # MMA tiles: contiguous groups, shapes and dtypes they hold (not act-order)
+        candidates = [c for c in candidates if MMA not in c or (not act_order and mma_applies(c, x, n, k, group))]
     if weight == FP4 and gemv and not words:
         candidates = [c for c in candidates if ROWS not in c]
     if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
