@@ -113,24 +113,16 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _await_inputs(WAIT: gl.constexpr):
-        """Under programmatic dependent launch (``ptq.quant.kernels.PDL``): wait until the kernel before this one
-        has finished and its writes are visible (PTX griddepcontrol.wait)."""
-        if WAIT:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                          N: gl.constexpr, K: gl.constexpr, STRIDE_X: gl.constexpr, STRIDE_Y: gl.constexpr,
                          GROUP: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
                          COLS: gl.constexpr, WARPS: gl.constexpr, WORD_LAYOUT: gl.constexpr,
-                         WORD3_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, SMEM_LAYOUT: gl.constexpr,
-                         WAIT: gl.constexpr = 0):  # fmt: skip
+                         WORD3_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                         SMEM_LAYOUT: gl.constexpr):  # fmt: skip
         """y [M, N] = x [M, K] W^T for W in the GPTQ layout (qweight seen as int16 [K/8, 2N], scales [K/GROUP, N],
         qzeros [K/GROUP, N/8]); program (column block, row block, K split). N, K and the strides are compile-time
         constants, so every address is a register plus an immediate. STAGES 1: each group's loads straight into
-        registers (ptxas places them near their uses: a memory latency or more per group); more: a cp.async ring.
-        WAIT (``PDL``): the ring's first weights are requested before ``_await_inputs``."""
+        registers (ptxas places them near their uses: a memory latency or more per group); more: a cp.async ring."""
         BLOCK_N: gl.constexpr = 8 * COLS * WARPS
         CHUNKS: gl.constexpr = GROUP // 64
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
@@ -158,7 +150,6 @@ if gluon is not None:
         first = pid_k * GROUPS_PER_SPLIT
         last = first + GROUPS_PER_SPLIT - 1
         if STAGES == 1:
-            _await_inputs(WAIT)
             for g in range(first, last + 1):
                 words = gl.load(w_ptrs + g * W_STEP)
                 x = gl.load(x_ptrs + g * GROUP)
@@ -175,19 +166,14 @@ if gluon is not None:
             xcm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xc_layout)), M - 1)
             xck = gl.arange(0, GROUP, layout=gl.SliceLayout(0, xc_layout))
             xc_ptrs = x_ptr + gl.expand_dims(xcm, 1) * STRIDE_X + gl.expand_dims(xck, 0)
-            # the weights first (never written during a forward pass: under PDL they are read before the wait);
-            # the first commit group holds all of them with the first group's activations
             for i in gl.static_range(STAGES - 1):
                 g = gl.minimum(first + i, last)
                 async_copy.async_copy_global_to_shared(w_smem.index(i), w_ptrs + g * W_STEP)
+                async_copy.async_copy_global_to_shared(x_smem.index(i), xc_ptrs + g * GROUP)
+                async_copy.commit_group()
             zw = gl.load(z_ptrs + first * (N // 8))
             zw_next = gl.load(z_ptrs + gl.minimum(first + 1, last) * (N // 8))
             scale = gl.load(s_ptrs + first * N)
-            _await_inputs(WAIT)
-            for i in gl.static_range(STAGES - 1):
-                g = gl.minimum(first + i, last)
-                async_copy.async_copy_global_to_shared(x_smem.index(i), xc_ptrs + g * GROUP)
-                async_copy.commit_group()
             for g in range(first, last + 1):
                 stage = (g - first) % STAGES
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of group g are done
@@ -277,10 +263,10 @@ def applies(x: torch.Tensor, n: int, k: int, group: int, cols: int, warps: int, 
 
 
 def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, split_k: int, stages: int,
-             counters: torch.Tensor, dependent: bool = False):  # fmt: skip
+             counters: torch.Tensor):  # fmt: skip
     """y = x W^T for the GPTQ-packed W; ``applies`` must hold (the tuner offers only such tiles). ``stages``: 1
     (loads into registers) or the groups in the shared-memory ring; ``counters``: zeroed int32, one per output
-    tile; ``dependent``: launched under programmatic dependent launch (``ptq.quant.kernels.PDL``)."""
+    tile."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m = 16 if m <= 16 else 32
@@ -292,6 +278,6 @@ def int4_mma(x, qweight, scales, qzeros, group: int, cols: int, warps: int, spli
                            STRIDE_X=x.stride(0), STRIDE_Y=y.stride(0), GROUP=group, SPLIT_K=split_k, STAGES=stages,
                            BLOCK_M=block_m, COLS=cols, WARPS=warps, WORD_LAYOUT=word_layout(warps, cols, chunks),
                            WORD3_LAYOUT=word3_layout(warps, cols), X_LAYOUT=x_layout(warps, block_m, chunks),
-                           SMEM_LAYOUT=SMEM_LAYOUT, WAIT=int(dependent), launch_pdl=dependent,
+                           SMEM_LAYOUT=SMEM_LAYOUT,
                            num_warps=warps)  # fmt: skip
     return y

@@ -207,15 +207,12 @@ if triton is not None:
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
         NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr, SWAP: tl.constexpr,
-        WAIT: tl.constexpr = 0,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
         # CODES (W8A8): x holds the activations' codes already (``_quantize_rows``) and xs_ptr their scales; the
         # codes are multiplied on the 8-bit tensor cores as stored (INT_DOT: int8 x int8 -> int32; else E4M3 x
         # E4M3 -> fp32, each tile's dot summed into the fp32 accumulator on the CUDA cores), no conversion per weight
-        # WAIT: ``PDL``
-        _await_inputs(WAIT == 1)
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -366,14 +363,13 @@ if triton is not None:
         N, K, stride_w, stride_s, group,
         WEIGHT: tl.constexpr, ACT: tl.constexpr, ACT_ORDER: tl.constexpr, SCALE_KIND: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, QMAX: tl.constexpr,
-        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, WAIT: tl.constexpr = 0,
+        TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr,
     ):  # fmt: skip
         """One token (M = 1) on the CUDA cores: each thread multiplies and adds its weights into its own
         partial sums over all of its K tiles, one reduction at the end (no tensor-core layout shuffles,
         no per-tile reductions). Same weight kinds and rounding as ``_skinny_kernel``; INT4 gathers each
-        column's group through g_idx (act-order: contiguous groups take ``_int4_gemv_kernel``). WAIT: ``PDL``."""
+        column's group through g_idx (act-order: contiguous groups take ``_int4_gemv_kernel``)."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
-        _await_inputs(WAIT == 1)
         one = tl.arange(0, 1)
         if ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
@@ -457,13 +453,6 @@ if triton is not None:
                      ASM)  # fmt: skip
 
     @triton.jit
-    def _await_inputs(ASM: tl.constexpr):
-        """Under programmatic dependent launch: wait until the kernel before this one has finished and its writes
-        are visible (PTX griddepcontrol.wait; without PDL it returns at once). Nothing where there is no PTX."""
-        if ASM:
-            tl.extra.cuda.gdc_wait()
-
-    @triton.jit
     def _int4_gemv_tile(x_ptr, w_ptr, t, rn, mask_n, K, k_words, stride_w, ROWS: tl.constexpr, EVEN: tl.constexpr):
         """Words [ROWS, BLOCK_N] and x [ROWS, 8] of K tile ``t`` (zeros past the end unless EVEN)."""
         rw = t * ROWS + tl.arange(0, ROWS)
@@ -477,8 +466,7 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s, group,
                           BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr,
-                          EVEN: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                          WAIT: tl.constexpr = 0):  # fmt: skip
+                          EVEN: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times a GPTQ-packed 4-bit weight with contiguous groups, near the memory bound: each
         thread holds whole columns of a tile of ROWS words (8 K each, one group: ROWS * 8 divides it), so the
         sum over the tile is the thread's own and its group's scale and zero point apply once per column
@@ -490,16 +478,9 @@ if triton is not None:
         nothing): each tile first asks the L2 cache for the program's tile two ahead, one request per 128-byte
         line, so that a warp's loads of a tile come from L2 rather than DRAM while the warp computed before
         (loading the next tile into registers instead needs registers, and the compiler moves those loads
-        below the tile's arithmetic). WAIT (``PDL``; 1: PTX, 2: the interpreter): the first two tiles asked of
-        L2, then ``_await_inputs``."""
+        below the tile's arithmetic)."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         k_words = (K + 7) // 8
-        if WAIT:
-            for i in tl.static_range(2):
-                rp = (pid_k + i * SPLIT_K) * ROWS + tl.arange(0, ROWS)
-                _prefetch_row_tile(w_ptr, rp, rp < k_words, stride_w, pid_n * BLOCK_N, N, BLOCK_N // 32, 32,
-                                   WAIT == 1)  # fmt: skip
-            _await_inputs(WAIT == 1)
         last = tl.cdiv(k_words, ROWS) - 1
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.range(0, TILES, num_stages=STAGES):
@@ -545,7 +526,7 @@ if triton is not None:
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
                         EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0,
-                        PREFETCH: tl.constexpr = 0, WAIT: tl.constexpr = 0):  # fmt: skip
+                        PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
@@ -553,15 +534,8 @@ if triton is not None:
         already and xs_ptr their scale (``_quantize_rows``, once per call instead of once per row block).
         DP4A (int8 codes times int8 weights, both read as int32 words of four: w_ptr and x_ptr, stride_w in
         words): four products per instruction (1: PTX's dp4a, 2: the same sums spelled out). EVEN: no masks.
-        PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead. WAIT
-        (``PDL``): the first two tiles asked of L2, then ``_await_inputs``."""
+        PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
-        unit: tl.constexpr = 4 if DP4A else 1  # K per loaded element
-        if WAIT:
-            for i in tl.static_range(2):
-                _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, (pid_k + i * SPLIT_K) * (BLOCK_K // unit),
-                                   (K + unit - 1) // unit, BLOCK_K // 128, 128 // unit, WAIT == 1)  # fmt: skip
-            _await_inputs(WAIT == 1)
         one = tl.arange(0, 1)
         if ACT != 0 and CODES:
             x_scale = tl.load(xs_ptr + one)
@@ -569,6 +543,7 @@ if triton is not None:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
         # a tile is loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
         # [rows, K / 16, 16] so that the sum over the last axis is the thread's own; DP4A: [rows, K / 16, 4] words
+        unit: tl.constexpr = 4 if DP4A else 1  # K per loaded element
         if DP4A:  # each word's 4 products in one instruction, summed into the thread's [rows, 4] int32 partial sums
             acc = tl.zeros([BLOCK_N, BLOCK_K // 16, 4], dtype=tl.int32)
         else:
@@ -610,19 +585,14 @@ if triton is not None:
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s,
                          SCALE_KIND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
-                         STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0, WAIT: tl.constexpr = 0):  # fmt: skip
+                         STAGES: tl.constexpr, PREFETCH: tl.constexpr = 0):  # fmt: skip
         """One token times NVFP4 / MXFP4 weights read as int32 words of 8 nibbles ([N, K / 8], K contiguous):
         each thread reads 4 words (32 K) of BLOCK_N rows per K tile, sums each scale block (BLOCK = 16 or 32
         K: 2 or 4 words) itself and scales it. A nibble (sign, e1 e0 m at bit p) becomes an fp32 by moving
         e1 e0 m to bits 22..24 and the sign to bit 31: that float is the E2M1 value times 2^-126 (e = 0 gives
         the subnormal m 2^-127, e > 0 2^(e - 127) (1 + m / 2)); x is prescaled by 2^100 and the block sums
-        by 2^26. EVEN: no masks. WAIT (``PDL``): the first two tiles asked of L2, then ``_await_inputs``."""
+        by 2^26. EVEN: no masks."""
         pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
-        if WAIT:
-            for i in tl.static_range(2):
-                _prefetch_row_tile(w_ptr, rn, mask_n, stride_w, (pid_k + i * SPLIT_K) * (BLOCK_K // 8), (K + 7) // 8,
-                                   BLOCK_K // 256, 32, WAIT == 1)  # fmt: skip
-            _await_inputs(WAIT == 1)
         words_per_block: tl.constexpr = BLOCK // 8
         blocks: tl.constexpr = 4 // words_per_block  # scale blocks in a thread's 4 words
         acc = tl.zeros([BLOCK_N, BLOCK_K // 32, blocks], dtype=tl.float32)
@@ -715,9 +685,8 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, ACT: tl.constexpr, QMAX: tl.constexpr,
-                              BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr, WAIT: tl.constexpr = 0):  # fmt: skip
-        """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3). WAIT: ``PDL``."""
-        _await_inputs(WAIT == 1)
+                              BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr):  # fmt: skip
+        """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3)."""
         row = tl.program_id(0)
         rm = row + tl.arange(0, 1)
         x_scale = _row_scales(x_ptr, rm, rm >= 0, K, stride_xm, QMAX, 1, BLOCK_K, ROW_TILES)
@@ -874,13 +843,6 @@ TILE_STORE = os.environ.get("PTQ_KERNEL_TILE_STORE", "1") != "0"
 # to an fp32 one (torch._scaled_mm's default).
 # The extra error is far below E4M3's own rounding (README, "FP8 accumulation").
 FP8_FAST_ACCUM = env_choice("PTQ_FP8_FAST_ACCUM", {"1": "fast", "0": "fp32 per K tile"}) == "1"
-# Programmatic dependent launch on Hopper and later (PTQ_PDL; CUDA's "programmatic stream serialization"). 1: ptq's
-# decode kernels may start while the kernel before them is still running: each first asks the L2 cache for its first
-# weight tiles (the weights are not written during a forward pass), then waits (PTX griddepcontrol.wait) until the
-# kernel before has finished and its writes are visible, before it reads its input or writes anything. None of them
-# lets the kernel after it start early, so every kernel still starts after all before it have finished. 0: each
-# starts when the one before has ended. Inductor's kernels do the same under TORCHINDUCTOR_ENABLE_PDL=1.
-PDL = env_choice("PTQ_PDL", {"0": "off", "1": "on, compute capability 9.0 and later"}) == "1"
 
 
 def _block_m(rows: int) -> int:
@@ -938,20 +900,12 @@ def _ptx_mode(on: bool) -> int:
     return (2 if INTERPRET else 1) if on else 0
 
 
-def _dependent_launch(device: torch.device) -> dict:
-    """A decode kernel's WAIT constexpr (``_ptx_mode``) and launch option under ``PDL``."""
-    if not PDL or (not INTERPRET and _capability(device) < (9, 0)):
-        return {"WAIT": 0}
-    return {"WAIT": 2} if INTERPRET else {"WAIT": 1, "launch_pdl": True}
-
-
 def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
     block_n, rows, per_sm, warps, stages, _, *variant = config
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
     _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
                             strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
-                            STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps,
-                            **_dependent_launch(x.device))  # fmt: skip
+                            STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     return y
 
 
@@ -961,7 +915,7 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     block_k = (16 if weight == W8 else 32) * 32 * warps
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
-                  PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps, **_dependent_launch(x.device))  # fmt: skip
+                  PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     counters = _tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
@@ -1014,8 +968,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                 dummy if tensor_scale is None else tensor_scale)  # fmt: skip
     common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
-                  ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages,
-                  **_dependent_launch(x.device))  # fmt: skip
+                  ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
     if gemv:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         _gemv_kernel[grid[:2]](*pointers, y, workspace, counters, n, k, strides[0], strides[1], group,
@@ -1032,8 +985,7 @@ def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:
     block_n, _, split_k, warps, stages, _ = config
     grid_tiles = (n // block_n) * triton.cdiv(x.shape[0], 16)
     return int4_mma.int4_mma(x, w, scale, zero, group, block_n // (8 * warps), warps, split_k, stages,
-                             _tile_counters(x.device, grid_tiles),
-                             _dependent_launch(x.device)["WAIT"] == 1)  # fmt: skip
+                             _tile_counters(x.device, grid_tiles))  # fmt: skip
 
 
 def mma_applies(config: tuple, x: torch.Tensor, n: int, k: int, group: int) -> bool:
@@ -1213,8 +1165,7 @@ def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tenso
         block_k = min(triton.next_power_of_2(k), 16384)
         warps = max(4, min(16, block_k // 1024))
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), ACT=act, QMAX=QMAX[act], BLOCK_K=block_k,
-                                ROW_TILES=triton.cdiv(k, block_k), num_warps=warps,
-                                **_dependent_launch(x.device))  # fmt: skip
+                                ROW_TILES=triton.cdiv(k, block_k), num_warps=warps)  # fmt: skip
     return q, s
 
 
