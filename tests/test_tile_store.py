@@ -86,3 +86,43 @@ def test_a_store_that_cannot_be_written_costs_a_warning_not_the_run(tuning, tmp_
     with caplog.at_level("WARNING", logger="ptq.quant.kernels"):
         assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
     assert "kernel tiles not stored" in caplog.text
+
+
+def test_cold_copies_fill_the_l2_twice_and_keep_each_tensors_strides():
+    storage = torch.arange(64 * 48, dtype=torch.int32).reshape(64, 48)
+    words = storage[:, 16:48]  # a view: 32 of 48 columns, its rows 48 apart
+    scales = torch.rand(4, 32)
+    weights = (words, scales, None)
+    span = ((63 * 48 + 31) + 1) * 4 + 4 * 32 * 4  # bytes the view spans, and the scales'
+    copies = kernels._cold_copies(weights, l2_bytes=span)  # twice the L2: the originals and one copy
+    assert len(copies) == 2 and copies[0] is weights
+    copy_words, copy_scales, none = copies[1]
+    assert none is None and copy_words.stride() == words.stride() and torch.equal(copy_words, words)
+    assert torch.equal(copy_scales, scales) and copy_words.data_ptr() != words.data_ptr()
+    assert len(kernels._cold_copies(weights, l2_bytes=5 * span)) == 10
+    assert len(kernels._cold_copies(weights, l2_bytes=10**12)) == kernels.MAX_COLD_COPIES
+    assert kernels._cold_copies(weights, l2_bytes=span // 4) == [weights]  # past the L2 already
+    odd = storage.view(-1)[1:1025]  # 4 bytes past an aligned start: a copy would be aligned, the kernel would differ
+    assert kernels._cold_copies((odd, None, None), l2_bytes=10**6) == [(odd, None, None)]
+
+
+def test_with_weights_each_candidate_is_timed_over_the_cold_copies(tuning, monkeypatch):
+    _, _ = tuning
+    calls = []
+
+    def run(config, weights=None):
+        calls.append((config, None if weights is None else weights[0].data_ptr()))
+
+    def bench(fn, rep, return_mode):  # each run costs its tile's first number
+        before = len(calls)
+        fn()
+        return sum(float(c[0]) if c != kernels.LIBRARY else 0.5 for c, _ in calls[before:])
+
+    monkeypatch.setattr(kernels.triton.testing, "do_bench_cudagraph", bench)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"L2_cache_size": 4096}))
+    weights = (torch.zeros(1024, dtype=torch.int32), torch.zeros(16), None)  # 4,160 bytes: two copies
+    config = kernels._config(KEY, CANDIDATES, run, weights)
+    assert config == kernels.LIBRARY  # per run 0.5 against 8 and 16, whatever the number of copies
+    for candidate in CANDIDATES:
+        pointers = [p for c, p in calls if c == candidate]
+        assert len(pointers) == 2 and len(set(pointers)) == 2 and pointers[0] == weights[0].data_ptr()

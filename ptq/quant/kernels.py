@@ -1059,10 +1059,45 @@ def write_tile(path: Path, key_text: str, config: tuple) -> None:
         log.warning("kernel tiles not stored (%s); set PTQ_CACHE to a writable folder to keep them", err)
 
 
-def _config(key: tuple, candidates: list, run) -> tuple:
+def _cold_copies(weights: tuple, l2_bytes: int) -> list[tuple]:
+    """Copies of a product's weight tensors (same strides) that together fill an L2 cache of ``l2_bytes``
+    twice over (the originals first), for
+    ``_config`` to time a candidate on each in turn: each then reads its weights from DRAM, as in a forward
+    pass, where one layer timed alone would stay in the L2 between repetitions (all but the largest do). The
+    originals only where a copy would not keep their 16-byte alignment (a view at an odd offset), or memory
+    is short."""
+    tensors = [t for t in weights if t is not None]
+    size = sum(_span_bytes(t) for t in tensors)
+    count = min(MAX_COLD_COPIES, -(-2 * l2_bytes // size))
+    if count <= 1 or any(t.data_ptr() % 16 for t in tensors):
+        return [weights]
+
+    def copy(t):
+        if t is None:
+            return None
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+        return out.copy_(t)
+
+    try:
+        return [weights] + [tuple(copy(t) for t in weights) for _ in range(count - 1)]
+    except torch.OutOfMemoryError:
+        return [weights]
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """The bytes a tensor spans in its storage (a view's, not the whole storage's)."""
+    return (1 + sum((n - 1) * step for n, step in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+
+
+MAX_COLD_COPIES = 32  # tiny weights are timed on this many copies, below the L2's size: nearly cold
+
+
+def _config(key: tuple, candidates: list, run, weights: tuple | None = None) -> tuple:
     """The fastest candidate for ``key``, timed once per process (not during CUDA-graph capture, nor in
     the interpreter, nor with PTQ_KERNEL_TUNE=0: then the first candidate), or read from ``tile_store``
-    where an earlier process timed it on the same GPU model and it is still a candidate."""
+    where an earlier process timed it on the same GPU model and it is still a candidate. With ``weights``
+    (the tensors ``run(config, weights)`` reads that a forward pass reads once), each candidate is timed on
+    ``_cold_copies`` of them in turn, i.e. reading from DRAM."""
     if key in _tuned:
         return _tuned[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -1076,11 +1111,22 @@ def _config(key: tuple, candidates: list, run) -> tuple:
         _tuned[key] = stored
         tile_origins["stored"] += 1
         return stored
+    copies = None
+    if weights is not None:
+        copies = _cold_copies(weights, torch.cuda.get_device_properties(key[-1]).L2_cache_size)
+
+    def run_all(config):
+        if copies is None:
+            return run(config)
+        for copy in copies:
+            run(config, copy)
+
     times = {}
     for config in candidates:
         try:
             # replayed from a CUDA graph: timed eagerly, microsecond kernels would time Python's launching
-            times[config] = triton.testing.do_bench_cudagraph(lambda c=config: run(c), rep=10, return_mode="median")
+            ms = triton.testing.do_bench_cudagraph(lambda c=config: run_all(c), rep=10, return_mode="median")
+            times[config] = ms / (len(copies) if copies else 1)
         except Exception:  # a tile that does not compile for this shape (registers, shared memory)
             continue
     _tuned[key] = min(times, key=times.get) if times else candidates[0]
@@ -1105,16 +1151,16 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
     key = (weight, act, act_order, scale_kind, gemv, _block_m(x.shape[0]), n, k, group, x.dtype, w.dtype, words,
            out_dtype, x.device)  # fmt: skip
 
-    def run(config):
-        return _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act,
-                       act_order, scale_kind, gemv, x_scale, out_dtype)  # fmt: skip
+    def run(config, weights=(w, scale, zero)):
+        return _launch(config, x, *weights, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order,
+                       scale_kind, gemv, x_scale, out_dtype)  # fmt: skip
 
     config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
     if config is None:
         candidates = _candidates(weight, act, x, w, gemv, act_order, group, n, k, words)
         if x_scale is not None:
             candidates = [c for c in candidates if CODES in c]
-        config = _config(key, candidates, run)
+        config = _config(key, candidates, run, (w, scale, zero))
     return run(config)
 
 
