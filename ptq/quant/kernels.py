@@ -23,7 +23,8 @@ with contiguous groups: a thread holds whole columns of a group's words), ``_w8_
 ``_fp4_gemv_kernel`` (8-bit and FP4 weights, K contiguous: a thread holds 16 or 32 K of several rows), and
 ``_gemv_kernel`` for the rest (act-order's gathered groups, FP4 rows that are not whole int32 words).
 The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
-(``_config``, each replayed from a CUDA graph); CUDA-graph capture uses what was tuned before it.
+(``_config``, each replayed from a CUDA graph over copies of the weights that do not fit in the L2 cache, as a
+forward pass reads them); CUDA-graph capture uses what was tuned before it.
 
 For many rows (prefill) cuBLAS does the product: ``dequantize_int4``/``dequantize_fp4`` write the bf16
 weight once per call (for 2048 tokens about a tenth of the product's time, where tinygemm's int4 kernel is
