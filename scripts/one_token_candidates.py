@@ -14,7 +14,9 @@ each candidate on all of them (``triton.testing.do_bench_cudagraph``, median), t
 bandwidth of reading the layer's bytes in that time, and the relative error against the layer's own output
 (the dequantize-then-matmul reference for weight-only formats; W8A8 layers compute the same product). The
 fastest five per linear are printed, with bf16 (cuBLAS) for reference. What the tuner then picks per shape
-is what ``python -m ptq.bench.kernels`` times.
+is what ``python -m ptq.bench.kernels`` times. Last, per format over the linears timed (two or more): the best
+times fitted as a fixed part per call plus the bytes at a marginal bandwidth (``launch_fit``), the part of a small
+product that no faster loop removes.
 """
 
 import argparse
@@ -37,6 +39,14 @@ def seconds_per_call(calls) -> float:
     """Median seconds of one call when all ``calls`` replay from one CUDA graph."""
     total = triton.testing.do_bench_cudagraph(lambda: [call() for call in calls], rep=50, return_mode="median")
     return total * 1e-3 / len(calls)
+
+
+def launch_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of seconds = fixed + bytes / bandwidth over (bytes, seconds) points: (fixed, bandwidth)."""
+    mean_b = sum(b for b, _ in points) / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / sum((b - mean_b) ** 2 for b, _ in points)
+    return mean_t - slope * mean_b, 1 / slope
 
 
 def copies(nbytes: float) -> int:
@@ -71,13 +81,14 @@ def main():
         return run_only(args)
     gemv = args.rows == 1
     candidates = kernels.GEMV_CANDIDATES if gemv else kernels.CANDIDATES
-    x_all = {}
+    x_all, best = {}, {}
     for name in args.linears.split(","):
         n, k = SHAPES[name]
         x = x_all.setdefault(k, torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(2 * n * k))]
         bf16 = seconds_per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
         print(f"{name} n={n} k={k} rows={args.rows}: bf16 {bf16 * 1e6:.1f} us ({2 * n * k / bf16 / 1e12:.2f} TB/s)")
+        best.setdefault("bf16", []).append((2 * n * k, bf16))
         del dense
         for fmt in args.formats.split(","):
             nbytes = n * k * BYTES_PER_WEIGHT[fmt]
@@ -97,10 +108,17 @@ def main():
                     print(f"  {fmt} {config}: {type(err).__name__}")
                     continue
                 rows.append((t, config, ((got - want).norm() / want.norm()).item()))
+            if rows:
+                best.setdefault(fmt, []).append((nbytes, min(r[0] for r in rows)))
             for t, config, err in sorted(rows, key=lambda r: r[0])[:5]:
                 print(f"  {fmt:6s} {t * 1e6:7.1f} us  {nbytes / t / 1e12:5.2f} TB/s  error {err:.1e}  {config}")
             del layers
             torch.cuda.empty_cache()
+    for fmt, points in best.items():
+        if len({b for b, _ in points}) > 1:
+            fixed, bandwidth = launch_fit(points)
+            print(f"fit {fmt}: {fixed * 1e6:.1f} us per call + bytes at {bandwidth / 1e12:.2f} TB/s "
+                  f"({len(points)} linears, best tile each)")  # fmt: skip
 
 
 def parse_config(text: str) -> tuple:
