@@ -42,7 +42,7 @@ def test_a_timed_tile_is_stored_and_read_back_by_the_next_process(tuning):
     assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
     assert timed == CANDIDATES
     path = kernels.tile_store("Test GPU")
-    assert kernels.read_tiles(path) == {kernels._key_text(KEY): kernels.LIBRARY}
+    assert kernels.read_tiles(path) == {kernels.key_text(KEY): kernels.LIBRARY}
     kernels._tuned.clear()  # a new process
     timed.clear()
     assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
@@ -55,7 +55,7 @@ def test_a_timed_tile_is_stored_and_read_back_by_the_next_process(tuning):
 
 def test_a_stored_tile_that_is_no_longer_a_candidate_is_timed_again(tuning):
     run, timed = tuning
-    kernels.write_tile(kernels.tile_store("Test GPU"), kernels._key_text(KEY), (999, 1, 1, 1, kernels.ROWS))
+    kernels.write_tile(kernels.tile_store("Test GPU"), kernels.key_text(KEY), (999, 1, 1, 1, kernels.ROWS))
     assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY
     assert timed == CANDIDATES
 
@@ -68,7 +68,7 @@ def test_the_store_is_per_gpu_model_and_ignored_when_unreadable(tuning, tmp_path
     path.write_text("{not json")
     assert kernels.read_tiles(path) == {}
     assert kernels._config(KEY, CANDIDATES, run) == kernels.LIBRARY and timed == CANDIDATES
-    assert kernels.read_tiles(path) == {kernels._key_text(KEY): kernels.LIBRARY}  # the broken file replaced
+    assert kernels.read_tiles(path) == {kernels.key_text(KEY): kernels.LIBRARY}  # the broken file replaced
 
 
 def test_no_store_when_it_is_turned_off(tuning, monkeypatch):

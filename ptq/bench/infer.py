@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
         total_bf16 = module_bytes(model)
         linears_bf16 = block_linear_bytes(model)
-        tiles_before = dict(kernels.tile_origins)
+        tiles_before, tuned_before = dict(kernels.tile_origins), kernels.tuned_tiles()
         sorted_layers, joined = convert_and_join(model, fmt, join=not args.no_fuse)
         torch.cuda.synchronize()
         weights, linears = module_bytes(model), block_linear_bytes(model)
@@ -514,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
                       weights, (kv, args.context), args.compile),
             # this format's tuned tiles: timed here, or taken from the tile store (timed by an earlier process)
             "kernel_tiles": {origin: n - tiles_before[origin] for origin, n in kernels.tile_origins.items()},
+            # the tile each of its products ran with (kernels.key_text: kind, activations, act-order, scales, one
+            # token, rows, N, K, group, dtypes...); a shape an earlier format of this run tuned is not repeated
+            "kernel_tiles_chosen": {kernels.key_text(key): list(map(str, tile)) for key, tile in
+                                    kernels.tuned_tiles().items() if key not in tuned_before},
         }  # fmt: skip
         if args.profile:
             record["profile_b1"] = profile_decode_step(model, model.config.vocab_size, args.prompt)

@@ -1033,7 +1033,7 @@ def _tile_tag(device_name: str) -> str:
     return digest(device_name, torch.__version__, getattr(triton, "__version__", None), source)[:20]
 
 
-def _key_text(key: tuple) -> str:
+def key_text(key: tuple) -> str:
     """A tuning key without its device (the store is per GPU model), as text."""
     return "|".join(str(part) for part in key if not isinstance(part, torch.device))
 
@@ -1046,11 +1046,11 @@ def read_tiles(path: Path) -> dict[str, tuple]:
         return {}
 
 
-def write_tile(path: Path, key_text: str, config: tuple) -> None:
+def write_tile(path: Path, text: str, config: tuple) -> None:
     """Add one tile to the store, atomically (processes that tune at once each keep a whole file). A store that
     cannot be written (a read-only cache folder) is passed over with a warning: the tile is still used."""
     tiles = {key: list(tile) for key, tile in read_tiles(path).items()}
-    tiles[key_text] = list(config)
+    tiles[text] = list(config)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1107,7 +1107,7 @@ def _config(key: tuple, candidates: list, run, weights: tuple | None = None) -> 
         _tuned[key] = candidates[0]
         return candidates[0]
     store = tile_store(torch.cuda.get_device_name(key[-1])) if TILE_STORE else None
-    stored = read_tiles(store).get(_key_text(key)) if store else None
+    stored = read_tiles(store).get(key_text(key)) if store else None
     if stored in candidates:
         _tuned[key] = stored
         tile_origins["stored"] += 1
@@ -1133,7 +1133,7 @@ def _config(key: tuple, candidates: list, run, weights: tuple | None = None) -> 
     _tuned[key] = min(times, key=times.get) if times else candidates[0]
     tile_origins["timed"] += 1
     if store and times:
-        write_tile(store, _key_text(key), _tuned[key])
+        write_tile(store, key_text(key), _tuned[key])
     return _tuned[key]
 
 
