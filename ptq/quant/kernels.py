@@ -1061,12 +1061,11 @@ def write_tile(path: Path, text: str, config: tuple) -> None:
 
 
 def _cold_copies(weights: tuple, l2_bytes: int) -> list[tuple]:
-    """Copies of a product's weight tensors (same strides) that together fill an L2 cache of ``l2_bytes``
-    twice over (the originals first), for
-    ``_config`` to time a candidate on each in turn: each then reads its weights from DRAM, as in a forward
-    pass, where one layer timed alone would stay in the L2 between repetitions (all but the largest do). The
-    originals only where a copy would not keep their 16-byte alignment (a view at an odd offset), or memory
-    is short."""
+    """Copies of a product's weight tensors (same strides), the originals first, that together fill an L2
+    cache of ``l2_bytes`` twice over: ``_config`` times a candidate on each in turn, so that each call reads
+    its weights from DRAM as in a forward pass (one layer timed alone stays in the L2 between repetitions, all
+    but the largest). The originals alone where a copy would not keep their 16-byte alignment (a view at an
+    odd offset: the launch would take another path), or memory is short."""
     tensors = [t for t in weights if t is not None]
     size = sum(_span_bytes(t) for t in tensors)
     count = min(MAX_COLD_COPIES, -(-2 * l2_bytes // size))
