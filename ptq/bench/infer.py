@@ -29,7 +29,9 @@ Decode is measured twice: eager (each step launches every kernel from Python; at
 overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a CUDA graph with a
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
 step compiled by torch.compile (its elementwise kernels fused) and captured the same way; the prefill likewise
-(``prefill_compiled_*``).
+(``prefill_compiled_*``). Decode attention is ``ptq.attention``'s by default (the query heads that share a
+key/value head attend as that head's queries, so the GQA cache is never copied; ``--attention sdpa``:
+transformers' own, which copies it on a static cache): the same for every format.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import time
 
 import torch
 
+from ptq.attention import use_packed_decode_attention
 from ptq.bench.cost import concurrent_sequences, kv_bytes_per_token
 from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
@@ -473,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step and one prefill")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
+    p.add_argument("--attention", default="packed", choices=["packed", "sdpa"],
+                   help="decode attention: packed (ptq.attention, GQA heads not copied) or sdpa")  # fmt: skip
     p.add_argument("--no-fuse", action="store_true",
                    help="keep the layers as stored: q, k, v and gate, up apart, act-order inputs unsorted")  # fmt: skip
     p.add_argument("--out", default=None)
@@ -482,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)
     batches = [b if b == "max" else int(b) for b in args.decode_batches.split(",")]
     summary = {"shape": args.shape, "layers": args.layers, "prefill": args.prefill, "prompt": args.prompt,
-               "steps": args.steps, "repeat": args.repeat, "context": args.context, "copy_bytes_per_s": bandwidth,
+               "steps": args.steps, "repeat": args.repeat, "context": args.context, "attention": args.attention,
+               "copy_bytes_per_s": bandwidth,
                "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
                "env": environment(device), "kernel_settings": kernel_settings(),
                "command": command_line("python -m ptq.bench.infer", argv)}  # fmt: skip
@@ -490,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in formats:
         torch.manual_seed(0)
         model = build_model(args.shape, args.layers, torch.bfloat16, device)
+        if args.attention == "packed":
+            use_packed_decode_attention(model)
         model.config.use_cache = True
         linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
         total_bf16 = module_bytes(model)
