@@ -175,7 +175,7 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     assert quantized["bits"] < loaded["quantization"]["storage"]["bits_per_weight"] < quantized["bits"] + 2
     # transformers' loader (compressed-tensors decompresses) holds the weights ptq measured; ptq reads the
     # folder itself into its own layers: integer weight-only ones packed (QuantLinear, fp16 scales) where
-    # the GPTQ layout holds their shapes, int8 W8A8 as Int8Linear, the rest in their stored form
+    # the GPTQ layout holds their shapes, W8A8 per token as Int8Linear / Fp8Linear, the rest in their stored form
     theirs = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
@@ -184,6 +184,8 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     expected = {"int": {"QuantLinear", "CompactLinear"}, "fp8_e4m3": {"CompactLinear"}}[quantized["format"]]
     if quantized["act_format"] == "int":
         expected = {"Int8Linear"}
+    elif quantized["act_format"] == "fp8_e4m3" and quantized["act_granularity"] == "per_token":
+        expected = {"Fp8Linear"}
     assert kinds - {"Linear"} <= expected and "Linear" in kinds  # the LM head stays dense
     assert loaded["loaded_layers"] == {kind: n for kind, n in loaded["loaded_layers"].items() if kind in kinds}
     for name, module in theirs.named_modules():
@@ -250,7 +252,7 @@ def test_smollm2_compressed_tensors_folders_score_the_same_three_ways(tmp_path):
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for case, layers in (("gptq-w4-sym-g64", "QuantLinear"), ("rtn-fp8", "CompactLinear")):
+    for case, layers in (("gptq-w4-sym-g64", "QuantLinear"), ("rtn-fp8", "Fp8Linear")):
         record = json.loads((tmp_path / "records" / f"{case}.json").read_text())
         ppl = record["ppl"]
         assert abs(ppl["ptq_reload"] / ppl["fake_quant"] - 1) < 2e-3, ppl  # fp16 scales in QuantLinear

@@ -445,10 +445,6 @@ def test_quantized_models_compute_through_the_kernels_what_the_dequantize_path_c
         for block in get_blocks(model):
             for name, linear in block_linears(model, block).items():
                 layer = quantized_linear(quantize_weight(get_weight(linear), weights), linear.bias, DTYPE, act)
-                if fmt == "fp8":  # the W8A8 FP8 layer (quantized_linear leaves FP8 weights compact for any act)
-                    from ptq.quant.linear import Fp8Linear
-
-                    layer = Fp8Linear.from_weight(get_weight(linear), linear.bias)
                 block.set_submodule(name, layer)
         model = model.to(DTYPE)
     model = model.to(DEVICE)

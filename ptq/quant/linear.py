@@ -399,21 +399,27 @@ QUANTIZED_LAYERS = (QuantLinear, Int8Linear, Fp8Linear, CompactLinear, LayoutLin
 def quantized_linear(
     qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, activations: ActSpec | None = None
 ) -> nn.Module:
-    """ptq's layer for a quantized weight: ``Int8Linear`` for int8 W8A8 with per-token activations (it
-    quantizes them itself), ``QuantLinear`` for integer weights whose shapes the GPTQ layout holds (the
-    int4 kernel on CUDA), ``CompactLinear`` otherwise. Other activation specs need an input quantizer
-    (``ptq.quant.activations``) on the returned layer."""
+    """ptq's layer for a quantized weight: ``Int8Linear`` / ``Fp8Linear`` for int8 / E4M3 W8A8 with per-token
+    activations (they quantize them themselves, on the W8A8 kernels), ``QuantLinear`` for integer weights whose
+    shapes the GPTQ layout holds (the int4 kernel on CUDA), ``CompactLinear`` otherwise. Other activation specs
+    need an input quantizer (``ptq.quant.activations``) on the returned layer (``takes_own_activations``)."""
     if hasattr(qw, "stored_bytes"):  # a method's own layout: no packed form of ours holds it
         return LayoutLinear(qw, bias, dtype)
-    per_token_int8 = activations is not None and (activations.format, activations.bits) == ("int", 8)
-    if per_token_int8 and activations.granularity == "per_token" and qw.spec == Int8Linear.SPEC:
-        return Int8Linear(qw, None if bias is None else bias.to(dtype))
+    per_token = activations is not None and activations.granularity == "per_token"
+    for kind, act_format in ((Int8Linear, "int"), (Fp8Linear, "fp8_e4m3")):
+        if per_token and (activations.format, activations.bits) == (act_format, 8) and qw.spec == kind.SPEC:
+            return kind(qw, None if bias is None else bias.to(dtype))
     if qw.spec.is_int:
         try:
             return QuantLinear.from_quantized(qw, bias, dtype)
         except PackError:
             pass
     return CompactLinear(qw, bias, dtype)
+
+
+def takes_own_activations(layer: nn.Module) -> bool:
+    """Whether a layer from ``quantized_linear`` quantizes its inputs itself (W8A8 per token)."""
+    return isinstance(layer, (Int8Linear, Fp8Linear))
 
 
 def _same_order(layer: QuantLinear, first: QuantLinear) -> bool:

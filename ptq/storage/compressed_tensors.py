@@ -412,7 +412,7 @@ def quantized_from_stored(
 
 def load(path: str, dtype: torch.dtype) -> nn.Module:
     """A compressed-tensors checkpoint as ptq's own layers (``ptq.quant.linear.quantized_linear``:
-    packed integers with the int4 kernel on CUDA, int8 W8A8, or the stored form of float formats), read
+    packed integers with the int4 kernel on CUDA, int8 or FP8 W8A8, or the stored form of float formats), read
     by ptq itself (the compressed-tensors package is not needed), with ptq's input quantizers where
     the checkpoint quantizes activations (its calibrated scales included): the model computes what
     the run that wrote it measured."""
@@ -421,7 +421,7 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
     from ptq.checkpoint import fill, quantization_config_of, skeleton
     from ptq.lazy import ShardedCheckpoint
     from ptq.quant.activations import InputQuantizer, attach_input_quantizer
-    from ptq.quant.linear import Int8Linear, quantized_linear
+    from ptq.quant.linear import quantized_linear, takes_own_activations
 
     config = AutoConfig.from_pretrained(path)
     qc = quantization_config_of(config)
@@ -443,7 +443,7 @@ def load(path: str, dtype: torch.dtype) -> nn.Module:
         qw = quantized_from_stored(tensors, weights, fmt, dense.out_features, dense.in_features)
         bias = state.pop(f"{name}.bias", None)
         layer = quantized_linear(qw, bias, dtype, act)
-        if act is not None and not isinstance(layer, Int8Linear):
+        if act is not None and not takes_own_activations(layer):
             scale = tensors.get("input_scale", tensors.get("input_global_scale"))
             attach_input_quantizer(layer, InputQuantizer(act, None if scale is None else scale.float().reshape(())))
         model.set_submodule(name, layer)
