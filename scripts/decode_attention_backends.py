@@ -4,7 +4,8 @@
 
 Llama-3-8B's heads (32 query, 8 key/value, dimension 128), bf16, a boolean mask that lets the query see the first
 ``context - 4`` keys of the cache. ``copied``: transformers' static-cache path (``repeat_kv``, then SDPA over 32
-heads); ``packed``: ``ptq.attention``'s (the 4 query heads of a key/value head as its 4 queries). Microseconds per
+heads); ``packed``: ``ptq.attention``'s (the 4 query heads of a key/value head as its 4 queries); ``triton``: ptq's
+decode kernel (``ptq.attention.decode_attention``, after the SDPA rows of "default"). Microseconds per
 call replayed from a CUDA graph (triton's ``do_bench_cudagraph``), and each result's distance to the math backend's.
 """
 
@@ -12,9 +13,11 @@ import argparse
 import contextlib
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
+from triton.testing import do_bench_cudagraph
+
+from ptq.attention import decode_attention
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -33,6 +36,10 @@ def packed(q, k, v, mask):
     return out.reshape(q.shape[0], HEADS, 1, DIM)
 
 
+def triton(q, k, v, mask):
+    return decode_attention(q, k, v, mask, DIM**-0.5).transpose(1, 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,16")
@@ -47,11 +54,11 @@ def main():
             with sdpa_kernel(SDPBackend.MATH):
                 want = copied(q.float(), k.float(), v.float(), mask)
             for name, backend in BACKENDS.items():
-                for way in (copied, packed):
+                for way in (copied, packed) if backend is not None else (copied, packed, triton):
                     try:
                         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                             out = way(q, k, v, mask)
-                            us = triton.testing.do_bench_cudagraph(lambda w=way, a=(q, k, v, mask): w(*a), rep=30) * 1e3
+                            us = do_bench_cudagraph(lambda w=way, a=(q, k, v, mask): w(*a), rep=30) * 1e3
                         err = (out.float() - want).abs().max().item()
                         print(f"batch {batch:2d} context {context:5d} {name:9s} {way.__name__:6s} {us:7.1f} us  "
                               f"max error {err:.1e}", flush=True)  # fmt: skip

@@ -1,11 +1,11 @@
 """The kernels of one compiled decode step at batch 1, per format, with their GPU time (GPU only).
 
-    python scripts/decode_step_kernels.py --formats bf16,fp8,w4a16 --layers 8 --attention sdpa,packed
+    python scripts/decode_step_kernels.py --formats bf16,fp8,w4a16 --layers 8 --attention sdpa,packed,triton
 
 Builds ``ptq.bench.infer``'s random-weight model of the shape (``--layers`` of its blocks), converts and joins
 its linears as the benchmark does, compiles the step on a static cache (``static_decode_step``) and records one
 step with torch.profiler after two untimed ones (``kernel_launches``), with each ``--attention``
-(``sdpa``: transformers' own; ``packed``: ``ptq.attention``'s GQA packing). Prints, per format, every kernel name with
+(``sdpa``: transformers' own; ``packed``, ``triton``: ``ptq.attention``'s). Prints, per format, every kernel name with
 its count and summed time, and the step's time split into the linears, attention and the rest: what a graphed
 step would cost without the host, and which part of it is not the weights' reading.
 """
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from ptq.attention import use_packed_decode_attention
+from ptq.attention import use_decode_attention
 from ptq.bench.infer import convert_and_join, kernel_kind, kernel_launches, parse_formats, static_decode_step
 from ptq.bench.quant import SHAPES, build_model
 
@@ -23,8 +23,8 @@ from ptq.bench.quant import SHAPES, build_model
 def step_kernels(fmt: str, shape: str, layers: int, prompt: int, attention: str) -> dict[str, list]:
     torch.manual_seed(0)
     model = build_model(shape, layers, torch.bfloat16, "cuda")
-    if attention == "packed":
-        use_packed_decode_attention(model)
+    if attention != "sdpa":
+        use_decode_attention(model, attention)
     model.config.use_cache = True
     convert_and_join(model, fmt)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
@@ -43,7 +43,7 @@ def main():
     p.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--attention", default="sdpa", help="comma-separated: sdpa, packed")
+    p.add_argument("--attention", default="sdpa", help="comma-separated: sdpa, packed, triton")
     args = p.parse_args()
     for fmt, attention in [(f, a) for f in parse_formats(args.formats) for a in args.attention.split(",")]:
         kernels = step_kernels(fmt, args.shape, args.layers, args.prompt, attention)

@@ -1,9 +1,22 @@
+"""ptq.attention: the packed decode attention on the CPU; its Triton kernel on CUDA, or here in Triton's interpreter
+in a child process (the interpreter is chosen when the kernel is defined)."""
+
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from transformers import StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ptq import attention
 from tests.conftest import tiny_model
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRETED
+needs_kernel = pytest.mark.skipif(
+    not (ON_GPU or INTERPRETED), reason="without CUDA: run by test_attention_kernel_in_triton_interpreter"
+)
 
 
 def greedy_logits(model, ids, steps=3):
@@ -19,30 +32,76 @@ def greedy_logits(model, ids, steps=3):
     return torch.stack(logits)
 
 
+@pytest.mark.parametrize("kind", ["packed", pytest.param("triton", marks=needs_kernel)])
 @torch.no_grad()
-def test_packed_decode_matches_transformers_attention(monkeypatch):
-    model = tiny_model("llama")  # 4 query heads on 2 key/value heads
+def test_decode_attention_matches_transformers_attention(monkeypatch, kind):
+    torch.manual_seed(0)  # 4 query heads on 2 key/value heads, of 16 (the kernel takes powers of two)
+    config = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(0))
     model.set_attn_implementation("eager")
     want = greedy_logits(model, ids)
     model.set_attn_implementation("sdpa")
-    attention.use_packed_decode_attention(model)
-    queries = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attention.use_decode_attention(model, kind)
+    calls = []
+    if kind == "packed":  # every SDPA call: (heads, queries, key/value heads)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(q, k, v, **kwargs):
-        queries.append((q.shape[1], q.shape[2], k.shape[1]))
-        return sdpa(q, k, v, **kwargs)
+        def spy(q, k, v, **kwargs):
+            calls.append((q.shape[1], q.shape[2], k.shape[1]))
+            return sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    else:  # every kernel call
+        kernel = attention._decode_attention
+        monkeypatch.setattr(attention, "_decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     got = greedy_logits(model, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # the prompt through transformers' SDPA (4 heads of 9 queries), each decode step packed: 2 heads of 2 queries
-    assert [q[:2] for q in queries[:2]] == [(4, 9)] * 2 and queries[2:] == [(2, 2, 2)] * 6
+    if kind == "packed":  # the prompt through transformers' SDPA (4 heads of 9 queries), each step packed
+        assert [c[:2] for c in calls[:2]] == [(4, 9)] * 2 and calls[2:] == [(2, 2, 2)] * 6
+    else:  # the decode steps only (2 blocks x 3 steps)
+        assert calls == [torch.Size([3, 4, 1, 16])] * 6
 
 
-def test_packed_decode_attention_needs_sdpa():
+def test_decode_attention_needs_sdpa_and_a_known_kind():
     model = tiny_model("llama")
+    with pytest.raises(ValueError, match="decode attention 'flash' is unknown"):
+        attention.use_decode_attention(model, "flash")
     model.set_attn_implementation("eager")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        attention.use_packed_decode_attention(model)
+        attention.use_decode_attention(model, "packed")
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,kv_heads,groups,keys,dim", [(1, 2, 4, 7, 32), (3, 2, 4, 130, 32), (1, 2, 4, 300, 16),
+                                                            (2, 1, 8, 200, 64), (2, 2, 3, 70, 32)])  # fmt: skip
+def test_decode_attention_kernel_over_odd_shapes(batch, kv_heads, groups, keys, dim):
+    """Against SDPA on copied heads: key counts that are not whole blocks, several slices merged (the grid splits
+    the keys to fill the GPU, or the interpreter's 4 stand-in multiprocessors), masked keys, a group count that is
+    not a power of two; twice, so that the slices' counters were reset."""
+    device, dtype = ("cuda", torch.bfloat16) if ON_GPU else ("cpu", torch.float32)
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, kv_heads * groups, 1, dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(batch, kv_heads, keys, dim, generator=g).to(device, dtype) for _ in "kv")
+    keep = torch.rand(batch, 1, 1, keys, generator=g) < 0.8
+    keep[..., 0] = True
+    keep = keep.to(device)
+    tolerance = 2e-2 if ON_GPU else 1e-5  # bf16 probabilities on the GPU
+    for mask in (keep, None, keep):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1), attn_mask=mask
+        )
+        got = attention.decode_attention(q, k, v, mask, dim**-0.5)
+        assert got.shape == (batch, 1, kv_heads * groups, dim) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.transpose(1, 2), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the interpreter's run of this file (CPU machines only)")
+def test_attention_kernel_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "kernel_over or triton"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "6 passed" in done.stdout, done.stdout[-500:]

@@ -30,8 +30,9 @@ overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a 
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
 step compiled by torch.compile (its elementwise kernels fused) and captured the same way; the prefill likewise
 (``prefill_compiled_*``). Decode attention is ``ptq.attention``'s by default (the query heads that share a
-key/value head attend as that head's queries, so the GQA cache is never copied; ``--attention sdpa``:
-transformers' own, which copies it on a static cache): the same for every format.
+key/value head attend as that head's queries, so the GQA cache is never copied: ``packed`` through SDPA,
+``triton`` through ptq's kernel; ``--attention sdpa``: transformers' own, which copies it on a static cache),
+the same for every format.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import time
 
 import torch
 
-from ptq.attention import use_packed_decode_attention
+from ptq.attention import KINDS as ATTENTION_KINDS
+from ptq.attention import use_decode_attention
 from ptq.bench.cost import concurrent_sequences, kv_bytes_per_token
 from ptq.bench.cost import report as cost_report
 from ptq.bench.quant import SHAPES, build_model, command_line
@@ -476,8 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step and one prefill")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
-    p.add_argument("--attention", default="packed", choices=["packed", "sdpa"],
-                   help="decode attention: packed (ptq.attention, GQA heads not copied) or sdpa")  # fmt: skip
+    p.add_argument("--attention", default="packed", choices=[*ATTENTION_KINDS, "sdpa"],
+                   help="decode attention: ptq.attention's (GQA heads not copied) or transformers' sdpa")  # fmt: skip
     p.add_argument("--no-fuse", action="store_true",
                    help="keep the layers as stored: q, k, v and gate, up apart, act-order inputs unsorted")  # fmt: skip
     p.add_argument("--out", default=None)
@@ -496,8 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in formats:
         torch.manual_seed(0)
         model = build_model(args.shape, args.layers, torch.bfloat16, device)
-        if args.attention == "packed":
-            use_packed_decode_attention(model)
+        if args.attention != "sdpa":
+            use_decode_attention(model, args.attention)
         model.config.use_cache = True
         linear_params = sum(get_weight(m).numel() for b in get_blocks(model) for m in block_linears(model, b).values())
         total_bf16 = module_bytes(model)

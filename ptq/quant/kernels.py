@@ -859,7 +859,7 @@ def _dot_dtype(x: torch.Tensor):
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 counters for split-K's last-arrival reduction, kept per device: each launch's last
     programs set theirs back to zero, so launches on one stream share them (launches on concurrent streams
     would not be safe). Grown outside CUDA-graph capture (a captured run has run before)."""
@@ -872,7 +872,7 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -889,7 +889,7 @@ def _one_token_grid(x, n: int, k: int, block_n: int, block_k: int, per_sm: int, 
     output, split-K's workspace, the K tiles each program loops over, and EVEN: whole tiles and column blocks
     for every program (no masks)."""
     tiles, columns = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
-    split_k = _even_split(tiles, triton.cdiv(per_sm * _multiprocessors(x.device), columns))
+    split_k = _even_split(tiles, triton.cdiv(per_sm * multiprocessors(x.device), columns))
     y = torch.empty(1, n, dtype=dtype or x.dtype, device=x.device)
     workspace = torch.empty(split_k, 1, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
     even = k % block_k == 0 and n % block_n == 0 and tiles % split_k == 0
@@ -904,7 +904,7 @@ def _ptx_mode(on: bool) -> int:
 def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.Tensor:
     block_n, rows, per_sm, warps, stages, _, *variant = config
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, 8 * rows, per_sm)
-    _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, _tile_counters(x.device, grid[0]), n, k, strides[0],
+    _int4_gemv_kernel[grid](x, w, scale, zero, y, workspace, tile_counters(x.device, grid[0]), n, k, strides[0],
                             strides[1], group, BLOCK_N=block_n, ROWS=rows, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
                             STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     return y
@@ -917,7 +917,7 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
                   PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
-    counters = _tile_counters(x.device, grid[0])
+    counters = tile_counters(x.device, grid[0])
     if weight == W8:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         codes = CODES in variant and act != ACT_NONE
@@ -960,7 +960,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
     block_m = 1 if gemv else _block_m(m)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     workspace = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    counters = _tile_counters(x.device, grid[0] * grid[2])
+    counters = tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
     codes = not gemv and CODES in variant and _codes_multiply(weight, act, w)
     if x_scale is None:
@@ -986,7 +986,7 @@ def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:
     block_n, _, split_k, warps, stages, _ = config
     grid_tiles = (n // block_n) * triton.cdiv(x.shape[0], 16)
     return int4_mma.int4_mma(x, w, scale, zero, group, block_n // (8 * warps), warps, split_k, stages,
-                             _tile_counters(x.device, grid_tiles))  # fmt: skip
+                             tile_counters(x.device, grid_tiles))  # fmt: skip
 
 
 def mma_applies(config: tuple, x: torch.Tensor, n: int, k: int, group: int) -> bool:
