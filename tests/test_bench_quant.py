@@ -77,6 +77,7 @@ def test_inference_records_name_the_kernel_switches_they_ran_under(monkeypatch):
     ("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_splitK_TNT", "linear"), ("_int4_gemv_kernel", "linear"),
     ("_skinny_kernel", "linear"), ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_3", "attention"),
     ("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add", "attention"),
+    ("_decode_attention_kernel", "attention"), ("triton_poi_fused_add_cat_cos_decode_attention_mul_2", "attention"),
     ("triton_red_fused__to_copy_abs_amax_clamp_codes_matmul_div_mul_silu_view_9", "other"),
     ("triton_per_fused_add_mean_mul_pow_rsqrt_3", "other"),
 ])  # fmt: skip

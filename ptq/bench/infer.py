@@ -364,7 +364,7 @@ def kernel_kind(name: str) -> str:
     """A GPU kernel's kind by its name (cuBLAS, CUTLASS, cuDNN, ptq's Triton): linear, attention or other."""
     low = name.lower()
     if low.startswith("triton_"):  # inductor's fused kernels, named after the ops they fuse (ptq's included)
-        return "attention" if "scaled_dot_product" in low else "other"
+        return "attention" if "scaled_dot_product" in low or "decode_attention" in low else "other"
     if any(a in low for a in ATTENTION_KERNELS):
         return "attention"
     return "linear" if any(m in low for m in MATMUL_KERNELS) else "other"
