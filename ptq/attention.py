@@ -140,14 +140,15 @@ if triton is not None:
             if MASKED:
                 seen = seen & (tl.load(keep_ptr + b * stride_mb + s, mask=seen, other=0) != 0)
             k = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=seen[:, None], other=0.0)
-            scores = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            # fp32 inputs (CPU tests, fp32 models) multiply as fp32, not TF32; bf16/fp16 ones are exact either way
+            scores = tl.where(seen[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: nothing to shift
             p = tl.exp(scores - shift[:, None])
             rescale = tl.exp(m - shift)
             v = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=seen[:, None], other=0.0)
             total = total * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
             first += BLOCK
         out = o_ptr + (b * KV_HEADS * GROUPS + h * GROUPS + rows)[:, None] * DIM + d[None, :]

@@ -22,11 +22,12 @@ needs_kernel = pytest.mark.skipif(
 def greedy_logits(model, ids, steps=3):
     """The prompt's last logits and ``steps`` greedy decode steps' on a static cache (one query per step)."""
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 2)
-    out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]), use_cache=True)
+    positions = torch.arange(ids.shape[1] + steps, device=ids.device)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=positions[: ids.shape[1]], use_cache=True)
     logits = [out.logits[:, -1]]
     for i in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=token, past_key_values=cache, cache_position=torch.tensor([ids.shape[1] + i]),
+        out = model(input_ids=token, past_key_values=cache, cache_position=positions[ids.shape[1] + i :][:1],
                     use_cache=True)  # fmt: skip
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
@@ -38,8 +39,9 @@ def test_decode_attention_matches_transformers_attention(monkeypatch, kind):
     torch.manual_seed(0)  # 4 query heads on 2 key/value heads, of 16 (the kernel takes powers of two)
     config = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(0))
+    device = "cuda" if ON_GPU and kind == "triton" else "cpu"
+    model = LlamaForCausalLM(config).eval().to(device)
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
     model.set_attn_implementation("eager")
     want = greedy_logits(model, ids)
     model.set_attn_implementation("sdpa")
@@ -62,6 +64,36 @@ def test_decode_attention_matches_transformers_attention(monkeypatch, kind):
         assert [c[:2] for c in calls[:2]] == [(4, 9)] * 2 and calls[2:] == [(2, 2, 2)] * 6
     else:  # the decode steps only (2 blocks x 3 steps)
         assert calls == [torch.Size([3, 4, 1, 16])] * 6
+
+
+@needs_kernel
+@torch.no_grad()
+def test_triton_decode_attention_is_one_operator_under_torch_compile():
+    """The compiled decode step (what ``ptq.bench.infer --compile`` captures) calls the kernel as the custom operator
+    ``ptq::decode_attention`` in one graph, and gives the eager step's logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    device = "cuda" if ON_GPU else "cpu"
+    model = LlamaForCausalLM(config).eval().to(device)
+    attention.use_decode_attention(model, "triton")
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step(forward):  # a fresh cache each time: transformers' static caches count the tokens written to them
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(7, device=device), use_cache=True)
+        return forward(input_ids=ids[:, -1:], past_key_values=cache, cache_position=torch.tensor([7], device=device),
+                       use_cache=True).logits  # fmt: skip
+
+    explained = []
+    step(lambda **kwargs: explained.append(torch._dynamo.explain(model)(**kwargs)) or model(**kwargs))
+    assert explained[0].graph_break_count == 0, explained[0].break_reasons
+    graphs = explained[0].graphs
+    ops = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert "ptq.decode_attention.default" in ops, sorted(ops)
+    torch.testing.assert_close(step(torch.compile(model, fullgraph=True, dynamic=False)), step(model), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+    torch._dynamo.reset()
 
 
 def test_decode_attention_needs_sdpa_and_a_known_kind():
@@ -104,4 +136,4 @@ def test_attention_kernel_in_triton_interpreter():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "kernel_over or triton"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "6 passed" in done.stdout, done.stdout[-500:]
+    assert "7 passed" in done.stdout, done.stdout[-500:]
