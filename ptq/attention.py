@@ -31,7 +31,9 @@ except ImportError:
     triton = None
 
 KINDS = ("packed", "triton")
-BLOCK_KEYS = 64  # keys per loop step of a program
+# The kernel's tile: keys per loop step, warps per program, programs per multiprocessor the key slices aim at
+# (untimed choice; scripts/decode_attention_backends.py --tiles times others)
+TILE = (64, 4, 2)
 
 
 def _packable(module, query, attention_mask, dropout, kwargs) -> bool:
@@ -184,20 +186,21 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
-def _splits(device: torch.device, programs: int, keys: int) -> int:
-    """Key slices per (sequence, key/value head): about two programs per multiprocessor, whole blocks each."""
-    blocks = triton.cdiv(keys, BLOCK_KEYS)
-    return max(1, min(blocks, triton.cdiv(2 * kernels.multiprocessors(device), programs)))
+def _splits(device: torch.device, programs: int, keys: int, block: int, per_sm: int) -> int:
+    """Key slices per (sequence, key/value head): about ``per_sm`` programs per multiprocessor, whole blocks each."""
+    blocks = triton.cdiv(keys, block)
+    return max(1, min(blocks, triton.cdiv(per_sm * kernels.multiprocessors(device), programs)))
 
 
-def _decode_attention(query, key, value, mask, scale: float) -> torch.Tensor:
+def _decode_attention(query, key, value, mask, scale: float, tile: tuple = TILE) -> torch.Tensor:
+    block, warps, per_sm = tile
     batch, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     rows = max(16, triton.next_power_of_2(groups))  # tl.dot's smallest M
     programs = batch * kv_heads
-    splits = _splits(query.device, programs, keys)
-    split_keys = triton.cdiv(triton.cdiv(keys, splits), BLOCK_KEYS) * BLOCK_KEYS
+    splits = _splits(query.device, programs, keys, block, per_sm)
+    split_keys = triton.cdiv(triton.cdiv(keys, splits), block) * block
     splits = triton.cdiv(keys, split_keys)
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
     workspace = torch.empty(programs * splits * rows, dim if splits > 1 else 1, dtype=torch.float32,
@@ -208,7 +211,7 @@ def _decode_attention(query, key, value, mask, scale: float) -> torch.Tensor:
         query, key, value, keep, out, workspace, stats, kernels.tile_counters(query.device, programs), keys,
         split_keys, scale, query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), 0 if mask is None else mask.stride(0), KV_HEADS=kv_heads,
-        GROUPS=groups, ROWS=rows, DIM=dim, BLOCK=BLOCK_KEYS, MASKED=mask is not None, num_warps=4,
+        GROUPS=groups, ROWS=rows, DIM=dim, BLOCK=block, MASKED=mask is not None, num_warps=warps,
     )  # fmt: skip
     return out
 
