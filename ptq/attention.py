@@ -73,7 +73,9 @@ def triton_decode_attention(module, query, key, value, attention_mask, dropout=0
                             **kwargs):  # fmt: skip
     """As ``packed_decode_attention``, computed by ``decode_attention`` where it applies (a boolean mask)."""
     mask = attention_mask
-    boolean = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.stride(-1) == 1)
+    boolean = mask is None or (
+        mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-1] == key.shape[2] and mask.stride(-1) == 1
+    )
     if not (_packable(module, query, attention_mask, dropout, kwargs) and boolean and applies(query, key, value)):
         return packed_decode_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                        **kwargs)  # fmt: skip
@@ -210,8 +212,8 @@ def _decode_attention(query, key, value, mask, scale: float, tile: tuple = TILE)
     _decode_attention_kernel[(programs, splits)](
         query, key, value, keep, out, workspace, stats, kernels.tile_counters(query.device, programs), keys,
         split_keys, scale, query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), 0 if mask is None else mask.stride(0), KV_HEADS=kv_heads,
-        GROUPS=groups, ROWS=rows, DIM=dim, BLOCK=block, MASKED=mask is not None, num_warps=warps,
+        value.stride(0), value.stride(1), value.stride(2), 0 if mask is None or len(mask) == 1 else mask.stride(0),
+        KV_HEADS=kv_heads, GROUPS=groups, ROWS=rows, DIM=dim, BLOCK=block, MASKED=mask is not None, num_warps=warps,
     )  # fmt: skip
     return out
 

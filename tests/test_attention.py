@@ -111,7 +111,7 @@ def test_decode_attention_needs_sdpa_and_a_known_kind():
 def test_decode_attention_kernel_over_odd_shapes(batch, kv_heads, groups, keys, dim):
     """Against SDPA on copied heads: key counts that are not whole blocks, several slices merged (the grid splits
     the keys to fill the GPU, or the interpreter's 4 stand-in multiprocessors), masked keys, a group count that is
-    not a power of two; with and without a mask."""
+    not a power of two; with a mask per sequence, none, and one for all."""
     device, dtype = ("cuda", torch.bfloat16) if ON_GPU else ("cpu", torch.float32)
     g = torch.Generator().manual_seed(keys)
     q = torch.randn(batch, kv_heads * groups, 1, dim, generator=g).to(device, dtype)
@@ -120,7 +120,8 @@ def test_decode_attention_kernel_over_odd_shapes(batch, kv_heads, groups, keys, 
     keep[..., 0] = True
     keep = keep.to(device)
     tolerance = 2e-2 if ON_GPU else 1e-5  # bf16 probabilities on the GPU
-    for mask in (keep, None):  # the second call also checks that the first reset the slices' counters
+    # the second call also checks that the first reset the slices' counters; the last: one mask for every sequence
+    for mask in (keep, None, keep[:1]):
         want = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1), attn_mask=mask
         )
