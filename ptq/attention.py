@@ -188,22 +188,27 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
-def _splits(device: torch.device, programs: int, keys: int, block: int, per_sm: int) -> int:
-    """Key slices per (sequence, key/value head): about ``per_sm`` programs per multiprocessor, whole blocks each."""
+def _splits(device: torch.device, programs: int, keys: int, block: int, per_sm: int) -> tuple[int, int]:
+    """Key slices per (sequence, key/value head), about ``per_sm`` programs per multiprocessor, and the keys of
+    each (whole blocks; the last slice may hold fewer)."""
     blocks = triton.cdiv(keys, block)
-    return max(1, min(blocks, triton.cdiv(per_sm * kernels.multiprocessors(device), programs)))
+    wanted = max(1, min(blocks, triton.cdiv(per_sm * kernels.multiprocessors(device), programs)))
+    split_keys = triton.cdiv(blocks, wanted) * block
+    return triton.cdiv(keys, split_keys), split_keys
 
 
 def _decode_attention(query, key, value, mask, scale: float, tile: tuple = TILE) -> torch.Tensor:
+    """One query token per sequence: query [b, H, 1, d] against key, value [b, H / G, S, d] (a static or dynamic
+    cache, as stored), ``mask`` boolean [b, 1, 1, S] or [1, 1, 1, S] (True: attend) or None -> output [b, 1, H, d]
+    in the query's dtype. Scores and softmax in fp32; the probabilities are rounded to the values' dtype for their
+    product, as flash attention does."""
     block, warps, per_sm = tile
     batch, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     rows = max(16, triton.next_power_of_2(groups))  # tl.dot's smallest M
     programs = batch * kv_heads
-    splits = _splits(query.device, programs, keys, block, per_sm)
-    split_keys = triton.cdiv(triton.cdiv(keys, splits), block) * block
-    splits = triton.cdiv(keys, split_keys)
+    splits, split_keys = _splits(query.device, programs, keys, block, per_sm)
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
     workspace = torch.empty(programs * splits * rows, dim if splits > 1 else 1, dtype=torch.float32,
                             device=query.device)  # fmt: skip
@@ -229,11 +234,5 @@ def _(query, key, value, mask, scale):
     return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
 
 
-def decode_attention(query, key, value, mask, scale: float) -> torch.Tensor:
-    """One query token per sequence: query [b, H, 1, d] against key, value [b, H / G, S, d] (a static or dynamic
-    cache, as stored), ``mask`` boolean [b, 1, 1, S] (True: attend) or None -> output [b, 1, H, d] in the query's
-    dtype. Scores and softmax in fp32; the probabilities are rounded to the values' dtype for their product, as
-    flash attention does."""
-    if torch.compiler.is_compiling():
-        return _decode_attention_op(query, key, value, mask, scale)
-    return _decode_attention(query, key, value, mask, scale)
+# one query token per sequence (see _decode_attention); a custom operator under torch.compile
+decode_attention = kernels.eager_or_operator(_decode_attention, _decode_attention_op)

@@ -56,8 +56,8 @@ def test_decode_attention_matches_transformers_attention(monkeypatch, kind):
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     else:  # every kernel call
-        kernel = attention._decode_attention
-        monkeypatch.setattr(attention, "_decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+        kernel = attention.decode_attention
+        monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     got = greedy_logits(model, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if kind == "packed":  # the prompt through transformers' SDPA (4 heads of 9 queries), each step packed

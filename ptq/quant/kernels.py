@@ -1374,7 +1374,7 @@ def _(codes, scale, tensor_scale, k, group, scale_kind, dtype):
     return codes.new_empty(codes.shape[0], k, dtype=dtype)
 
 
-def _eager_or_operator(work, operator):
+def eager_or_operator(work, operator):
     """A public entry point: ``work`` itself in eager calls (a prefill calls these once per linear, and the
     operator's dispatch costs CPU time the GPU may wait for), ``operator`` under torch.compile."""
 
@@ -1385,10 +1385,10 @@ def _eager_or_operator(work, operator):
     return entry
 
 
-quantize_rows = _eager_or_operator(_quantize_rows, _quantize_rows_op)
+quantize_rows = eager_or_operator(_quantize_rows, _quantize_rows_op)
 # W8A8 for up to SKINNY_ROWS tokens whose activations are quantized already (int8 or E4M3 codes [M, K], fp32
 # scales [M, 1]) times 8-bit weights [N, K] with per-channel scales: the few-token and one-token CODES tiles
-codes_matmul = _eager_or_operator(_codes_matmul, _codes_matmul_op)
-w8a8_matmul = _eager_or_operator(_w8a8_matmul, _w8a8_matmul_op)
-dequantize_int4 = _eager_or_operator(_dequantize_int4, _dequantize_int4_op)
-dequantize_fp4 = _eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)
+codes_matmul = eager_or_operator(_codes_matmul, _codes_matmul_op)
+w8a8_matmul = eager_or_operator(_w8a8_matmul, _w8a8_matmul_op)
+dequantize_int4 = eager_or_operator(_dequantize_int4, _dequantize_int4_op)
+dequantize_fp4 = eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)

@@ -221,6 +221,7 @@ class Int8Linear(StoredLayer):
     output channel), activations quantized per token (max|x| / 127) at each call."""
 
     SPEC = WeightSpec("int", 8, PER_CHANNEL, True)
+    ACT_FORMAT = "int"  # the per-token activations it quantizes itself
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -268,6 +269,7 @@ class Fp8Linear(StoredLayer):
     is taken in fp32."""
 
     SPEC = WeightSpec("fp8_e4m3", 8, PER_CHANNEL, True)
+    ACT_FORMAT = "fp8_e4m3"  # the per-token activations it quantizes itself
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -393,6 +395,7 @@ class LayoutLinear(StoredLayer):
         return f"in={self.in_features}, out={self.out_features}, layout={self.kind.layout}, kernel=dequantize"
 
 
+W8A8_LAYERS = (Int8Linear, Fp8Linear)  # layers that quantize their inputs per token themselves
 QUANTIZED_LAYERS = (QuantLinear, Int8Linear, Fp8Linear, CompactLinear, LayoutLinear)
 
 
@@ -406,8 +409,8 @@ def quantized_linear(
     if hasattr(qw, "stored_bytes"):  # a method's own layout: no packed form of ours holds it
         return LayoutLinear(qw, bias, dtype)
     per_token = activations is not None and activations.granularity == "per_token"
-    for kind, act_format in ((Int8Linear, "int"), (Fp8Linear, "fp8_e4m3")):
-        if per_token and (activations.format, activations.bits) == (act_format, 8) and qw.spec == kind.SPEC:
+    for kind in W8A8_LAYERS:
+        if per_token and (activations.format, activations.bits) == (kind.ACT_FORMAT, 8) and qw.spec == kind.SPEC:
             return kind(qw, None if bias is None else bias.to(dtype))
     if qw.spec.is_int:
         try:
@@ -419,7 +422,7 @@ def quantized_linear(
 
 def takes_own_activations(layer: nn.Module) -> bool:
     """Whether a layer from ``quantized_linear`` quantizes its inputs itself (W8A8 per token)."""
-    return isinstance(layer, (Int8Linear, Fp8Linear))
+    return isinstance(layer, W8A8_LAYERS)
 
 
 def _same_order(layer: QuantLinear, first: QuantLinear) -> bool:
