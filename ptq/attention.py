@@ -11,7 +11,8 @@ Two ways to compute that packed attention (``use_decode_attention(model, kind)``
 
 - ``packed``: ``torch.nn.functional.scaled_dot_product_attention`` on the packed query (cuDNN or another SDPA
   backend picks its kernel).
-- ``triton``: ``decode_attention``, one Triton launch: a program per (sequence, key/value head, slice of the keys)
+- ``triton`` (the default, faster than cuDNN's kernel for the packed shape in every case timed):
+  ``decode_attention``, one Triton launch: a program per (sequence, key/value head, slice of the keys)
   keeps a running softmax over its keys (flash-decoding: m, l and the weighted sum, Dao et al. 2023), and the last
   slice to finish merges the slices' partial results.
 
@@ -32,7 +33,7 @@ except ImportError:
 
 KINDS = ("packed", "triton")
 # The kernel's tile: keys per loop step, warps per program, programs per multiprocessor the key slices aim at
-# (untimed choice; scripts/decode_attention_backends.py --tiles times others)
+# (the fastest of five at batches 1 and 16 and 164 keys; scripts/decode_attention_backends.py --tiles)
 TILE = (64, 4, 2)
 
 
@@ -83,9 +84,10 @@ def triton_decode_attention(module, query, key, value, attention_mask, dropout=0
     return decode_attention(query, key, value, attention_mask, scale), None
 
 
-def use_decode_attention(model, kind: str = "packed") -> None:
+def use_decode_attention(model, kind: str = "triton") -> None:
     """Makes ``model`` (a transformers model whose attention runs through SDPA) attend for one query token
-    without copying its grouped-query cache, by ``kind`` (``KINDS``); its masks stay SDPA's."""
+    without copying its grouped-query cache, by ``kind`` (``KINDS``; ``triton`` falls back to ``packed`` where its
+    kernel does not apply); its masks stay SDPA's."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

@@ -154,7 +154,8 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     require_assets("models/stories260K", "data/wikitext-2-raw-v1/test.jsonl", "data/wikitext-2/valid.tokens.txt")
-    common = ["eval.max_windows=4", "eval.baseline=false", "calib.nsamples=4", "calib.seqlen=64"]
+    # fp32 on every device (auto is fp16 on CUDA), so that both runs do the same arithmetic up to the order of sums
+    common = ["model.dtype=float32", "eval.max_windows=4", "eval.baseline=false", "calib.nsamples=4", "calib.seqlen=64"]
     method = "method=smoothquant" if "scheme=w8a8" in args else "method=rtn"
     proc = ptq_run("model=stories260k", method, *args, *common, "save=true", f"output_dir={tmp_path}/q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -170,7 +171,11 @@ def test_compressed_tensors_folder_scores_the_fake_quant_perplexity(tmp_path, ar
     assert loaded["method"] == "loaded" and loaded["format"] == quantized["format"]
     assert loaded["act_format"] == quantized["act_format"]
     want, got = quantized["metrics"]["ppl"]["wikitext2"], loaded["metrics"]["ppl"]["wikitext2"]
-    assert abs(got / want - 1) < 1e-3, (got, want)  # fp32 scales: the same model
+    # fp32 scales: the same model. On CUDA the W8A8 layers run on the kernels, which sum the codes' products in
+    # other orders than the fake-quant run's dequantized matmul (E4M3 with fast accumulation), and each next layer's
+    # rounded activations amplify those last bits: there the issue's bound, 0.5%, applies.
+    bound = 5e-3 if torch.cuda.is_available() else 1e-3
+    assert abs(got / want - 1) < bound, (got, want)
     # the stored bytes per weight: elements plus scales (fp32 here), zero points, shapes, input scales
     assert quantized["bits"] < loaded["quantization"]["storage"]["bits_per_weight"] < quantized["bits"] + 2
     # transformers' loader (compressed-tensors decompresses) holds the weights ptq measured; ptq reads the
