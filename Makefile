@@ -23,8 +23,10 @@ run: setup
 	$(BIN)/python -m ptq.run $(ARGS)
 
 test: setup
-	@# two workers (pytest-xdist): the suite is CPU-bound and its slowest files run side by side on 2 cores
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	@# two workers (pytest-xdist): the suite is CPU-bound and its slowest files run side by side on 2 cores; each
+	@# worker (and the runs it starts) gets half the cores' threads, since torch would otherwise start one per core
+	@# in both and oversubscribe them
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(( ($$(nproc) + 1) / 2 ))} $(BIN)/python -m pytest -q -n 2 --durations=15
 
 lint: setup
 	$(BIN)/ruff check ptq tests scripts
