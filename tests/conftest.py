@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,3 +107,12 @@ def require_assets(*relative: str) -> Path:
                 pytest.fail(f"CI must have the assets: {ASSETS / rel} is missing (set PTQ_ASSETS)")
             pytest.skip(f"assets not found: {ASSETS / rel} (set PTQ_ASSETS to the assets folder)")
     return ASSETS
+
+
+def run_interpreted(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python *args`` in a child process with Triton's interpreter on (it is chosen when kernels are defined, so
+    this process, which defined them for the CPU or GPU, cannot switch); the child must succeed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

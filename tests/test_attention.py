@@ -2,15 +2,13 @@
 in a child process (the interpreter is chosen when the kernel is defined)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ptq import attention
-from tests.conftest import tiny_model
+from tests.conftest import run_interpreted, tiny_model
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
@@ -133,8 +131,5 @@ def test_decode_attention_kernel_over_odd_shapes(batch, kv_heads, groups, keys, 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the interpreter's run of this file (CPU machines only)")
 def test_attention_kernel_in_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "kernel_over or triton"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    done = run_interpreted("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_over or triton")
     assert "7 passed" in done.stdout, done.stdout[-500:]

@@ -5,14 +5,13 @@ in Triton's interpreter (fp32, on the CPU) in a child process, since the interpr
 kernels are defined."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ptq.quant import WeightSpec, quantize_weight
 from ptq.quant.weight import QuantizedWeight
+from tests.conftest import run_interpreted
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA builds of torch)")
 
@@ -30,10 +29,7 @@ needs_kernels = pytest.mark.skipif(
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the interpreter's run of this file (CPU machines only)")
 def test_kernels_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    run_interpreted("-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, timeout=900)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
