@@ -115,6 +115,18 @@ def test_w8a8_layers_match_their_exact_product(rows, fmt):
     assert relative_error(layer(x), exact_w8a8_product(layer, x, fmt)) < TOLERANCE
 
 
+@pytest.mark.parametrize("rows", [1, 20])
+def test_int8_layer_in_fp32_takes_any_shape(rows):
+    """fp32 activations take the library's int8 product (not the kernels), which on CUDA wants K and N in
+    multiples of 8: an odd-sized layer (stories260K's MLP) still computes the exact product."""
+    from ptq.quant.linear import Int8Linear
+
+    weight = torch.randn(172, 90, generator=torch.Generator().manual_seed(0))
+    layer = Int8Linear.from_weight(weight, None).to(DEVICE)
+    x = torch.randn(rows, 90, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert relative_error(layer(x), exact_w8a8_product(layer, x, "int8")) < 1e-6
+
+
 def exact_w8a8_product(layer, x: torch.Tensor, fmt: str) -> torch.Tensor:
     """The product of the codes a W8A8 layer gives the activations (per token) and holds for the weights (per
     channel), in float64: what the kernels must compute up to their output's rounding."""

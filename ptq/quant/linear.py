@@ -215,6 +215,19 @@ def few_tokens_w8a8(layer, flat: torch.Tensor, act: int, dtype: torch.dtype) -> 
     return kernels.skinny_matmul(flat, *args, (layer.in_features, 0), 0, kernels.W8, act=act)
 
 
+def int8_product(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """qx [M, K] int8 times w [N, K] int8 -> [M, N] int32, exactly, by ``torch._int_mm`` for any shape: it takes more
+    than 16 rows and (on CUDA) K and N in multiples of 8, so the operands are padded with zero codes, which add
+    nothing to the sums."""
+    rows, k = qx.shape
+    n = w.shape[0]
+    pad_k, pad_n = -k % 8, -n % 8
+    qx = F.pad(qx, (0, pad_k, 0, max(0, 17 - rows)))
+    if pad_k or pad_n:
+        w = F.pad(w, (0, pad_k, 0, pad_n))
+    return torch._int_mm(qx, w.t())[:rows, :n]
+
+
 class Int8Linear(StoredLayer):
     """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
     True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
@@ -252,10 +265,7 @@ class Int8Linear(StoredLayer):
             y = kernels.w8a8_matmul(qx, x_scale, self.weight, self.weight_scale, x.dtype)
         else:
             qx, x_scale = int8_rows(flat)
-            if rows <= 16:  # torch._int_mm needs more than 16 rows: pad small batches
-                qx = F.pad(qx, (0, 0, 0, 17 - rows))
-            product = torch._int_mm(qx, self.weight.t())[:rows]
-            y = (product.float() * x_scale * self.weight_scale).to(x.dtype)
+            y = (int8_product(qx, self.weight).float() * x_scale * self.weight_scale).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y + self.bias if self.bias is not None else y
 
