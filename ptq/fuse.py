@@ -13,6 +13,11 @@ order of the calls). The product is released once every part has taken its slice
 ``sort_act_order_groups`` stores act-order layers' inputs in group order (Marlin's reordering), so that they
 compute through the contiguous-group kernels; joined act-order layers share one order and one gather.
 
+A SwiGLU MLP (``Arch.gated_mlp`` with SiLU) of W8A8 layers becomes one ``SwiGLU`` module, whose one-token product
+takes two launches: the joined gate/up product writes h = SiLU(gate) * up and max|h|, and down rounds h per token
+with that maximum inside its own product. The layers alone take five at one token under torch.compile (gate/up,
+then SiLU * up with the maximum's two reductions and the rounding in three fused kernels, then down).
+
 For inference only: the joined layers replace the parts' weights, so a fused model is measured and run, not
 saved as a checkpoint.
 """
@@ -20,10 +25,12 @@ saved as a checkpoint.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptq.models import get_arch, get_blocks, get_submodule
-from ptq.quant.linear import QuantLinear, join_outputs
+from ptq.quant import kernels
+from ptq.quant.linear import Fp8Linear, Int8Linear, QuantLinear, fp8_rows, int8_rows, join_outputs
 
 
 class SharedInput(nn.Module):
@@ -63,6 +70,42 @@ class SharedInputPart(nn.Module):
         return f"part {self.index} of {len(self.shared.sizes)}, out={self.out_features}"
 
 
+class SwiGLU(nn.Module):
+    """down(SiLU(gate(x)) * up(x)) with gate and up joined into one W8A8 layer (gate's outputs, then up's) and down
+    a W8A8 layer of the same kind: at one token on the kernels the two launches of the module docstring, otherwise
+    the layers' own products."""
+
+    def __init__(self, gate_up: Int8Linear | Fp8Linear, down: Int8Linear | Fp8Linear):
+        super().__init__()
+        self.gate_up, self.down_proj = gate_up, down
+        self.act = kernels.ACT_FP8 if isinstance(down, Fp8Linear) else kernels.ACT_INT8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != 1 or not kernels.available(x, fp8=self.act == kernels.ACT_FP8):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        if torch.compiler.is_compiling():  # torch ops, which inductor fuses into the norm that wrote x
+            qx, x_scale = (fp8_rows if self.act == kernels.ACT_FP8 else int8_rows)(flat)
+        else:
+            qx, x_scale = kernels.quantize_rows(flat, self.act)
+        first, down = self.gate_up, self.down_proj
+        h, h_max = kernels.swiglu_matmul(qx, x_scale, first.weight, first.weight_scale, first.out_features,
+                                         first.in_features, self.act, x.dtype)  # fmt: skip
+        y = kernels.max_rounding_matmul(h, h_max, down.weight, down.weight_scale, down.out_features,
+                                        down.in_features, self.act)  # fmt: skip
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def swiglu_applies(model: nn.Module, gate_up: nn.Module, down: nn.Module) -> bool:
+    """Whether a joined gate/up layer and down can run as ``SwiGLU``: SiLU as the MLP's activation, W8A8 layers of
+    one kind without biases."""
+    if getattr(model.config, "hidden_act", None) not in ("silu", "swish"):
+        return False
+    kind = type(down)
+    return kind in (Int8Linear, Fp8Linear) and type(gate_up) is kind and gate_up.bias is None and down.bias is None
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Join each block's linears that read the same input (see the module docstring); returns how many groups
@@ -79,10 +122,15 @@ def fuse_projections(model: nn.Module) -> int:
             joined = join_outputs(layers)
             if joined is None:
                 continue
+            fused += 1
+            mlp = arch.gated_mlp
+            down = get_submodule(block, mlp.down) if mlp and tuple(names) == (mlp.gate, mlp.up) else None
+            if down is not None and swiglu_applies(model, joined, down):
+                block.set_submodule(mlp.module, SwiGLU(joined, down))
+                continue
             shared = SharedInput(joined, [layer.out_features for layer in layers])
             for index, name in enumerate(names):
                 block.set_submodule(name, SharedInputPart(shared, index))
-            fused += 1
     return fused
 
 

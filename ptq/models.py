@@ -96,6 +96,17 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class GatedMlp:
+    """A block's MLP that computes down(act(gate(x)) * up(x)) (a GLU variant; SwiGLU where the config's
+    ``hidden_act`` is SiLU), by path."""
+
+    module: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
 class Arch:
     """Where things are in one model family (paths are dotted attribute names)."""
 
@@ -114,6 +125,7 @@ class Arch:
     # Mixture-of-experts models: the routed experts of a MoE block. Their blocks differ (dense layers
     # beside MoE ones, optional projections), so names in ``sequential`` a block lacks are skipped.
     experts: Experts | None = None
+    gated_mlp: GatedMlp | None = None  # where the dense MLP is down(act(gate(x)) * up(x)); None elsewhere
 
 
 _LLAMA_LIKE = Arch(
@@ -147,6 +159,7 @@ _LLAMA_LIKE = Arch(
     ),
     attention="self_attn",
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    gated_mlp=GatedMlp("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
 
 _LLAMA_ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))

@@ -79,6 +79,26 @@ def test_biases_join_and_any_call_order_gives_each_part_its_own_output():
         torch.testing.assert_close(parts[1](x), want_x[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("fmt", "act", "swiglu"), [("fp8", "silu", True), ("w8a8", "silu", True),
+                                                    ("w4a16", "silu", False), ("fp8", "gelu", False)])  # fmt: skip
+def test_only_silu_mlps_of_w8a8_layers_become_swiglu_modules(fmt, act, swiglu):
+    """The MLP becomes one ``SwiGLU`` module where its two-launch product applies (SiLU, W8A8 layers of one kind);
+    elsewhere gate and up stay parts of their joined product. The outputs are the model's either way."""
+    from ptq.fuse import SwiGLU
+
+    config = LlamaConfig(**{**LLAMA.to_dict(), "hidden_act": act})
+    model = tiny_model(fmt, config)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_projections(model) == 2 * LLAMA.num_hidden_layers
+        got = model(ids).logits
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, SwiGLU) == swiglu
+    assert swiglu or isinstance(mlp.gate_proj, SharedInputPart)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_the_kernel_benchmark_times_the_joined_shapes():
     from ptq.bench.kernels import block_linear_shapes
 

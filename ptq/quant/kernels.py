@@ -192,6 +192,40 @@ if triton is not None:
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
     @triton.jit
+    def _round_to(v, ROUND: tl.constexpr):
+        """v rounded to the model's dtype where it computes in 16 bits (1: bf16, 2: fp16; 0: fp32, v itself), to
+        nearest, ties to even; bf16 spelled out in bits (finite values), as the interpreter's cast truncates."""
+        if ROUND == 1:
+            bits = v.to(tl.int32, bitcast=True)
+            v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        elif ROUND == 2:
+            v = v.to(tl.float16).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _write_swiglu(y, y_ptr, max_ptr, state_ptr, pid_n, half, programs, BLOCK_N: tl.constexpr,
+                      ROUND: tl.constexpr):  # fmt: skip
+        """SwiGLU's h = SiLU(gate) * up (Shazeer, "GLU Variants Improve Transformer", 2020) from a tile whose rows
+        alternate gate's and up's, rounded as the model rounds each op's output; and max|h| over the launch: each
+        program raises a running maximum (fp32 bits, non-negative, so integer order is float order), and the
+        last to finish writes it to max_ptr and resets the running maximum and the count for the next launch."""
+        gate, up = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+        gate, up = _round_to(gate, ROUND), _round_to(up, ROUND)
+        silu = _round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), ROUND)
+        h = _round_to(silu * up, ROUND)
+        rj = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        mask = rj < half
+        tl.store(y_ptr + rj, h.to(y_ptr.dtype.element_ty), mask=mask)
+        largest = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0)
+        tl.debug_barrier()  # every thread's h is written before the count
+        tl.atomic_max(state_ptr + 1, largest.to(tl.int32, bitcast=True), sem="relaxed")
+        arrived = tl.atomic_add(state_ptr, 1, sem="acq_rel")
+        if arrived == programs - 1:
+            total = tl.atomic_xchg(state_ptr + 1, 0)
+            tl.store(max_ptr, total.to(tl.float32, bitcast=True))
+            tl.atomic_xchg(state_ptr, 0)
+
+    @triton.jit
     def _nibble_dot(xj, wj, acc, SWAP: tl.constexpr):
         """acc + xj wj, or with SWAP (xj and wj given transposed) acc^T + wj^T xj^T."""
         if SWAP:
@@ -527,7 +561,8 @@ if triton is not None:
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
                         EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0,
-                        PREFETCH: tl.constexpr = 0):  # fmt: skip
+                        PREFETCH: tl.constexpr = 0, SWIGLU: tl.constexpr = 0, GIVEN_MAX: tl.constexpr = 0,
+                        ROUND: tl.constexpr = 0):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
@@ -535,11 +570,24 @@ if triton is not None:
         already and xs_ptr their scale (``_quantize_rows``, once per call instead of once per row block).
         DP4A (int8 codes times int8 weights, both read as int32 words of four: w_ptr and x_ptr, stride_w in
         words): four products per instruction (1: PTX's dp4a, 2: the same sums spelled out). EVEN: no masks.
-        PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead."""
-        pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
+        PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead.
+        SWIGLU (the joined gate/up product of a SwiGLU MLP, N = 2I rows: gate's then up's; no split-K): a program's
+        rows alternate gate's and up's of the same outputs, and it writes h = SiLU(gate) * up (``_write_swiglu``)
+        instead of the products, and max|h| to ws_ptr. GIVEN_MAX: xs_ptr holds max|x| (from the SWIGLU launch
+        before), and the kernel rounds x per token with it (no pass over the row)."""
+        if SWIGLU:
+            pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+            half = N // 2
+            rj = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2  # the outputs of the program's rows
+            rn = rj + (tl.arange(0, BLOCK_N) % 2) * half
+            mask_n = rj < half
+        else:
+            pid_n, pid_k, rn, mask_n = _one_token_program(N, BLOCK_N)
         one = tl.arange(0, 1)
         if ACT != 0 and CODES:
             x_scale = tl.load(xs_ptr + one)
+        elif ACT != 0 and GIVEN_MAX:
+            x_scale = tl.maximum(tl.load(xs_ptr + one) / QMAX, 1e-12)  # as _row_scales (ACT_SCALE_MIN)
         elif ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
         # a tile is loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
@@ -580,7 +628,11 @@ if triton is not None:
         y = tl.sum(acc.to(tl.float32), axis=1) * tl.load(s_ptr + rn, mask=mask_n, other=0.0)
         if ACT != 0:
             y = y * x_scale
-        _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k, SPLIT_K)
+        if SWIGLU:
+            _write_swiglu(y, y_ptr, ws_ptr, cnt_ptr, pid_n, N // 2, tl.num_programs(0), BLOCK_N, ROUND)
+        else:
+            _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k,
+                          SPLIT_K)  # fmt: skip
 
     @triton.jit
     def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, ts_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_w, stride_s,
@@ -912,32 +964,52 @@ def _launch_int4_gemv(config, x, w, scale, zero, n, k, strides, group) -> torch.
 
 def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, weight, act, scale_kind, x_scale=None,
                       out_dtype=None):  # fmt: skip
-    block_n, warps, per_sm, stages, _, *variant = config
-    block_k = (16 if weight == W8 else 32) * 32 * warps
-    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
-    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even, STAGES=stages,
-                  PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
-    counters = tile_counters(x.device, grid[0])
     if weight == W8:
-        int_sums = INT_SUMS in variant and _int8_products(act, w)
-        codes = CODES in variant and act != ACT_NONE
-        if x_scale is None:
-            x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
-        else:  # x holds the activations' codes already (codes_matmul, whose candidates are CODES tiles)
-            x_codes = x
-        stride_w = strides[0]
-        dp4a = _ptx_mode(DP4A in variant and int_sums and codes and _whole_words(w, 4))
-        if dp4a:  # both read as int32 words of 4 codes
-            x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
-        _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, counters, n, k, stride_w, ACT=act,
-                              QMAX=QMAX[act], ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes,
-                              DP4A=dp4a, **common)  # fmt: skip
-    else:
-        words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
-        _fp4_gemv_kernel[grid](x, words, scale, scale if tensor_scale is None else tensor_scale, y, workspace,
-                               counters, n, k, words.stride(0), strides[1], SCALE_KIND=scale_kind, BLOCK=group,
-                               **common)  # fmt: skip
+        return _launch_w8_gemv(config, x, w, scale, n, k, strides[0], act, x_scale, out_dtype)
+    block_n, warps, per_sm, stages, _, *variant = config
+    block_k = 32 * 32 * warps
+    grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
+    words = w.view(torch.int32)  # 8 nibbles per word (rows of whole words: checked by the caller)
+    _fp4_gemv_kernel[grid](x, words, scale, scale if tensor_scale is None else tensor_scale, y, workspace,
+                           tile_counters(x.device, grid[0]), n, k, words.stride(0), strides[1], SCALE_KIND=scale_kind,
+                           BLOCK=group, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles, EVEN=even,
+                           STAGES=stages, PREFETCH=_ptx_mode(PREFETCH in variant), num_warps=warps)  # fmt: skip
     return y
+
+
+def _launch_w8_gemv(config, x, w, scale, n, k, stride_w, act, x_scale=None, out_dtype=None, swiglu=False,
+                    x_max=None):  # fmt: skip
+    """One token times 8-bit weights on ``_w8_gemv_kernel``. ``x_scale``: x holds the activations' codes already
+    (a CODES tile). ``swiglu``: the joined gate/up product of a SwiGLU MLP, returned as (h, max|h|).
+    ``x_max``: x is rounded per token with this maximum inside the product."""
+    block_n, warps, per_sm, stages, _, *variant = config
+    block_k = 16 * 32 * warps
+    if swiglu:  # every program holds whole gate/up pairs of outputs: no split-K
+        half, tiles = n // 2, triton.cdiv(k, block_k)
+        grid = (triton.cdiv(half, block_n // 2), 1)
+        y = torch.empty(1, half, dtype=out_dtype or x.dtype, device=x.device)
+        workspace = torch.empty(1, dtype=torch.float32, device=x.device)  # max|h|
+        even = k % block_k == 0 and half % (block_n // 2) == 0
+    else:
+        grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
+    int_sums = INT_SUMS in variant and _int8_products(act, w)
+    codes = CODES in variant and act != ACT_NONE and x_max is None
+    if x_max is not None:
+        x_codes, x_scale = x, x_max
+    elif x_scale is None:
+        x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
+    else:  # x holds the activations' codes already (codes_matmul, whose candidates are CODES tiles)
+        x_codes = x
+    dp4a = _ptx_mode(DP4A in variant and int_sums and codes and _whole_words(w, 4))
+    if dp4a:  # both read as int32 words of 4 codes
+        x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
+    round_to = {torch.bfloat16: 1, torch.float16: 2}.get(y.dtype, 0)
+    _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, tile_counters(x.device, max(grid[0], 2)), n, k,
+                          stride_w, ACT=act, QMAX=QMAX[act], BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1],
+                          TILES=tiles, ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes, EVEN=even,
+                          STAGES=stages, DP4A=dp4a, PREFETCH=_ptx_mode(PREFETCH in variant), SWIGLU=swiglu,
+                          GIVEN_MAX=x_max is not None, ROUND=round_to, num_warps=warps)  # fmt: skip
+    return (y, workspace) if swiglu else y
 
 
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
@@ -1330,6 +1402,58 @@ def _codes_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> torch.Tensor
     return _skinny_matmul(qx, w, w_scale, n, k, (k, 0), 0, W8, act, x_scale=x_scale, out_dtype=out_dtype)
 
 
+def _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``swiglu_matmul``'s work: the tile (tuned once per shape among the one-token CODES tiles), then the launch."""
+    key = ("swiglu", act, n, k, qx.dtype, w.dtype, out_dtype, qx.device)
+
+    def run(config, weights=(w, w_scale)):
+        return _launch_w8_gemv(config, qx, *weights, n, k, k, act, x_scale, out_dtype, swiglu=True)
+
+    config = _tuned.get(key)
+    if config is None:
+        candidates = [c for c in GEMV_CANDIDATES[W8] if ROWS in c and CODES in c and _w8_variant_applies(c, act, w)]
+        config = _config(key, candidates, run, (w, w_scale))
+    return run(config)
+
+
+def _max_rounding_matmul(x, x_max, w, w_scale, n, k, act) -> torch.Tensor:
+    """``max_rounding_matmul``'s work: the tile (tuned once per shape among the one-token tiles that round x
+    themselves), then the launch."""
+    key = ("max_rounding", act, n, k, x.dtype, w.dtype, x.device)
+
+    def run(config, weights=(w, w_scale)):
+        return _launch_w8_gemv(config, x, *weights, n, k, k, act, x_max=x_max)
+
+    config = _tuned.get(key)
+    if config is None:
+        candidates = [c for c in GEMV_CANDIDATES[W8]
+                      if ROWS in c and CODES not in c and DP4A not in c and _w8_variant_applies(c, act, w)]  # fmt: skip
+        config = _config(key, candidates, run, (w, w_scale))
+    return run(config)
+
+
+@torch.library.custom_op("ptq::swiglu_matmul", mutates_args=())
+def _swiglu_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int, k: int,
+                      act: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype)
+
+
+@_swiglu_matmul_op.register_fake
+def _(qx, x_scale, w, w_scale, n, k, act, out_dtype):
+    return qx.new_empty(1, n // 2, dtype=out_dtype), qx.new_empty(1, dtype=torch.float32)
+
+
+@torch.library.custom_op("ptq::max_rounding_matmul", mutates_args=())
+def _max_rounding_matmul_op(x: torch.Tensor, x_max: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int,
+                            k: int, act: int) -> torch.Tensor:  # fmt: skip
+    return _max_rounding_matmul(x, x_max, w, w_scale, n, k, act)
+
+
+@_max_rounding_matmul_op.register_fake
+def _(x, x_max, w, w_scale, n, k, act):
+    return x.new_empty(1, n)
+
+
 @torch.library.custom_op("ptq::quantize_rows", mutates_args=())
 def _quantize_rows_op(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows(x, act)
@@ -1390,5 +1514,11 @@ quantize_rows = eager_or_operator(_quantize_rows, _quantize_rows_op)
 # scales [M, 1]) times 8-bit weights [N, K] with per-channel scales: the few-token and one-token CODES tiles
 codes_matmul = eager_or_operator(_codes_matmul, _codes_matmul_op)
 w8a8_matmul = eager_or_operator(_w8a8_matmul, _w8a8_matmul_op)
+# A SwiGLU MLP's one-token W8A8 product in two launches (``ptq.fuse.SwiGLU``): the joined gate/up product of
+# the input's codes [1, K] (E4M3 or int8, fp32 scale [1, 1]) -> h = SiLU(gate) * up [1, N / 2] and max|h| [1] fp32;
+# then h times down's 8-bit weights, h rounded per token with that maximum inside the product
+swiglu_matmul = eager_or_operator(_swiglu_matmul, _swiglu_matmul_op)
+max_rounding_matmul = eager_or_operator(_max_rounding_matmul, _max_rounding_matmul_op)
+
 dequantize_int4 = eager_or_operator(_dequantize_int4, _dequantize_int4_op)
 dequantize_fp4 = eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)
