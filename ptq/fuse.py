@@ -14,9 +14,9 @@ order of the calls). The product is released once every part has taken its slice
 compute through the contiguous-group kernels; joined act-order layers share one order and one gather.
 
 A SwiGLU MLP (``Arch.gated_mlp`` with SiLU) of W8A8 layers becomes one ``SwiGLU`` module, whose one-token product
-takes two launches: the joined gate/up product writes h = SiLU(gate) * up and max|h|, and down rounds h per token
-with that maximum inside its own product. The layers alone take five at one token under torch.compile (gate/up,
-then SiLU * up with the maximum's two reductions and the rounding in three fused kernels, then down).
+takes three launches: the joined gate/up product writes h = SiLU(gate) * up, one kernel rounds h per token (its
+programs spread over the row), and down multiplies the codes. The layers alone take five at one token under
+torch.compile (gate/up; SiLU * up, the maximum's two reductions and the rounding in three fused kernels; down).
 
 For inference only: the joined layers replace the parts' weights, so a fused model is measured and run, not
 saved as a checkpoint.
@@ -72,7 +72,7 @@ class SharedInputPart(nn.Module):
 
 class SwiGLU(nn.Module):
     """down(SiLU(gate(x)) * up(x)) with gate and up joined into one W8A8 layer (gate's outputs, then up's) and down
-    a W8A8 layer of the same kind: at one token on the kernels the two launches of the module docstring, otherwise
+    a W8A8 layer of the same kind: at one token on the kernels the three launches of the module docstring, otherwise
     the layers' own products."""
 
     def __init__(self, gate_up: Int8Linear | Fp8Linear, down: Int8Linear | Fp8Linear):
@@ -90,10 +90,11 @@ class SwiGLU(nn.Module):
         else:
             qx, x_scale = kernels.quantize_rows(flat, self.act)
         first, down = self.gate_up, self.down_proj
-        h, h_max = kernels.swiglu_matmul(qx, x_scale, first.weight, first.weight_scale, first.out_features,
-                                         first.in_features, self.act, x.dtype)  # fmt: skip
-        y = kernels.max_rounding_matmul(h, h_max, down.weight, down.weight_scale, down.out_features,
-                                        down.in_features, self.act)  # fmt: skip
+        h = kernels.swiglu_matmul(qx, x_scale, first.weight, first.weight_scale, first.out_features, first.in_features,
+                                  self.act, x.dtype)  # fmt: skip
+        qh, h_scale = kernels.quantize_rows(h, self.act)
+        y = kernels.codes_matmul(qh, h_scale, down.weight, down.weight_scale, down.out_features, down.in_features,
+                                 self.act, x.dtype)  # fmt: skip
         return y.reshape(*x.shape[:-1], -1)
 
 

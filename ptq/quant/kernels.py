@@ -203,12 +203,9 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _write_swiglu(y, y_ptr, max_ptr, state_ptr, pid_n, half, programs, BLOCK_N: tl.constexpr,
-                      ROUND: tl.constexpr):  # fmt: skip
+    def _write_swiglu(y, y_ptr, pid_n, half, BLOCK_N: tl.constexpr, ROUND: tl.constexpr):
         """SwiGLU's h = SiLU(gate) * up (Shazeer, "GLU Variants Improve Transformer", 2020) from a tile whose rows
-        alternate gate's and up's, rounded as the model rounds each op's output; and max|h| over the launch: each
-        program raises a running maximum (fp32 bits, non-negative, so integer order is float order), and the
-        last to finish writes it to max_ptr and resets the running maximum and the count for the next launch."""
+        alternate gate's and up's, rounded as the model rounds each op's output."""
         gate, up = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
         gate, up = _round_to(gate, ROUND), _round_to(up, ROUND)
         silu = _round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), ROUND)
@@ -216,14 +213,6 @@ if triton is not None:
         rj = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         mask = rj < half
         tl.store(y_ptr + rj, h.to(y_ptr.dtype.element_ty), mask=mask)
-        largest = tl.max(tl.where(mask, tl.abs(h), 0.0), axis=0)
-        tl.debug_barrier()  # every thread's h is written before the count
-        tl.atomic_max(state_ptr + 1, largest.to(tl.int32, bitcast=True), sem="relaxed")
-        arrived = tl.atomic_add(state_ptr, 1, sem="acq_rel")
-        if arrived == programs - 1:
-            total = tl.atomic_xchg(state_ptr + 1, 0)
-            tl.store(max_ptr, total.to(tl.float32, bitcast=True))
-            tl.atomic_xchg(state_ptr, 0)
 
     @triton.jit
     def _nibble_dot(xj, wj, acc, SWAP: tl.constexpr):
@@ -561,8 +550,7 @@ if triton is not None:
                         QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         TILES: tl.constexpr, ROW_TILES: tl.constexpr, INT_SUMS: tl.constexpr, CODES: tl.constexpr,
                         EVEN: tl.constexpr, STAGES: tl.constexpr, DP4A: tl.constexpr = 0,
-                        PREFETCH: tl.constexpr = 0, SWIGLU: tl.constexpr = 0, GIVEN_MAX: tl.constexpr = 0,
-                        ROUND: tl.constexpr = 0):  # fmt: skip
+                        PREFETCH: tl.constexpr = 0, SWIGLU: tl.constexpr = 0, ROUND: tl.constexpr = 0):  # fmt: skip
         """One token times 8-bit weights [N, K] (K contiguous), near the memory bound: each thread reads 16
         weights of BLOCK_N rows per K tile and sums their products itself (the [BLOCK_N, BLOCK_K / 16] partial
         sums are reduced across threads once, at the end); the 16 activations it needs are rounded once for
@@ -573,8 +561,7 @@ if triton is not None:
         PREFETCH (1: PTX, 2: nothing, the interpreter): each tile first asks L2 for the tile two ahead.
         SWIGLU (the joined gate/up product of a SwiGLU MLP, N = 2I rows: gate's then up's; no split-K): a program's
         rows alternate gate's and up's of the same outputs, and it writes h = SiLU(gate) * up (``_write_swiglu``)
-        instead of the products, and max|h| to ws_ptr. GIVEN_MAX: xs_ptr holds max|x| (from the SWIGLU launch
-        before), and the kernel rounds x per token with it (no pass over the row)."""
+        instead of the products."""
         if SWIGLU:
             pid_n, pid_k = tl.program_id(0), tl.program_id(1)
             half = N // 2
@@ -586,8 +573,6 @@ if triton is not None:
         one = tl.arange(0, 1)
         if ACT != 0 and CODES:
             x_scale = tl.load(xs_ptr + one)
-        elif ACT != 0 and GIVEN_MAX:
-            x_scale = tl.maximum(tl.load(xs_ptr + one) / QMAX, 1e-12)  # as _row_scales (ACT_SCALE_MIN)
         elif ACT != 0:
             x_scale = _row_scales(x_ptr, one, one >= 0, K, K, QMAX, 1, BLOCK_K, ROW_TILES)
         # a tile is loaded as [rows, K] (a thread's 16 K contiguous, whole rows in each thread), then seen as
@@ -629,7 +614,7 @@ if triton is not None:
         if ACT != 0:
             y = y * x_scale
         if SWIGLU:
-            _write_swiglu(y, y_ptr, ws_ptr, cnt_ptr, pid_n, N // 2, tl.num_programs(0), BLOCK_N, ROUND)
+            _write_swiglu(y, y_ptr, pid_n, N // 2, BLOCK_N, ROUND)
         else:
             _write_output(y[None, :], y_ptr, ws_ptr, cnt_ptr, one, rn, one >= 0, mask_n, 1, N, N, pid_n, pid_k,
                           SPLIT_K)  # fmt: skip
@@ -738,17 +723,24 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, ACT: tl.constexpr, QMAX: tl.constexpr,
-                              BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr):  # fmt: skip
-        """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3)."""
+                              BLOCK_K: tl.constexpr, ROW_TILES: tl.constexpr, SPREAD: tl.constexpr = 0,
+                              SCALE_BLOCK: tl.constexpr = 0):  # fmt: skip
+        """One row per program: its scale max|x| / qmax, then the row rounded (int8 or E4M3). SPREAD: a row's
+        programs (grid axis 1) each find the row's scale (one load of SCALE_BLOCK >= K) and round one tile of it,
+        so that one long row is rounded by many multiprocessors."""
         row = tl.program_id(0)
         rm = row + tl.arange(0, 1)
-        x_scale = _row_scales(x_ptr, rm, rm >= 0, K, stride_xm, QMAX, 1, BLOCK_K, ROW_TILES)
-        for t in range(ROW_TILES):
-            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        if SPREAD:
+            x_scale = _row_scales(x_ptr, rm, rm >= 0, K, stride_xm, QMAX, 1, SCALE_BLOCK, 1)
+        else:
+            x_scale = _row_scales(x_ptr, rm, rm >= 0, K, stride_xm, QMAX, 1, BLOCK_K, ROW_TILES)
+        for t in range(1 if SPREAD else ROW_TILES):
+            rk = (tl.program_id(1) if SPREAD else t) * BLOCK_K + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rk < K)[None, :], other=0.0)
             q = _quantize_tile(x.to(tl.float32), x_scale, ACT)
             tl.store(q_ptr + rm[:, None] * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=(rk < K)[None, :])
-        tl.store(s_ptr + rm, x_scale)
+        if tl.program_id(1) == 0:
+            tl.store(s_ptr + rm, x_scale)
 
     @triton.jit
     def _dequantize_int4_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, stride_w, stride_s, group,
@@ -977,26 +969,21 @@ def _launch_rows_gemv(config, x, w, scale, tensor_scale, n, k, strides, group, w
     return y
 
 
-def _launch_w8_gemv(config, x, w, scale, n, k, stride_w, act, x_scale=None, out_dtype=None, swiglu=False,
-                    x_max=None):  # fmt: skip
+def _launch_w8_gemv(config, x, w, scale, n, k, stride_w, act, x_scale=None, out_dtype=None, swiglu=False):
     """One token times 8-bit weights on ``_w8_gemv_kernel``. ``x_scale``: x holds the activations' codes already
-    (a CODES tile). ``swiglu``: the joined gate/up product of a SwiGLU MLP, returned as (h, max|h|).
-    ``x_max``: x is rounded per token with this maximum inside the product."""
+    (a CODES tile). ``swiglu``: the joined gate/up product of a SwiGLU MLP, returned as h = SiLU(gate) * up."""
     block_n, warps, per_sm, stages, _, *variant = config
     block_k = 16 * 32 * warps
     if swiglu:  # every program holds whole gate/up pairs of outputs: no split-K
         half, tiles = n // 2, triton.cdiv(k, block_k)
         grid = (triton.cdiv(half, block_n // 2), 1)
-        y = torch.empty(1, half, dtype=out_dtype or x.dtype, device=x.device)
-        workspace = torch.empty(1, dtype=torch.float32, device=x.device)  # max|h|
+        y = workspace = torch.empty(1, half, dtype=out_dtype or x.dtype, device=x.device)
         even = k % block_k == 0 and half % (block_n // 2) == 0
     else:
         grid, y, workspace, tiles, even = _one_token_grid(x, n, k, block_n, block_k, per_sm, out_dtype)
     int_sums = INT_SUMS in variant and _int8_products(act, w)
-    codes = CODES in variant and act != ACT_NONE and x_max is None
-    if x_max is not None:
-        x_codes, x_scale = x, x_max
-    elif x_scale is None:
+    codes = CODES in variant and act != ACT_NONE
+    if x_scale is None:
         x_codes, x_scale = _quantize_rows(x, act) if codes else (x, scale)
     else:  # x holds the activations' codes already (codes_matmul, whose candidates are CODES tiles)
         x_codes = x
@@ -1004,12 +991,12 @@ def _launch_w8_gemv(config, x, w, scale, n, k, stride_w, act, x_scale=None, out_
     if dp4a:  # both read as int32 words of 4 codes
         x_codes, w, stride_w = x_codes.view(torch.int32), w.view(torch.int32), stride_w // 4
     round_to = {torch.bfloat16: 1, torch.float16: 2}.get(y.dtype, 0)
-    _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, tile_counters(x.device, max(grid[0], 2)), n, k,
-                          stride_w, ACT=act, QMAX=QMAX[act], BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1],
-                          TILES=tiles, ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes, EVEN=even,
-                          STAGES=stages, DP4A=dp4a, PREFETCH=_ptx_mode(PREFETCH in variant), SWIGLU=swiglu,
-                          GIVEN_MAX=x_max is not None, ROUND=round_to, num_warps=warps)  # fmt: skip
-    return (y, workspace) if swiglu else y
+    _w8_gemv_kernel[grid](x_codes, w, scale, x_scale, y, workspace, tile_counters(x.device, grid[0]), n, k, stride_w,
+                          ACT=act, QMAX=QMAX[act], BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=grid[1], TILES=tiles,
+                          ROW_TILES=triton.cdiv(k, block_k), INT_SUMS=int_sums, CODES=codes, EVEN=even, STAGES=stages,
+                          DP4A=dp4a, PREFETCH=_ptx_mode(PREFETCH in variant), SWIGLU=swiglu, ROUND=round_to,
+                          num_warps=warps)  # fmt: skip
+    return y
 
 
 def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group, weight, act, act_order, scale_kind,
@@ -1279,6 +1266,11 @@ def _quantize_rows(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tenso
     q = torch.empty(m, k, dtype=dtype, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block_k, warps = (1024 if k >= 1024 else 128), 4
+    if m == 1 and 4096 < k <= 16384:  # one long row (a decode step's MLP): every program finds the scale, rounds a tile
+        grid = (1, triton.cdiv(k, 2048))
+        _quantize_rows_kernel[grid](x, q, s, k, x.stride(0), ACT=act, QMAX=QMAX[act], BLOCK_K=2048, ROW_TILES=1,
+                                    SPREAD=True, SCALE_BLOCK=triton.next_power_of_2(k), num_warps=8)  # fmt: skip
+        return q, s
     if m <= SKINNY_ROWS:  # a few programs: each row in one tile (up to 16K), so its two passes are one load each
         block_k = min(triton.next_power_of_2(k), 16384)
         warps = max(4, min(16, block_k // 1024))
@@ -1402,7 +1394,7 @@ def _codes_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> torch.Tensor
     return _skinny_matmul(qx, w, w_scale, n, k, (k, 0), 0, W8, act, x_scale=x_scale, out_dtype=out_dtype)
 
 
-def _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> torch.Tensor:
     """``swiglu_matmul``'s work: the tile (tuned once per shape among the one-token CODES tiles), then the launch."""
     key = ("swiglu", act, n, k, qx.dtype, w.dtype, out_dtype, qx.device)
 
@@ -1416,42 +1408,15 @@ def _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype) -> tuple[torch
     return run(config)
 
 
-def _max_rounding_matmul(x, x_max, w, w_scale, n, k, act) -> torch.Tensor:
-    """``max_rounding_matmul``'s work: the tile (tuned once per shape among the one-token tiles that round x
-    themselves), then the launch."""
-    key = ("max_rounding", act, n, k, x.dtype, w.dtype, x.device)
-
-    def run(config, weights=(w, w_scale)):
-        return _launch_w8_gemv(config, x, *weights, n, k, k, act, x_max=x_max)
-
-    config = _tuned.get(key)
-    if config is None:
-        candidates = [c for c in GEMV_CANDIDATES[W8]
-                      if ROWS in c and CODES not in c and DP4A not in c and _w8_variant_applies(c, act, w)]  # fmt: skip
-        config = _config(key, candidates, run, (w, w_scale))
-    return run(config)
-
-
 @torch.library.custom_op("ptq::swiglu_matmul", mutates_args=())
 def _swiglu_matmul_op(qx: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int, k: int,
-                      act: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                      act: int, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     return _swiglu_matmul(qx, x_scale, w, w_scale, n, k, act, out_dtype)
 
 
 @_swiglu_matmul_op.register_fake
 def _(qx, x_scale, w, w_scale, n, k, act, out_dtype):
-    return qx.new_empty(1, n // 2, dtype=out_dtype), qx.new_empty(1, dtype=torch.float32)
-
-
-@torch.library.custom_op("ptq::max_rounding_matmul", mutates_args=())
-def _max_rounding_matmul_op(x: torch.Tensor, x_max: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int,
-                            k: int, act: int) -> torch.Tensor:  # fmt: skip
-    return _max_rounding_matmul(x, x_max, w, w_scale, n, k, act)
-
-
-@_max_rounding_matmul_op.register_fake
-def _(x, x_max, w, w_scale, n, k, act):
-    return x.new_empty(1, n)
+    return qx.new_empty(1, n // 2, dtype=out_dtype)
 
 
 @torch.library.custom_op("ptq::quantize_rows", mutates_args=())
@@ -1514,11 +1479,9 @@ quantize_rows = eager_or_operator(_quantize_rows, _quantize_rows_op)
 # scales [M, 1]) times 8-bit weights [N, K] with per-channel scales: the few-token and one-token CODES tiles
 codes_matmul = eager_or_operator(_codes_matmul, _codes_matmul_op)
 w8a8_matmul = eager_or_operator(_w8a8_matmul, _w8a8_matmul_op)
-# A SwiGLU MLP's one-token W8A8 product in two launches (``ptq.fuse.SwiGLU``): the joined gate/up product of
-# the input's codes [1, K] (E4M3 or int8, fp32 scale [1, 1]) -> h = SiLU(gate) * up [1, N / 2] and max|h| [1] fp32;
-# then h times down's 8-bit weights, h rounded per token with that maximum inside the product
+# A SwiGLU MLP's first product at one token (``ptq.fuse.SwiGLU``): the input's codes [1, K] (E4M3 or int8, fp32
+# scale [1, 1]) times the joined gate/up weights [N, K] (gate's rows, then up's) -> h = SiLU(gate) * up [1, N / 2]
 swiglu_matmul = eager_or_operator(_swiglu_matmul, _swiglu_matmul_op)
-max_rounding_matmul = eager_or_operator(_max_rounding_matmul, _max_rounding_matmul_op)
 
 dequantize_int4 = eager_or_operator(_dequantize_int4, _dequantize_int4_op)
 dequantize_fp4 = eager_or_operator(_dequantize_fp4, _dequantize_fp4_op)
