@@ -1,8 +1,6 @@
 """The kernel prototypes in ``scripts/`` (not used by the package), each through its own check in Triton's
 interpreter: ``mlp_one_token.py``, the one-launch W4A16 MLP (against gate_up, SiLU·up and down through ptq's
-layers, twice, so that the atomically summed buffer and the arrival counter are found reset), and
-``silu_round_rows.py``, the one-launch SiLU·up and per-token rounding of a W8A8 MLP's down input (codes and scales
-against ``fp8_rows`` / ``int8_rows`` of torch's SiLU·up, fp32 and bf16, E4M3 and int8)."""
+layers, twice, so that the atomically summed buffer and the arrival counter are found reset)."""
 
 from pathlib import Path
 
@@ -19,8 +17,3 @@ def test_the_one_launch_mlp_matches_the_three_layers_in_the_interpreter():
     done = run_interpreted(str(SCRIPTS / "mlp_one_token.py"))
     errors = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if "relative error" in line]
     assert len(errors) == 4 and max(errors) < 1e-5
-
-
-def test_the_one_launch_rounding_gives_the_layers_codes_in_the_interpreter():
-    done = run_interpreted(str(SCRIPTS / "silu_round_rows.py"))
-    assert done.stdout.count("codes differing") == 6
