@@ -21,7 +21,8 @@ partial sums (``_write_output``). One token runs on the CUDA cores, near the mem
 sums its own products and converts a weight in one or two integer operations: ``_int4_gemv_kernel`` (INT4
 with contiguous groups: a thread holds whole columns of a group's words), ``_w8_gemv_kernel`` and
 ``_fp4_gemv_kernel`` (8-bit and FP4 weights, K contiguous: a thread holds 16 or 32 K of several rows), and
-``_gemv_kernel`` for the rest (act-order's gathered groups, FP4 rows that are not whole int32 words).
+``_gemv_kernel`` for the rest (act-order's gathered groups, FP4 rows that are not whole int32 words). A SwiGLU
+MLP's joined gate/up product of W8A8 codes can write SiLU(gate) * up instead of its outputs (``swiglu_matmul``).
 The tile shape is chosen per (weight kind, rows, N, K) by timing a few candidates on first use
 (``_config``, each replayed from a CUDA graph over copies of the weights that do not fit in the L2 cache, as a
 forward pass reads them); CUDA-graph capture uses what was tuned before it.
