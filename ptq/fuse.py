@@ -18,6 +18,11 @@ takes three launches: the joined gate/up product writes h = SiLU(gate) * up, one
 programs spread over the row), and down multiplies the codes. The layers alone take five at one token under
 torch.compile (gate/up; SiLU * up, the maximum's two reductions and the rounding in three fused kernels; down).
 
+The attention's output projection, where it is an FP8 W8A8 layer, rounds its input inside its product under
+torch.compile (``rounds_own_input``): the attention kernel writes that input, so inductor has no kernel to fuse the
+rounding into and would launch one for it alone. Int8 layers keep that kernel: their fastest one-token tile (DP4A)
+reads the codes from memory as words of four, and the int8 tiles that round inside were slower than both launches.
+
 For inference only: the joined layers replace the parts' weights, so a fused model is measured and run, not
 saved as a checkpoint.
 """
@@ -30,7 +35,7 @@ from torch import nn
 
 from ptq.models import get_arch, get_blocks, get_submodule
 from ptq.quant import kernels
-from ptq.quant.linear import Fp8Linear, Int8Linear, QuantLinear, fp8_rows, int8_rows, join_outputs
+from ptq.quant.linear import W8A8_LAYERS, Fp8Linear, Int8Linear, QuantLinear, fp8_rows, int8_rows, join_outputs
 
 
 class SharedInput(nn.Module):
@@ -104,18 +109,22 @@ def swiglu_applies(model: nn.Module, gate_up: nn.Module, down: nn.Module) -> boo
     if getattr(model.config, "hidden_act", None) not in ("silu", "swish"):
         return False
     kind = type(down)
-    return kind in (Int8Linear, Fp8Linear) and type(gate_up) is kind and gate_up.bias is None and down.bias is None
+    return kind in W8A8_LAYERS and type(gate_up) is kind and gate_up.bias is None and down.bias is None
 
 
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
-    """Join each block's linears that read the same input (see the module docstring); returns how many groups
-    were joined. Groups whose layers do not join (``join_outputs`` gives None) stay as they are."""
+    """Join each block's linears that read the same input and mark FP8 attention outputs to round their own input
+    (see the module docstring); returns how many groups were joined. Groups whose layers do not join
+    (``join_outputs`` gives None) stay as they are."""
     arch = get_arch(model)
     if arch.residual is None:
         return 0
     fused = 0
     for block in get_blocks(model):
+        attention_out = get_submodule(block, arch.residual.attention_out)
+        if isinstance(attention_out, Fp8Linear):
+            attention_out.rounds_own_input = True
         for _, names in arch.residual.readers:
             layers = [get_submodule(block, name) for name in names]
             if any(layer is None for layer in layers):

@@ -99,6 +99,20 @@ def test_only_silu_mlps_of_w8a8_layers_become_swiglu_modules(fmt, act, swiglu):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "w8a8", "w4a16"])
+def test_fp8_attention_outputs_round_their_own_input(fmt):
+    """Only the attention's output projection of FP8 models is told to round its input inside its product under
+    torch.compile (nothing before it for inductor to fuse a rounding into); int8's and the MLP's down projection
+    are not."""
+    model = tiny_model(fmt, LLAMA)
+    fuse_projections(model)
+    block = model.model.layers[0]
+    o_proj = block.self_attn.o_proj
+    assert getattr(o_proj, "rounds_own_input", False) == (fmt == "fp8")
+    down = block.mlp.down_proj
+    assert not getattr(down, "rounds_own_input", False)
+
+
 def test_the_kernel_benchmark_times_the_joined_shapes():
     from ptq.bench.kernels import block_linear_shapes
 

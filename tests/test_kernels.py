@@ -278,6 +278,33 @@ def test_every_w8a8_tile_gives_the_exact_product_of_the_codes(fmt, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_tiles_that_round_one_long_row_give_the_codes_products_bits(fmt):
+    """One token over more than one of the ROUNDS tiles' scale loads (K > 8192): each program finds the row's scale
+    and rounds its tiles to the codes ``_quantize_rows`` writes, so the product is the given codes' to the bit."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import Fp8Linear, Int8Linear
+
+    cls, act = (Int8Linear, kernels.ACT_INT8) if fmt == "int8" else (Fp8Linear, kernels.ACT_FP8)
+    n, k = 72, 8192 + 1000
+    layer = cls.from_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(0)), None).to(DEVICE)
+    x = inputs(1, k)
+    x[0, 8500] = 40.0  # the row's largest value lies in its second scale load
+    want = exact_w8a8_product(layer, x, fmt)
+    launch = (layer.weight, layer.weight_scale.reshape(-1), None, None, None, n, k, (k, 0), 0, kernels.W8, act, False,
+              0, True)  # fmt: skip
+    qx, x_scale = kernels._quantize_rows(x, act)
+    configs = [c for c in kernels.GEMV_CANDIDATES[kernels.W8] if kernels.ROUNDS in c
+               and kernels._w8_variant_applies(c, act, layer.weight)]  # fmt: skip
+    assert configs
+    for config in configs:
+        got = kernels._launch(config, x, *launch)
+        assert relative_error(got, want) < TOLERANCE, config
+        given = kernels._launch(config, qx, *launch, x_scale=x_scale.reshape(-1), out_dtype=x.dtype)
+        assert torch.equal(given, got), config
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_codes_matmul_takes_activations_rounded_by_torch_ops(fmt, rows):
@@ -582,8 +609,12 @@ def test_a_fused_swiglu_model_decodes_as_the_layers_do(fmt):
 @pytest.mark.parametrize("rows", [1, 16, 65])
 def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
     """torch.compile traces the layers without breaking the graph (the kernels are PyTorch operators,
-    ``ptq::quantized_matmul`` and the others) and computes what they compute eagerly."""
+    ``ptq::quantized_matmul`` and the others) and computes what they compute eagerly. A W8A8 layer's few tokens take
+    another path there (torch ops round x, ``codes_matmul`` multiplies the codes; the tuner may give it another tile
+    than the eager call's, so another order of the sums): that path's eager result, to the bit."""
     from ptq.bench.infer import make_layer
+    from ptq.quant import kernels
+    from ptq.quant.linear import fp8_rows, int8_rows
 
     torch._dynamo.reset()
     weight = (torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02).to(DEVICE, DTYPE)
@@ -591,26 +622,40 @@ def test_compiled_layers_keep_the_kernels_whole(fmt, rows):
     x = inputs(rows, 256)
     eager = layer(x)  # the first call finds the layer's group layout (a data-dependent check, once)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    assert relative_error(compiled(x), eager) < 1e-6
+    got = compiled(x)
+    if fmt in ("w8a8", "fp8") and rows <= kernels.SKINNY_ROWS:
+        act, rounding = (kernels.ACT_INT8, int8_rows) if fmt == "w8a8" else (kernels.ACT_FP8, fp8_rows)
+        same_path = kernels.codes_matmul(*rounding(x), layer.weight, layer.weight_scale, 96, 256, act, x.dtype)
+        assert torch.equal(got, same_path)
+        assert relative_error(got, eager) < TOLERANCE
+    else:
+        assert relative_error(got, eager) < 1e-6
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("how", ["setting", "layer"])
 @pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
-def test_compiled_w8a8_layers_can_leave_the_rounding_to_the_kernel(fmt, monkeypatch):
-    """With PTQ_W8A8_COMPILED_ROUNDING=kernel a compiled W8A8 layer hands one token's x to the operator that eager
-    calls use (the tile rounds it), not to torch ops and ``codes_matmul``: the same bits as eagerly."""
+def test_compiled_w8a8_layers_can_leave_the_rounding_to_the_kernel(fmt, how, rows, monkeypatch):
+    """With PTQ_W8A8_COMPILED_ROUNDING=kernel, or on a layer whose ``rounds_own_input`` is set, a compiled W8A8 layer
+    hands a few tokens' x to the operator that eager calls use (the tile rounds it), not to torch ops and
+    ``codes_matmul``: the same bits as eagerly."""
     from ptq.bench.infer import make_layer
     from ptq.quant import kernels, linear
 
     def not_this_path(*args, **kwargs):
         raise AssertionError("codes_matmul called: the activations were rounded by torch ops")
 
-    monkeypatch.setattr(linear, "COMPILED_ROUNDING", "kernel")
     monkeypatch.setattr(kernels, "codes_matmul", not_this_path)
     torch._dynamo.reset()
     weight = (torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02).to(DEVICE, DTYPE)
     layer = make_layer(fmt, weight)
-    x = inputs(1, 256)
+    if how == "setting":
+        monkeypatch.setattr(linear, "COMPILED_ROUNDING", "kernel")
+    else:
+        assert linear.COMPILED_ROUNDING == "torch"
+        layer.rounds_own_input = True
+    x = inputs(rows, 256)
     eager = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), eager)
@@ -633,6 +678,9 @@ def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
         assert not any(kernels.SWAP in c for c in int8) and not any(kernels.INT_SUMS in c for c in fp8)
         assert not any(kernels.CODES in c or kernels.INT_SUMS in c or kernels.SKINNY in c for c in weight_only)
         assert any(kernels.CODES in c for c in int8) and any(kernels.CODES in c for c in fp8)
+        for applicable in (int8, fp8):  # tiles that round inside, into the 8-bit dots, with and without SWAP
+            assert any(kernels.ROUNDS in c and kernels.SWAP not in c for c in applicable)
+        assert any(kernels.ROUNDS in c and kernels.SWAP in c for c in fp8)
         if table is kernels.CANDIDATES:
             assert any(kernels.SWAP in c for c in fp8)
         else:
@@ -641,3 +689,9 @@ def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
             odd_rows = torch.zeros(4, 6, dtype=torch.int8)  # rows of 6 bytes: not whole int32 words
             applies = [c for c in configs if kernels._w8_variant_applies(c, kernels.ACT_INT8, odd_rows)]
             assert applies and not any(kernels.DP4A in c for c in applies)
+    # over 16 rows a ROUNDS tile would run as its CODES tile (see _launch): not timed there
+    for rows, rounds in ((16, True), (17, False)):
+        x = torch.zeros(rows, 4)
+        for act, w in ((kernels.ACT_INT8, int8_w), (kernels.ACT_FP8, fp8_w)):
+            tiles = kernels._candidates(kernels.W8, act, x, w, False, False, 0, 4, 4, False)
+            assert any(kernels.ROUNDS in c for c in tiles) == rounds

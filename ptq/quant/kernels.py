@@ -89,14 +89,22 @@ if triton is not None:
 
     @triton.jit
     def _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ROW_TILES: tl.constexpr):  # fmt: skip
-        """Per-token scales max|x| / QMAX of rows ``rm`` (clamped as ``ACT_SCALE_MIN`` clamps them)."""
+                    ROW_TILES: tl.constexpr, UNROLL: tl.constexpr = False):  # fmt: skip
+        """Per-token scales max|x| / QMAX of rows ``rm`` (clamped as ``ACT_SCALE_MIN`` clamps them). UNROLL: every
+        tile's load issued before the maxima wait on them (a product's prologue, where each load waits on L2)."""
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for t in range(ROW_TILES):
-            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask = mask_m[:, None] & (rk < K)[None, :]
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        if UNROLL:
+            for t in tl.static_range(ROW_TILES):
+                rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                mask = mask_m[:, None] & (rk < K)[None, :]
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        else:
+            for t in range(ROW_TILES):
+                rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                mask = mask_m[:, None] & (rk < K)[None, :]
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         return tl.maximum(amax / QMAX, 1e-12)
 
     @triton.jit
@@ -232,17 +240,28 @@ if triton is not None:
         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
         NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr, SWAP: tl.constexpr,
+        ROUNDS: tl.constexpr = False, SCALE_K: tl.constexpr = 128, SCALE_TILES: tl.constexpr = 1,
+        ONE_ROW: tl.constexpr = False,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
         # CODES (W8A8): x holds the activations' codes already (``_quantize_rows``) and xs_ptr their scales; the
         # codes are multiplied on the 8-bit tensor cores as stored (INT_DOT: int8 x int8 -> int32; else E4M3 x
-        # E4M3 -> fp32, each tile's dot summed into the fp32 accumulator on the CUDA cores), no conversion per weight
+        # E4M3 -> fp32, each tile's dot summed into the fp32 accumulator on the CUDA cores), no conversion per weight.
+        # ROUNDS (with CODES): x holds the activations as they are; each program finds the rows' scales (SCALE_TILES
+        # loads of SCALE_K, all issued at once) and rounds each x tile to those codes before the dot, so no
+        # rounding kernel runs before the product. ONE_ROW (M = 1): only the first row is read and rounded, then
+        # widened to the dot's BLOCK_M rows with zeros, rather than rounding BLOCK_M - 1 rows of padding
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rm < M, rn < N
-        if ACT != 0 and CODES:
+        one = tl.arange(0, 1)
+        if ACT != 0 and CODES and ROUNDS and ONE_ROW:
+            x_scale = _row_scales(x_ptr, one, one >= 0, K, stride_xm, QMAX, 1, SCALE_K, SCALE_TILES, True)
+        elif ACT != 0 and CODES and ROUNDS:
+            x_scale = _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX, BLOCK_M, SCALE_K, SCALE_TILES, True)
+        elif ACT != 0 and CODES:
             x_scale = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
         elif ACT != 0:
             x_scale = _row_scales(x_ptr, rm, mask_m, K, stride_xm, QMAX, BLOCK_M, BLOCK_K, ROW_TILES)
@@ -253,8 +272,14 @@ if triton is not None:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 mask_k = rk < K
                 xmask, wmask = mask_m[:, None] & mask_k[None, :], mask_k[:, None] & mask_n[None, :]
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0)
                 w = tl.load(w_ptr + rn[None, :] * stride_w + rk[:, None], mask=wmask, other=0.0)
+                if ROUNDS and ONE_ROW:
+                    x = tl.load(x_ptr + rk[None, :], mask=mask_k[None, :], other=0.0)
+                    x = tl.where(rm[:, None] == 0, _quantize_tile(x.to(tl.float32), x_scale, ACT), 0.0).to(w.dtype)
+                else:
+                    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0)
+                if ROUNDS and not ONE_ROW:  # the codes _quantize_rows would write (on the int8 or E4M3 grid: exact)
+                    x = _quantize_tile(x.to(tl.float32), x_scale, ACT).to(w.dtype)
                 if INT_DOT:
                     acc += tl.dot(x, w, out_dtype=tl.int32)
                 else:
@@ -795,6 +820,10 @@ CODES = "codes"  # W8A8: the activations quantized once per call by a kernel bef
 # SWAP: the product taken as y^T = w x^T, the weight tile the dot's left operand: FP8 codes on Hopper's FP8
 # warp-group dots (int8: ignored); INT4 NIBBLE tiles decoded in the registers the warp-group dot reads.
 SWAP = "swap"
+# ROUNDS (with CODES, few-token and SKINNY tiles): the tile rounds the activations to codes itself, before its 8-bit
+# dots (no rounding kernel before the product); tuned against the same tile given codes and the tiles that round
+# into float sums. Given codes (``codes_matmul``) it is the plain CODES tile, so it is not timed there.
+ROUNDS = "rounds"
 # MMA (INT4, contiguous groups of 64 or 128, bf16/fp16 on CUDA): ``ptq.quant.int4_mma``, the codes decoded into
 # mma.sync's operand registers (BLOCK_N = 8 x words per lane x num_warps; BLOCK_K is its 64-input chunk; the fifth
 # field: 1, each group loaded into registers, or the groups in a cp.async ring through shared memory).
@@ -814,7 +843,9 @@ CANDIDATES = {
     W8: [(64, 256, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 8, 4, 3),
          (64, 256, 1, 4, 4, CODES), (64, 256, 4, 4, 4, CODES), (128, 256, 2, 4, 4, CODES), (32, 256, 8, 4, 4, CODES),
          (128, 128, 1, 4, 4, CODES), (64, 512, 2, 4, 3, CODES), (64, 128, 1, 4, 4, CODES, SWAP),
-         (128, 128, 1, 4, 4, CODES, SWAP), (64, 256, 2, 4, 4, CODES, SWAP), (128, 256, 2, 4, 3, CODES, SWAP)],
+         (128, 128, 1, 4, 4, CODES, SWAP), (64, 256, 2, 4, 4, CODES, SWAP), (128, 256, 2, 4, 3, CODES, SWAP),
+         (64, 256, 4, 4, 4, CODES, ROUNDS), (128, 128, 1, 4, 4, CODES, ROUNDS), (64, 128, 1, 4, 4, CODES, SWAP, ROUNDS),
+         (128, 128, 1, 4, 4, CODES, SWAP, ROUNDS), (64, 256, 2, 4, 4, CODES, SWAP, ROUNDS)],
     FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
@@ -856,6 +887,9 @@ GEMV_CANDIDATES = {
          (64, 256, 4, 4, 4, SKINNY, CODES), (128, 256, 2, 4, 4, SKINNY, CODES), (32, 256, 8, 4, 4, SKINNY, CODES),
          (64, 512, 4, 4, 3, SKINNY, CODES), (64, 128, 4, 4, 4, SKINNY, CODES, SWAP),
          (128, 128, 2, 4, 4, SKINNY, CODES, SWAP), (64, 256, 4, 4, 4, SKINNY, CODES, SWAP),
+         (64, 256, 4, 4, 4, SKINNY, CODES, ROUNDS), (128, 256, 2, 4, 4, SKINNY, CODES, ROUNDS),
+         (64, 128, 4, 4, 4, SKINNY, CODES, SWAP, ROUNDS), (128, 128, 2, 4, 4, SKINNY, CODES, SWAP, ROUNDS),
+         (64, 256, 4, 4, 4, SKINNY, CODES, SWAP, ROUNDS),
          (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), (16, 1024, 2, 4, 2, INT_SUMS), (8, 2048, 4, 4, 2, INT_SUMS),
          (32, 1024, 4, 8, 2, INT_SUMS), (16, 2048, 4, 8, 2, INT_SUMS)],
@@ -1023,13 +1057,18 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
     counters = tile_counters(x.device, grid[0] * grid[2])
     dummy = scale  # pointers a kind does not read
     codes = not gemv and CODES in variant and _codes_multiply(weight, act, w)
+    # given codes, or over 16 rows (whose scales' loads would not fit the registers), a ROUNDS tile is its CODES tile
+    rounds = codes and ROUNDS in variant and x_scale is None and block_m == 16
     if x_scale is None:
-        x, x_scale = _quantize_rows(x, act) if codes else (x, dummy)
+        x, x_scale = _quantize_rows(x, act) if codes and not rounds else (x, dummy)
     pointers = (x, w, scale, dummy if zero is None else zero, dummy if g_idx is None else g_idx,
                 dummy if tensor_scale is None else tensor_scale)  # fmt: skip
     common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
                   ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
+    one_row = rounds and m == 1
+    # ROUNDS: the scales' loads, [BLOCK_M, 8192 / BLOCK_M] (one row: up to 8192 of it)
+    scale_k = min(triton.next_power_of_2(k), 8192 if one_row else max(block_k, 8192 // block_m))
     if gemv:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         _gemv_kernel[grid[:2]](*pointers, y, workspace, counters, n, k, strides[0], strides[1], group,
@@ -1038,7 +1077,9 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
         _skinny_kernel[grid](*pointers, x_scale, y, workspace, counters, m, n, k, x.stride(0), y.stride(0), strides[0],
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
-                             INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant, **common)  # fmt: skip
+                             INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant,
+                             ROUNDS=rounds, SCALE_K=scale_k, SCALE_TILES=triton.cdiv(k, scale_k), ONE_ROW=one_row,
+                             **common)  # fmt: skip
     return y
 
 
@@ -1219,7 +1260,7 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
     if config is None:
         candidates = _candidates(weight, act, x, w, gemv, act_order, group, n, k, words)
         if x_scale is not None:
-            candidates = [c for c in candidates if CODES in c]
+            candidates = [c for c in candidates if CODES in c and ROUNDS not in c]
         config = _config(key, candidates, run, (w, scale, zero))
     return run(config)
 
@@ -1240,7 +1281,7 @@ def _candidates(weight: int, act: int, x: torch.Tensor, w: torch.Tensor, gemv: b
     if weight == FP4 and gemv and not words:
         candidates = [c for c in candidates if ROWS not in c]
     if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
-        candidates = [c for c in candidates if _w8_variant_applies(c, act, w)]
+        candidates = [c for c in candidates if _w8_variant_applies(c, act, w) and (ROUNDS not in c or x.shape[0] <= 16)]
     return candidates
 
 

@@ -200,6 +200,8 @@ def fp8_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # activations with torch ops, which inductor fuses into the norm or activation that wrote x, and the kernels multiply
 # codes; "kernel" hands x over as it is and the tuned tile rounds it, as in eager calls (no rounding kernel where
 # inductor has nothing to fuse it into, e.g. after attention, or splits a long reduction into several kernels).
+# A layer whose ``rounds_own_input`` is set (``ptq.fuse`` sets it on the attention's output projection, whose input
+# the attention kernel writes) takes "kernel" whatever the setting.
 COMPILED_ROUNDING = kernels.env_choice("PTQ_W8A8_COMPILED_ROUNDING", {"torch": "", "kernel": ""})
 
 
@@ -209,7 +211,7 @@ def few_tokens_w8a8(layer, flat: torch.Tensor, act: int, dtype: torch.dtype) -> 
     into what wrote x) and the codes multiplied by ``codes_matmul``; eagerly, the tuned tile rounds them itself or
     quantizes them first."""
     args = (layer.weight, layer.weight_scale, layer.out_features, layer.in_features)
-    if torch.compiler.is_compiling() and COMPILED_ROUNDING == "torch":
+    if torch.compiler.is_compiling() and COMPILED_ROUNDING == "torch" and not layer.rounds_own_input:
         qx, x_scale = (int8_rows if act == kernels.ACT_INT8 else fp8_rows)(flat)
         return kernels.codes_matmul(qx, x_scale, *args, act, dtype)
     return kernels.skinny_matmul(flat, *args, (layer.in_features, 0), 0, kernels.W8, act=act)
@@ -235,6 +237,7 @@ class Int8Linear(StoredLayer):
 
     SPEC = WeightSpec("int", 8, PER_CHANNEL, True)
     ACT_FORMAT = "int"  # the per-token activations it quantizes itself
+    rounds_own_input = False  # under torch.compile, a few tokens' rounding left to the tile (see COMPILED_ROUNDING)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -280,6 +283,7 @@ class Fp8Linear(StoredLayer):
 
     SPEC = WeightSpec("fp8_e4m3", 8, PER_CHANNEL, True)
     ACT_FORMAT = "fp8_e4m3"  # the per-token activations it quantizes itself
+    rounds_own_input = False  # under torch.compile, a few tokens' rounding left to the tile (see COMPILED_ROUNDING)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
