@@ -1,0 +1,85 @@
+"""Read a one-token kernel's machine code for Hopper without a GPU: instructions per weight code, spills.
+
+    python scripts/kernel_sass.py --kernel fp4 --tiles 4,4:8,4:8,2:16,4
+    python scripts/kernel_sass.py --kernel w8 --tiles 8,4:16,4 --fp8
+
+Compiles ``ptq.quant.kernels``' ``_fp4_gemv_kernel`` or ``_w8_gemv_kernel`` for sm_90 with Triton's own compiler
+and ptxas (they come with the Triton wheel; no device needed), disassembles it with the wheel's cuobjdump, and
+prints per tile (BLOCK_N, num_warps) the static instruction count, how many weight codes a thread handles per K
+tile, their ratio, local-memory traffic (STL/LDL: spills) and the commonest opcodes. The integer arguments are
+declared divisible by 16, as Triton specializes them at a real launch (K, N and the row strides of the shapes
+the benchmark uses); without that the loads are not vectorized and the listing is not the one that runs.
+One K tile per program (TILES=1, no split-K), so the count is the loop body plus the program's fixed part.
+"""
+
+import argparse
+import collections
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ptq.quant import kernels
+
+OPCODE = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+
+
+def _signature(kind: str, fp8: bool) -> dict[str, str]:
+    if kind == "fp4":
+        return {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "y_ptr": "*bf16",
+                "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_w": "i32",
+                "stride_s": "i32"}  # fmt: skip
+    weight = "*fp8e4nv" if fp8 else "*i8"
+    return {"x_ptr": weight, "w_ptr": weight, "s_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_w": "i32"}  # fmt: skip
+
+
+def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
+    """The kernel compiled for sm_90 at one tile, and the weight codes each thread handles per K tile."""
+    if kind == "fp4":
+        fn, block_k = kernels._fp4_gemv_kernel, 32 * 32 * warps
+        constants = dict(SCALE_KIND=kernels.SCALE_E4M3, BLOCK=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1,
+                         TILES=1, EVEN=True, STAGES=1)  # fmt: skip
+    else:  # the codes variant W8A8 calls take at one token (E4M3 float sums, or int8 int32 sums)
+        fn, block_k = kernels._w8_gemv_kernel, 16 * 32 * warps
+        act = kernels.ACT_FP8 if fp8 else kernels.ACT_INT8
+        constants = dict(ACT=act, QMAX=kernels.QMAX[act], BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, TILES=1,
+                         ROW_TILES=1, INT_SUMS=not fp8, CODES=True, EVEN=True, STAGES=1)  # fmt: skip
+    signature = _signature(kind, fp8)
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "ts_ptr"}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled, block_n * block_k // (32 * warps)
+
+
+def opcodes(cubin: bytes) -> collections.Counter:
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    path = Path("/tmp/ptq_kernel_sass.cubin")
+    path.write_bytes(cubin)
+    listing = subprocess.run([str(tools / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True)
+    return collections.Counter(OPCODE.findall(listing.stdout))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", choices=("fp4", "w8"), default="fp4")
+    p.add_argument("--tiles", default="4,4:8,4:8,2", help="BLOCK_N,num_warps pairs separated by ':'")
+    p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
+    args = p.parse_args()
+    for tile in args.tiles.split(":"):
+        block_n, warps = (int(v) for v in tile.split(","))
+        compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
+        counts = opcodes(compiled.asm["cubin"])
+        total = sum(counts.values())
+        common = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))
+        print(f"{args.kernel} BLOCK_N={block_n} warps={warps}: {total} instructions, {codes} codes per thread, "
+              f"{total / codes:.2f} per code, STL {counts['STL']} LDL {counts['LDL']}; {common}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
