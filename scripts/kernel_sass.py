@@ -16,6 +16,7 @@ import argparse
 import collections
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import triton
@@ -59,9 +60,11 @@ def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
 
 def opcodes(cubin: bytes) -> collections.Counter:
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    path = Path("/tmp/ptq_kernel_sass.cubin")
-    path.write_bytes(cubin)
-    listing = subprocess.run([str(tools / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        listing = subprocess.run([str(tools / "cuobjdump"), "-sass", file.name], capture_output=True, text=True,
+                                 check=True)  # fmt: skip
     return collections.Counter(OPCODE.findall(listing.stdout))
 
 

@@ -95,17 +95,19 @@ if triton is not None:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         if UNROLL:
             for t in tl.static_range(ROW_TILES):
-                rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-                mask = mask_m[:, None] & (rk < K)[None, :]
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+                amax = tl.maximum(amax, _tile_abs_max(x_ptr, rm, mask_m, K, stride_xm, t, BLOCK_K))
         else:
             for t in range(ROW_TILES):
-                rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-                mask = mask_m[:, None] & (rk < K)[None, :]
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+                amax = tl.maximum(amax, _tile_abs_max(x_ptr, rm, mask_m, K, stride_xm, t, BLOCK_K))
         return tl.maximum(amax / QMAX, 1e-12)
+
+    @triton.jit
+    def _tile_abs_max(x_ptr, rm, mask_m, K, stride_xm, t, BLOCK_K: tl.constexpr):
+        """max|x| per row of rows ``rm`` over their K tile ``t``."""
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (rk < K)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0)
+        return tl.max(tl.abs(x.to(tl.float32)), axis=1)
 
     @triton.jit
     def _round_half_even(y):
@@ -278,8 +280,8 @@ if triton is not None:
                     x = tl.where(rm[:, None] == 0, _quantize_tile(x.to(tl.float32), x_scale, ACT), 0.0).to(w.dtype)
                 else:
                     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0)
-                if ROUNDS and not ONE_ROW:  # the codes _quantize_rows would write (on the int8 or E4M3 grid: exact)
-                    x = _quantize_tile(x.to(tl.float32), x_scale, ACT).to(w.dtype)
+                    if ROUNDS:  # the codes _quantize_rows would write (on the int8 or E4M3 grid: exact casts)
+                        x = _quantize_tile(x.to(tl.float32), x_scale, ACT).to(w.dtype)
                 if INT_DOT:
                     acc += tl.dot(x, w, out_dtype=tl.int32)
                 else:
@@ -1066,9 +1068,6 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
     common = dict(WEIGHT=weight, ACT=act, ACT_ORDER=act_order, SCALE_KIND=scale_kind, BLOCK_N=block_n,
                   BLOCK_K=block_k, SPLIT_K=split_k, QMAX=QMAX[act], TILES=triton.cdiv(k, block_k * split_k),
                   ROW_TILES=triton.cdiv(k, block_k), num_warps=warps, num_stages=stages)  # fmt: skip
-    one_row = rounds and m == 1
-    # ROUNDS: the scales' loads, [BLOCK_M, 8192 / BLOCK_M] (one row: up to 8192 of it)
-    scale_k = min(triton.next_power_of_2(k), 8192 if one_row else max(block_k, 8192 // block_m))
     if gemv:
         int_sums = INT_SUMS in variant and _int8_products(act, w)
         _gemv_kernel[grid[:2]](*pointers, y, workspace, counters, n, k, strides[0], strides[1], group,
@@ -1078,9 +1077,15 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
                              INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant,
-                             ROUNDS=rounds, SCALE_K=scale_k, SCALE_TILES=triton.cdiv(k, scale_k), ONE_ROW=one_row,
-                             **common)  # fmt: skip
+                             **(_rounding_tiles(k, block_k, block_m, m) if rounds else {}), **common)  # fmt: skip
     return y
+
+
+def _rounding_tiles(k: int, block_k: int, block_m: int, m: int) -> dict:
+    """A ROUNDS tile's constants: its scale pass's loads, [BLOCK_M, 8192 / BLOCK_M] (one row: up to 8192 of it)."""
+    one_row = m == 1
+    scale_k = min(triton.next_power_of_2(k), 8192 if one_row else max(block_k, 8192 // block_m))
+    return dict(ROUNDS=True, SCALE_K=scale_k, SCALE_TILES=triton.cdiv(k, scale_k), ONE_ROW=one_row)
 
 
 def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:

@@ -230,14 +230,19 @@ def int8_product(qx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(qx, w.t())[:rows, :n]
 
 
-class Int8Linear(StoredLayer):
+class W8A8Layer(StoredLayer):
+    """A layer that quantizes its input per token at each call (``Int8Linear``, ``Fp8Linear``)."""
+
+    rounds_own_input = False  # under torch.compile, a few tokens' rounding left to the tile (see COMPILED_ROUNDING)
+
+
+class Int8Linear(W8A8Layer):
     """y = (q_x q_w^T) * s_x * s_w: W8A8 with the int8 grid evaluation uses (``WeightSpec("int", 8, -1,
     True)``: codes 0..255 around the zero point 128, i.e. signed int8 codes - 128 with one scale per
     output channel), activations quantized per token (max|x| / 127) at each call."""
 
     SPEC = WeightSpec("int", 8, PER_CHANNEL, True)
     ACT_FORMAT = "int"  # the per-token activations it quantizes itself
-    rounds_own_input = False  # under torch.compile, a few tokens' rounding left to the tile (see COMPILED_ROUNDING)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -273,7 +278,7 @@ class Int8Linear(StoredLayer):
         return y + self.bias if self.bias is not None else y
 
 
-class Fp8Linear(StoredLayer):
+class Fp8Linear(W8A8Layer):
     """y = (q_x q_w^T) * s_x * s_w: FP8 W8A8 on FP8 tensor cores (Hopper and later; the CPU too) through
     ``kernels.w8a8_matmul`` (``torch._scaled_mm`` with row-wise scales, or ptq's FP8 GEMM where it is faster),
     up to 64 tokens through the one-token and few-token kernels: E4M3 weights with one scale per output channel
@@ -283,7 +288,6 @@ class Fp8Linear(StoredLayer):
 
     SPEC = WeightSpec("fp8_e4m3", 8, PER_CHANNEL, True)
     ACT_FORMAT = "fp8_e4m3"  # the per-token activations it quantizes itself
-    rounds_own_input = False  # under torch.compile, a few tokens' rounding left to the tile (see COMPILED_ROUNDING)
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
