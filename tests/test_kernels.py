@@ -202,8 +202,9 @@ def test_every_candidate_tile_computes_the_same_product(weight_kind):
     for gemv, candidates in ((False, kernels.CANDIDATES), (True, kernels.GEMV_CANDIDATES)):
         rows = slice(0, 1) if gemv else slice(None)
         for config in candidates_to_run(candidates[kw["weight"]]):
-            if kernels.MMA in config and not kernels.mma_applies(config, x[rows], n, k, group):
-                continue  # test_int4_mma_tiles_over_odd_shapes runs them where they apply
+            mma_kind = (kw["weight"], kw["scale_kind"])
+            if kernels.MMA in config and not kernels.mma_applies(config, x[rows], w, scale, n, k, group, *mma_kind):
+                continue  # test_int4_mma_tiles_over_odd_shapes and test_fp4_mma_tiles_over_odd_shapes run them
             g_idx = kw["g_idx"]
             if gemv and weight_kind == "int4" and kernels.COLUMNS not in config:  # the gathering kernel reads g_idx
                 g_idx = (torch.arange(k, device=DEVICE) // group).to(torch.int32)
@@ -237,7 +238,8 @@ def test_int4_mma_tiles_over_odd_shapes(group, sym, dtype):
         x = inputs(rows, k).to(dtype)
         want = x.float() @ w_t
         for config in kernels.CANDIDATES[kernels.INT4]:
-            if kernels.MMA not in config or not kernels.mma_applies(config, x, n, k, group):
+            applies = kernels.MMA in config and kernels.mma_applies(config, x, layer.qweight, layer.scales, n, k, group)
+            if not applies:
                 continue
             launch = (config, x, layer.qweight, layer.scales, layer.qzeros, None, None, n, k,
                       (layer.qweight.stride(0), layer.scales.stride(0)), group, kernels.INT4, 0, False, 0)  # fmt: skip
@@ -246,6 +248,43 @@ def test_int4_mma_tiles_over_odd_shapes(group, sym, dtype):
             assert torch.equal(kernels._launch(*launch), got), (rows, config)
             ran += 1
     assert ran == 3 * sum(kernels.MMA in c for c in kernels.CANDIDATES[kernels.INT4])
+    assert not kernels._counters[x.device].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on CUDA only (the interpreter does not run them)")
+def test_fp4_mma_tiles_over_odd_shapes():
+    """Every NVFP4 MMA tile (ptq.quant.fp4_mma: E2M1 pairs decoded and scaled into mma.sync's operand registers)
+    against dequantize-then-matmul: rows 1, 7 and 33 (row blocks of 16 and 32, rows past M clamped), 4096 inputs split
+    every way the table holds; again on the next call (split-K's counters reset). The blocks' magnitudes span 10^5,
+    so their E4M3 scales run from subnormal to 448; a second product sees only the smallest blocks (x zero elsewhere),
+    which the first one's error would hide. MXFP4 and fp16 activations keep the other tiles."""
+    from ptq.quant import kernels
+    from ptq.quant.linear import CompactLinear
+
+    n, k = 512, 4096
+    gen = torch.Generator().manual_seed(3)
+    block_magnitude = torch.logspace(-3, 2, k // 16)[torch.randperm(k // 16, generator=gen)]
+    column_magnitude = block_magnitude.repeat_interleave(16)
+    weight = torch.randn(n, k, generator=gen) * column_magnitude
+    layer = CompactLinear(quantize_weight(weight, WeightSpec.build("nvfp4")), None, torch.bfloat16).to(DEVICE)
+    assert (layer.scale.float() < 2**-6).any() and (layer.scale.float() > 256).any()  # subnormal E4M3 to large
+    w_t = layer.dequantized_weight(torch.float32).t()
+    small = (column_magnitude < 1e-2).to(DEVICE)
+    ran = 0
+    for rows in (1, 7, 33):
+        for x in (inputs(rows, k).to(torch.bfloat16), inputs(rows, k).to(torch.bfloat16) * small):
+            want = x.float() @ w_t
+            for config in kernels.FP4_MMA:
+                assert kernels.mma_applies(config, x, layer.codes, layer.scale, n, k, 16, kernels.FP4), config
+                launch = (config, x, layer.codes, layer.scale, None, None, layer.tensor_scale, n, k,
+                          (layer.codes.stride(0), layer.scale.stride(0)), 16, kernels.FP4, 0, False,
+                          kernels.SCALE_E4M3, rows == 1)  # fmt: skip
+                got = kernels._launch(*launch)
+                assert got.dtype == torch.bfloat16 and relative_error(got, want) < TOLERANCE, (rows, config)
+                assert torch.equal(kernels._launch(*launch), got), (rows, config)
+                ran += 1
+    assert ran == 6 * len(kernels.FP4_MMA)
     assert not kernels._counters[x.device].any()
 
 
@@ -693,5 +732,5 @@ def test_the_tuner_times_each_w8_variant_only_where_it_changes_the_tile():
     for rows, rounds in ((16, True), (17, False)):
         x = torch.zeros(rows, 4)
         for act, w in ((kernels.ACT_INT8, int8_w), (kernels.ACT_FP8, fp8_w)):
-            tiles = kernels._candidates(kernels.W8, act, x, w, False, False, 0, 4, 4, False)
+            tiles = kernels._candidates(kernels.W8, act, x, w, None, False, False, 0, 4, 4, False, 0)
             assert any(kernels.ROUNDS in c for c in tiles) == rounds

@@ -37,7 +37,7 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon: the other t
     gluon = None
 
 GROUPS = (64, 128)  # group sizes the kernel holds (a group is one or two 64-input chunks)
-# The renamings (tests/test_int4_mma_layouts.py checks them on the CPU): a chunk's decoded words, as
+# The renamings (tests/test_mma_layouts.py checks them on the CPU): a chunk's decoded words, as
 # [c1, c0, u, w, q, t, e, j0, j1] (word row 2c + u, column (8w + q) COLS + t, code j + 4e), permuted to
 # [K slot bits j1 j0 u c1 c0 e, output slot bits t w q]; its activations [m, c1, c0, u, e, j1, j0] (input
 # 16c + 8u + 4e + j) permuted to [m, K slot bits].
@@ -192,19 +192,31 @@ if gluon is not None:
                 total += acc * gl.expand_dims(scale.to(gl.float32), 0)
                 zw, zw_next, scale = zw_next, zw_after, scale_next
             async_copy.wait_group(0)
+        store_tile(total, y_ptr, ws_ptr, cnt_ptr, out_cols, M, N, STRIDE_Y, SPLIT_K, BLOCK_M)
+
+    @gluon.jit
+    def store_tile(total, y_ptr, ws_ptr, cnt_ptr, out_cols, M, N: gl.constexpr, STRIDE_Y: gl.constexpr,
+                   SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr):  # fmt: skip
+        """Write a program's [BLOCK_M, BLOCK_N] fp32 sums (``total``, MMA layout) to output columns ``out_cols`` of
+        its row block: with SPLIT_K > 1 by kernels._write_output's scheme (partials to the workspace, the tile's
+        last program adds them and resets its counter)."""
+        mma: gl.constexpr = total.type.layout
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
         ym = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
         y_offs = gl.expand_dims(ym, 1) * STRIDE_Y + gl.expand_dims(out_cols, 0)
         y_mask = gl.expand_dims(ym < M, 1) & (y_offs >= 0)
         if SPLIT_K == 1:
             gl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-        else:  # kernels._write_output's scheme: partials to the workspace, the tile's last program adds them
+        else:
             part = gl.expand_dims(ym, 1) * N + gl.expand_dims(out_cols, 0)
             gl.store(ws_ptr + pid_k * M * N + part, total, mask=y_mask)
             gl.thread_barrier()  # every thread's partial is written before the count
             tile = pid_m * gl.num_programs(0) + pid_n
             arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+                total = gl.zeros_like(total)
                 for s in range(SPLIT_K):
                     total += gl.load(ws_ptr + s * M * N + part, mask=y_mask, other=0.0, cache_modifier=".cg")
                 gl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)

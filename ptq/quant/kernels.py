@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from ptq.quant import int4_mma
+from ptq.quant import fp4_mma, int4_mma
 
 log = logging.getLogger(__name__)
 
@@ -830,6 +830,13 @@ ROUNDS = "rounds"
 # mma.sync's operand registers (BLOCK_N = 8 x words per lane x num_warps; BLOCK_K is its 64-input chunk; the fifth
 # field: 1, each group loaded into registers, or the groups in a cp.async ring through shared memory).
 MMA = "mma"
+# NVFP4 with bf16 activations, on CUDA: ``ptq.quant.fp4_mma`` (BLOCK_N = 8 x columns per lane x num_warps; BLOCK_K:
+# 64 x the chunks whose loads one loop step issues together), for one token and for a few.
+FP4_MMA = [(128, 128, 4, 4, 1, MMA), (128, 256, 4, 4, 1, MMA), (128, 128, 8, 4, 1, MMA), (128, 256, 2, 4, 1, MMA),
+           (64, 128, 4, 4, 1, MMA), (64, 256, 4, 4, 1, MMA), (64, 128, 8, 4, 1, MMA), (256, 128, 2, 8, 1, MMA),
+           (256, 256, 1, 8, 1, MMA), (128, 64, 8, 4, 1, MMA), (128, 128, 1, 4, 1, MMA), (64, 256, 1, 4, 1, MMA),
+           (64, 512, 4, 4, 1, MMA), (64, 512, 2, 4, 1, MMA), (128, 512, 2, 4, 1, MMA), (32, 256, 8, 4, 1, MMA),
+           (32, 512, 4, 4, 1, MMA), (64, 512, 1, 4, 1, MMA)]  # fmt: skip
 CANDIDATES = {
     INT4: [(64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 128, 8, 4, 4),
            (64, 64, 8, 4, 4), (64, 128, 2, 4, 4, NIBBLE), (64, 128, 4, 4, 4, NIBBLE), (128, 128, 2, 4, 4, NIBBLE),
@@ -848,7 +855,8 @@ CANDIDATES = {
          (128, 128, 1, 4, 4, CODES, SWAP), (64, 256, 2, 4, 4, CODES, SWAP), (128, 256, 2, 4, 3, CODES, SWAP),
          (64, 256, 4, 4, 4, CODES, ROUNDS), (128, 128, 1, 4, 4, CODES, ROUNDS), (64, 128, 1, 4, 4, CODES, SWAP, ROUNDS),
          (128, 128, 1, 4, 4, CODES, SWAP, ROUNDS), (64, 256, 2, 4, 4, CODES, SWAP, ROUNDS)],
-    FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4)],
+    FP4: [(64, 128, 1, 4, 4), (64, 128, 4, 4, 4), (128, 128, 2, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4),
+          *FP4_MMA],
 }  # fmt: skip
 # One token (_gemv_kernel): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Large K tiles keep many
 # loads in flight per thread; split-K gives narrow layers (N = 1024 or 4096 on a 132-SM GPU) enough programs.
@@ -899,7 +907,7 @@ GEMV_CANDIDATES = {
           (16, 8, 2, 1, ROWS), (8, 4, 4, 1, ROWS, PREFETCH), (16, 4, 4, 1, ROWS, PREFETCH),
           (8, 2, 8, 1, ROWS, PREFETCH),
           (16, 1024, 2, 4, 2), (16, 1024, 1, 4, 2), (8, 2048, 4, 4, 2), (32, 512, 2, 4, 2), (16, 2048, 4, 8, 2),
-          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3)],
+          (32, 1024, 4, 8, 2), (16, 512, 8, 4, 3), *FP4_MMA],
 }  # fmt: skip
 
 
@@ -1047,6 +1055,8 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                                  x_scale, out_dtype)  # fmt: skip
     if gemv and weight == INT4 and g_idx is None:
         raise ValueError("the one-token INT4 gathering kernel reads g_idx; contiguous groups take the COLUMNS tiles")
+    if MMA in config and weight == FP4:
+        return _launch_fp4_mma(config, x, w, scale, tensor_scale, n)
     if MMA in config:
         return _launch_int4_mma(config, x, w, scale, zero, n, k, group)
     block_n, block_k, split_k, warps, stages, *variant = config
@@ -1095,10 +1105,29 @@ def _launch_int4_mma(config, x, w, scale, zero, n, k, group) -> torch.Tensor:
                              tile_counters(x.device, grid_tiles))  # fmt: skip
 
 
-def mma_applies(config: tuple, x: torch.Tensor, n: int, k: int, group: int) -> bool:
-    """Whether an MMA candidate computes this INT4 product (contiguous groups; see ``int4_mma.applies``)."""
+def _launch_fp4_mma(config, x, codes, scale, tensor_scale, n) -> torch.Tensor:
     block_n, _, split_k, warps, *_ = config
-    return not INTERPRET and int4_mma.applies(x, n, k, group, block_n // (8 * warps), warps, split_k)
+    grid_tiles = (n // block_n) * triton.cdiv(x.shape[0], 16)
+    return fp4_mma.fp4_mma(x, codes, scale, tensor_scale, block_n // (8 * warps), warps, block_k_chunks(config),
+                           split_k, tile_counters(x.device, grid_tiles))  # fmt: skip
+
+
+def block_k_chunks(config: tuple) -> int:
+    """An FP4 MMA tile's 64-input chunks per loop step."""
+    return config[1] // 64
+
+
+def mma_applies(config: tuple, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, n: int, k: int, group: int,
+                weight: int = INT4, scale_kind: int = SCALE_E4M3) -> bool:  # fmt: skip
+    """Whether an MMA candidate computes this product: INT4 in contiguous groups (``int4_mma.applies``), NVFP4
+    (``fp4_mma.applies``)."""
+    block_n, _, split_k, warps, *_ = config
+    if INTERPRET:
+        return False
+    if weight == FP4:
+        return fp4_mma.applies(x, w, scale, n, k, group, scale_kind == SCALE_E4M3, block_n // (8 * warps), warps,
+                               split_k * block_k_chunks(config))  # fmt: skip
+    return int4_mma.applies(x, n, k, group, block_n // (8 * warps), warps, split_k)
 
 
 def _whole_words(w: torch.Tensor, size: int) -> bool:
@@ -1263,15 +1292,15 @@ def _skinny_matmul(x, w, scale, n, k, strides, group, weight, act=ACT_NONE, zero
 
     config = _tuned.get(key)  # a decode step's calls: no candidate lists rebuilt, one lookup
     if config is None:
-        candidates = _candidates(weight, act, x, w, gemv, act_order, group, n, k, words)
+        candidates = _candidates(weight, act, x, w, scale, gemv, act_order, group, n, k, words, scale_kind)
         if x_scale is not None:
             candidates = [c for c in candidates if CODES in c and ROUNDS not in c]
         config = _config(key, candidates, run, (w, scale, zero))
     return run(config)
 
 
-def _candidates(weight: int, act: int, x: torch.Tensor, w: torch.Tensor, gemv: bool, act_order: bool, group: int,
-                n: int, k: int, words: bool) -> list[tuple]:  # fmt: skip
+def _candidates(weight: int, act: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, gemv: bool,
+                act_order: bool, group: int, n: int, k: int, words: bool, scale_kind: int) -> list[tuple]:  # fmt: skip
     """The tiles that can compute this product, the untuned default first."""
     candidates = (GEMV_CANDIDATES if gemv else CANDIDATES)[weight]
     if weight == INT4 and not act_order:  # contiguous groups: a tile (ROWS words, or BLOCK_K) lies in one group
@@ -1282,7 +1311,11 @@ def _candidates(weight: int, act: int, x: torch.Tensor, w: torch.Tensor, gemv: b
     elif weight == INT4 and gemv:  # act-order: the gathering kernel
         candidates = [c for c in candidates if COLUMNS not in c]
     if weight == INT4 and not gemv:  # MMA tiles: contiguous groups, shapes and dtypes they hold (not act-order)
-        candidates = [c for c in candidates if MMA not in c or (not act_order and mma_applies(c, x, n, k, group))]
+        candidates = [c for c in candidates if MMA not in c or (not act_order and mma_applies(c, x, w, scale, n, k,
+                                                                                              group))]  # fmt: skip
+    if weight == FP4:
+        candidates = [c for c in candidates if MMA not in c or mma_applies(c, x, w, scale, n, k, group, FP4,
+                                                                           scale_kind)]  # fmt: skip
     if weight == FP4 and gemv and not words:
         candidates = [c for c in candidates if ROWS not in c]
     if weight == W8:  # variants that would run as another candidate's tile here are not timed twice
