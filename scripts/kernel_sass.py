@@ -2,6 +2,7 @@
 
     python scripts/kernel_sass.py --kernel fp4 --tiles 4,4:8,4:8,2:16,4
     python scripts/kernel_sass.py --kernel w8 --tiles 8,4:16,4 --fp8
+    python scripts/kernel_sass.py --kernel fp4-mma --tiles 32,4:64,4:128,4 --unroll 2
 
 Compiles ``ptq.quant.kernels``' ``_fp4_gemv_kernel`` or ``_w8_gemv_kernel`` for sm_90 with Triton's own compiler
 and ptxas (they come with the Triton wheel; no device needed), disassembles it with the wheel's cuobjdump, and
@@ -10,6 +11,8 @@ tile, their ratio, local-memory traffic (STL/LDL: spills) and the commonest opco
 declared divisible by 16, as Triton specializes them at a real launch (K, N and the row strides of the shapes
 the benchmark uses); without that the loads are not vectorized and the listing is not the one that runs.
 One K tile per program (TILES=1, no split-K), so the count is the loop body plus the program's fixed part.
+``fp4-mma``: ``ptq.quant.fp4_mma``'s Gluon kernel at one token (16-row MMA blocks), one loop step of ``--unroll``
+64-input chunks per program, counted with the program's fixed part.
 """
 
 import argparse
@@ -23,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ptq.quant import kernels
+from ptq.quant import fp4_mma, int4_mma, kernels
 
 OPCODE = re.compile(r"/\*[0-9a-f]{4,5}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 
@@ -36,6 +39,26 @@ def _signature(kind: str, fp8: bool) -> dict[str, str]:
     weight = "*fp8e4nv" if fp8 else "*i8"
     return {"x_ptr": weight, "w_ptr": weight, "s_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_w": "i32"}  # fmt: skip
+
+
+def compile_fp4_mma(block_n: int, warps: int, unroll: int):
+    """``fp4_mma._fp4_mma_kernel`` compiled for sm_90 at one token (N = 4096, K one loop step, no split-K), and the
+    codes each thread decodes per loop step."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cols, n, k = block_n // (8 * warps), 4096, 64 * unroll
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "y_ptr": "*bf16",
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32"}  # fmt: skip
+    constants = dict(N=n, K=k, STRIDE_X=k, STRIDE_Y=n, STRIDE_W=k // 4, STRIDE_S=k // 16, SPLIT_K=1,
+                     BLOCK_M=16, COLS=cols, WARPS=warps, UNROLL=unroll, WORD_LAYOUT=fp4_mma.word_layout(warps, cols),
+                     WORD3_LAYOUT=fp4_mma.word3_layout(warps, cols),
+                     X_LAYOUT=int4_mma.x_layout(warps, 16, 1))  # fmt: skip
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
+    signature.update({name: "constexpr" for name in constants})
+    source = GluonASTSource(fp4_mma._fp4_mma_kernel, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled, 16 * cols * unroll
 
 
 def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
@@ -70,13 +93,17 @@ def opcodes(cubin: bytes) -> collections.Counter:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", choices=("fp4", "w8"), default="fp4")
+    p.add_argument("--kernel", choices=("fp4", "w8", "fp4-mma"), default="fp4")
     p.add_argument("--tiles", default="4,4:8,4:8,2", help="BLOCK_N,num_warps pairs separated by ':'")
     p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
+    p.add_argument("--unroll", type=int, default=2, help="fp4-mma: 64-input chunks per loop step")
     args = p.parse_args()
     for tile in args.tiles.split(":"):
         block_n, warps = (int(v) for v in tile.split(","))
-        compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
+        if args.kernel == "fp4-mma":
+            compiled, codes = compile_fp4_mma(block_n, warps, args.unroll)
+        else:
+            compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
         counts = opcodes(compiled.asm["cubin"])
         total = sum(counts.values())
         common = ", ".join(f"{op} {n}" for op, n in counts.most_common(8))

@@ -72,6 +72,18 @@ def test_command_line_writes_table_json_and_plot(tmp_path):
     assert cost.best_quality(records, "w4a16")["method"] == "gptq"  # the best record of the format's scheme
 
 
+def test_fp4_formats_take_weight_only_records_for_their_quality():
+    """NVFP4 and MXFP4 run weight-only kernels, so their plot points are the weight-only records of their format, not
+    those that round the activations to FP4 as well, nor another format's."""
+    base = {"status": "ok", "model": "m", "bits": 4, "group_size": 16}
+    records = [{**base, "method": "rtn", "format": "nvfp4", "metrics": {"ppl": {"wikitext2": 26.9}}},
+               {**base, "method": "gptq", "format": "nvfp4", "act_bits": 4, "act_format": "nvfp4",
+                "metrics": {"ppl": {"wikitext2": 20.0}}},
+               {**base, "method": "gptq", "format": "mxfp4", "metrics": {"ppl": {"wikitext2": 25.0}}}]  # fmt: skip
+    assert cost.best_quality(records, "nvfp4")["metrics"]["ppl"]["wikitext2"] == 26.9
+    assert cost.best_quality(records, "mxfp4")["method"] == "gptq"
+
+
 def test_missing_gpu_memory_is_a_clear_error():
     record = infer_record()
     del record["gpu_memory_bytes"]

@@ -127,6 +127,9 @@ QUALITY_SCHEMES = {
     and r.get("act_granularity") == "per_token",
     "w4a16": lambda r: (r.get("format") or "int") == "int" and r["bits"] == 4 and r.get("group_size") == 128
     and not r.get("act_bits"),
+    # the FP4 kernels are weight-only: records that also quantize the activations measure another scheme
+    "nvfp4": lambda r: r.get("format") == "nvfp4" and not r.get("act_bits"),
+    "mxfp4": lambda r: r.get("format") == "mxfp4" and not r.get("act_bits"),
 }  # fmt: skip
 
 
