@@ -3,6 +3,7 @@
     python scripts/kernel_sass.py --kernel fp4 --tiles 4,4:8,4:8,2:16,4
     python scripts/kernel_sass.py --kernel w8 --tiles 8,4:16,4 --fp8
     python scripts/kernel_sass.py --kernel fp4-mma --tiles 32,4:64,4:128,4 --unroll 2
+    python scripts/kernel_sass.py --kernel fp4-dequantize --tiles 32,4
 
 Compiles ``ptq.quant.kernels``' ``_fp4_gemv_kernel`` or ``_w8_gemv_kernel`` for sm_90 with Triton's own compiler
 and ptxas (they come with the Triton wheel; no device needed), disassembles it with the wheel's cuobjdump, and
@@ -12,7 +13,8 @@ declared divisible by 16, as Triton specializes them at a real launch (K, N and 
 the benchmark uses); without that the loads are not vectorized and the listing is not the one that runs.
 One K tile per program (TILES=1, no split-K), so the count is the loop body plus the program's fixed part.
 ``fp4-mma``: ``ptq.quant.fp4_mma``'s Gluon kernel at one token (16-row MMA blocks), one loop step of ``--unroll``
-64-input chunks per program, counted with the program's fixed part.
+64-input chunks per program, counted with the program's fixed part. ``fp4-dequantize``: the many-token path's NVFP4
+dequantize kernel (``--tiles`` BLOCK_N,num_warps; 128 codes per row of a tile), one tile per program.
 """
 
 import argparse
@@ -61,6 +63,20 @@ def compile_fp4_mma(block_n: int, warps: int, unroll: int):
     return compiled, 16 * cols * unroll
 
 
+def compile_fp4_dequantize(block_n: int, warps: int):
+    """``kernels._dequantize_fp4_kernel`` for NVFP4 (blocks of 16, each tile's scales once per block) compiled for
+    sm_90, and the codes each thread writes."""
+    signature = {"w_ptr": "*u8", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+                 "B": "i32", "stride_w": "i32", "stride_s": "i32", "group": "i32"}  # fmt: skip
+    constants = dict(SCALE_KIND=kernels.SCALE_E4M3, BLOCK_N=block_n, BLOCK_B=64, GROUP=16)
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "group")}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(kernels._dequantize_fp4_kernel, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled, block_n * 128 // (32 * warps)
+
+
 def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
     """The kernel compiled for sm_90 at one tile, and the weight codes each thread handles per K tile."""
     if kind == "fp4":
@@ -93,7 +109,7 @@ def opcodes(cubin: bytes) -> collections.Counter:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", choices=("fp4", "w8", "fp4-mma"), default="fp4")
+    p.add_argument("--kernel", choices=("fp4", "w8", "fp4-mma", "fp4-dequantize"), default="fp4")
     p.add_argument("--tiles", default="4,4:8,4:8,2", help="BLOCK_N,num_warps pairs separated by ':'")
     p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
     p.add_argument("--unroll", type=int, default=2, help="fp4-mma: 64-input chunks per loop step")
@@ -102,6 +118,8 @@ def main():
         block_n, warps = (int(v) for v in tile.split(","))
         if args.kernel == "fp4-mma":
             compiled, codes = compile_fp4_mma(block_n, warps, args.unroll)
+        elif args.kernel == "fp4-dequantize":
+            compiled, codes = compile_fp4_dequantize(block_n, warps)
         else:
             compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
         counts = opcodes(compiled.asm["cubin"])

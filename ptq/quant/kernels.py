@@ -140,12 +140,11 @@ if triton is not None:
 
     @triton.jit
     def _fp4_values(codes):
-        """E2M1 nibble (sign << 3 | exponent << 1 | mantissa) -> fp32, by building the fp32's bits: exponent
-        e > 0 is 2^(e-1) (1 + m/2), e = 0 is m/2 (0 or 0.5)."""
-        e = (codes >> 1) & 3
-        m = codes & 1
-        bits = tl.where(e > 0, ((e + 126) << 23) | (m << 22), m * (126 << 23)) | ((codes & 8) << 28)
-        return bits.to(tl.float32, bitcast=True)
+        """E2M1 nibble (sign << 3 | exponent << 1 | mantissa) -> fp32. Its e1 e0 m in an fp32's two low exponent
+        bits and first mantissa bit, its sign in the sign bit, make the value times 2^-126 (e > 0: 2^(e - 127)
+        (1 + m/2); e = 0: the subnormal m 2^-127); one multiplication by 2^126 (exact) gives the value."""
+        bits = ((codes & 7) << 22) | ((codes & 8) << 28)
+        return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
     @triton.jit
     def _w8_values(w):
@@ -793,11 +792,14 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, B, stride_w, stride_s, group,
-                               SCALE_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+                               SCALE_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                               GROUP: tl.constexpr = 0):  # fmt: skip
         """FP4 nibbles [N, B = ceil(K/2)] with block scales -> dequantized [N, K] in the output's dtype. The
         codes are put back in K order (low nibble first) before anything else, so that the output's columns
         are one contiguous range per tile: wide stores along each row (interleaved even and odd stores, or
-        the byte's column order, would write two bytes per 32-byte sector)."""
+        the byte's column order, would write two bytes per 32-byte sector). GROUP (the block size, when a tile
+        holds whole blocks): each block's scale is loaded and converted once and multiplies its GROUP codes;
+        otherwise every code gathers its own."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=(rn < N)[:, None] & (rb < B)[None, :],
@@ -805,8 +807,16 @@ if triton is not None:
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, 2 * BLOCK_B])
         kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         mask = (rn < N)[:, None] & (kk < K)[None, :]
-        scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (kk // group)[None, :], mask, SCALE_KIND)
-        values = _fp4_values(codes) * scale
+        if GROUP:
+            blocks: tl.constexpr = 2 * BLOCK_B // GROUP
+            rs = tl.program_id(1) * blocks + tl.arange(0, blocks)
+            scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + rs[None, :],
+                                (rn < N)[:, None] & (rs * GROUP < K)[None, :], SCALE_KIND)  # fmt: skip
+            values = tl.reshape(_fp4_values(codes), [BLOCK_N, blocks, GROUP]) * scale[:, :, None]
+            values = tl.reshape(values, [BLOCK_N, 2 * BLOCK_B])
+        else:
+            scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (kk // group)[None, :], mask, SCALE_KIND)
+            values = _fp4_values(codes) * scale
         tl.store(out_ptr + rn[:, None] * K + kk[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1429,9 +1439,11 @@ def _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> 
     n = codes.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
+    whole_blocks = group in (16, 32, 64, 128)  # blocks that tile the 128 codes of a tile's row
     _dequantize_fp4_kernel[grid](codes, scale, scale if tensor_scale is None else tensor_scale, out, n, k,
                                  codes.shape[1], codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind,
-                                 BLOCK_N=32, BLOCK_B=64, num_warps=4)  # fmt: skip
+                                 BLOCK_N=32, BLOCK_B=64, GROUP=group if whole_blocks else 0,
+                                 num_warps=4)  # fmt: skip
     return out
 
 
