@@ -26,7 +26,6 @@ gluon = int4_mma.gluon
 if gluon is not None:
     import triton
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 BLOCK = 16  # inputs per NVFP4 block scale: one lane's inputs of a chunk
 
@@ -36,42 +35,24 @@ if gluon is not None:
     # Per int32 word (given as its two int16 halves, pack=2): four bf16x2 pairs, pair j = (code j, code j + 4) times
     # the block scale ($5: its bf16 times 2^118 in both halves). Per pair: the magnitudes' shift and mask, the signs'
     # shift, (signs & 0x80008000) | magnitudes, the scale's fma.
-    _DECODE = """{
-    .reg .b32 m, s, r, nz;
-    mov.b32 nz, 0x80008000;
-    shl.b32 m, $4, 6;
-    and.b32 m, m, 0x01C001C0;
-    shl.b32 s, $4, 12;
-    lop3.b32 r, s, 0x80008000, m, 0xea;
-    fma.rn.bf16x2 $0, r, $5, nz;
-    shl.b32 m, $4, 2;
-    and.b32 m, m, 0x01C001C0;
-    shl.b32 s, $4, 8;
-    lop3.b32 r, s, 0x80008000, m, 0xea;
-    fma.rn.bf16x2 $1, r, $5, nz;
-    shr.u32 m, $4, 2;
-    and.b32 m, m, 0x01C001C0;
-    shl.b32 s, $4, 4;
-    lop3.b32 r, s, 0x80008000, m, 0xea;
-    fma.rn.bf16x2 $2, r, $5, nz;
-    shr.u32 m, $4, 6;
-    and.b32 m, m, 0x01C001C0;
-    lop3.b32 r, $4, 0x80008000, m, 0xea;
-    fma.rn.bf16x2 $3, r, $5, nz;
-    }"""
+    _DECODE = "\n".join(["{", ".reg .b32 m, s, r, nz;", "mov.b32 nz, 0x80008000;"] + [
+        line for j in range(4) for line in (
+            f"shl.b32 m, $4, {6 - 4 * j};" if j < 2 else f"shr.u32 m, $4, {4 * j - 6};",  # e1 e0 m to bits 8..6
+            "and.b32 m, m, 0x01C001C0;",
+            f"shl.b32 s, $4, {12 - 4 * j};" if j < 3 else "mov.b32 s, $4;",  # the signs to bit 15
+            "lop3.b32 r, s, 0x80008000, m, 0xea;",
+            f"fma.rn.bf16x2 ${j}, r, $5, nz;",
+        )] + ["}"])  # fmt: skip
     DECODE = gl.constexpr(_DECODE)
     # the decoded chunk [t, w, q, c1, c0, u, e, j0, j1] (column (t, w, q), word 2c + u, code j + 4e) to
     # [K slot bits j1 j0 u c1 c0 e, output slot bits t w q]
     _B_ORDER = gl.constexpr((8, 7, 5, 3, 4, 6, 0, 1, 2))
-    _A_ORDER = gl.constexpr(int4_mma.A_ORDER)
 
     @gluon.jit
     def _chunk_product(words, scale, x, acc, COLS: gl.constexpr, WARPS: gl.constexpr,
                        WORD3_LAYOUT: gl.constexpr):  # fmt: skip
         """acc + x W^T over one 64-input chunk: words [BLOCK_N, 16] int16 (a column's 8 words, as halves), scale
         [BLOCK_N, 8, 1] int32 (each word's block scale in both bf16 halves), x [BLOCK_M, 64] in input order."""
-        mma: gl.constexpr = acc.type.layout
-        BLOCK_M: gl.constexpr = x.shape[0]
         BLOCK_N: gl.constexpr = words.shape[0]
         words = gl.convert_layout(gl.reshape(words, [BLOCK_N, 8, 2]), WORD3_LAYOUT, assert_trivial=True)
         p0, p1, p2, p3 = gl.inline_asm_elementwise(DECODE, "=r,=r,=r,=r,r,r,r", [words, scale],
@@ -80,11 +61,7 @@ if gluon is not None:
         b = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [column, word 2c + u, e, j0, j1]: code j + 4e
         b = gl.reshape(b, [COLS, WARPS, 8, 2, 2, 2, 2, 2, 2])  # [t, w, q, c1, c0, u, e, j0, j1]
         b = gl.reshape(gl.permute(b, _B_ORDER.value), [64, BLOCK_N])  # [K slot, output slot = column]
-        b = gl.convert_layout(b, gl.DotOperandLayout(1, mma, 2), assert_trivial=True)
-        a = gl.reshape(x, [BLOCK_M, 2, 2, 2, 2, 2, 2])  # [m, c1, c0, u, e, j1, j0]: input 16c + 8u + 4e + j
-        a = gl.reshape(gl.permute(a, _A_ORDER.value), [BLOCK_M, 64])  # [m, K slot]
-        a = gl.convert_layout(a, gl.DotOperandLayout(0, mma, 2), assert_trivial=True)
-        return mma_v2(a, b, acc)
+        return int4_mma.slot_product(b, x, acc)
 
     @gluon.jit
     def _block_scales(s_ptrs):

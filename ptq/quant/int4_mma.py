@@ -77,7 +77,6 @@ if gluon is not None:
     def _chunk_product(words, x, neg_zero, acc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, COLS: gl.constexpr,
                        WARPS: gl.constexpr, WORD3_LAYOUT: gl.constexpr):  # fmt: skip
         """acc + x W^T over one 64-input chunk: words [8, 2 BLOCK_N] int16, x [BLOCK_M, 64] in input order."""
-        mma: gl.constexpr = acc.type.layout
         words = gl.convert_layout(gl.reshape(words, [8, BLOCK_N, 2]), WORD3_LAYOUT, assert_trivial=True)
         decode: gl.constexpr = DECODE_BF16 if x.dtype == gl.bfloat16 else DECODE_F16
         p0, p1, p2, p3 = gl.inline_asm_elementwise(decode, "=r,=r,=r,=r,r,r,r", [words, neg_zero],
@@ -86,6 +85,14 @@ if gluon is not None:
         b = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [word row 2c + u, column, e, j0, j1]: code j + 4e
         b = gl.reshape(b, [2, 2, 2, WARPS, 8, COLS, 2, 2, 2])  # [c1, c0, u, w, q, t, e, j0, j1]
         b = gl.reshape(gl.permute(b, _B_ORDER.value), [64, BLOCK_N])  # [K slot, output slot]
+        return slot_product(b, x, acc)
+
+    @gluon.jit
+    def slot_product(b, x, acc):
+        """acc + x W^T over one 64-input chunk, given W's decoded codes ``b`` [K slot, output slot] in the slot order
+        of the module's docstring and x [BLOCK_M, 64] in input order, which takes the same permutation of K."""
+        mma: gl.constexpr = acc.type.layout
+        BLOCK_M: gl.constexpr = x.shape[0]
         b = gl.convert_layout(b, gl.DotOperandLayout(1, mma, 2), assert_trivial=True)
         a = gl.reshape(x, [BLOCK_M, 2, 2, 2, 2, 2, 2])  # [m, c1, c0, u, e, j1, j0]: input 16c + 8u + 4e + j
         a = gl.reshape(gl.permute(a, _A_ORDER.value), [BLOCK_M, 64])  # [m, K slot]
