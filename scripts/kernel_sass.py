@@ -52,9 +52,9 @@ def compile_fp4_mma(block_n: int, warps: int, unroll: int):
     signature = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "y_ptr": "*bf16",
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32"}  # fmt: skip
     constants = dict(N=n, K=k, STRIDE_X=k, STRIDE_Y=n, STRIDE_W=k // 4, STRIDE_S=k // 16, SPLIT_K=1,
-                     BLOCK_M=16, COLS=cols, WARPS=warps, UNROLL=unroll, WORD_LAYOUT=fp4_mma.word_layout(warps, cols),
-                     WORD3_LAYOUT=fp4_mma.word3_layout(warps, cols),
-                     X_LAYOUT=int4_mma.x_layout(warps, 16, 1))  # fmt: skip
+                     BLOCK_M=16, COLS=cols, WARPS=warps, UNROLL=unroll, STAGES=1,
+                     WORD_LAYOUT=fp4_mma.word_layout(warps, cols), WORD3_LAYOUT=fp4_mma.word3_layout(warps, cols),
+                     X_LAYOUT=int4_mma.x_layout(warps, 16, 1), SMEM_LAYOUT=int4_mma.SMEM_LAYOUT)  # fmt: skip
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
     signature.update({name: "constexpr" for name in constants})

@@ -256,7 +256,8 @@ def test_int4_mma_tiles_over_odd_shapes(group, sym, dtype):
 def test_fp4_mma_tiles_over_odd_shapes():
     """Every NVFP4 MMA tile (ptq.quant.fp4_mma: E2M1 pairs decoded and scaled into mma.sync's operand registers)
     against dequantize-then-matmul: rows 1, 7 and 33 (row blocks of 16 and 32, rows past M clamped), 4096 inputs split
-    every way the table holds; again on the next call (split-K's counters reset). The blocks' magnitudes span 10^5,
+    every way the table holds, with loads into registers or through the shared-memory ring; again on the next call
+    (split-K's counters reset). The blocks' magnitudes span 10^5,
     so their E4M3 scales run from subnormal to 448; a second product sees only the smallest blocks (x zero elsewhere),
     which the first one's error would hide. MXFP4 and fp16 activations keep the other tiles."""
     from ptq.quant import kernels
@@ -275,7 +276,7 @@ def test_fp4_mma_tiles_over_odd_shapes():
     for rows in (1, 7, 33):
         for x in (inputs(rows, k).to(torch.bfloat16), inputs(rows, k).to(torch.bfloat16) * small):
             want = x.float() @ w_t
-            for config in kernels.FP4_MMA:
+            for config in kernels.FP4_MMA + kernels.FP4_MMA_RING:
                 assert kernels.mma_applies(config, x, layer.codes, layer.scale, n, k, 16, kernels.FP4), config
                 launch = (config, x, layer.codes, layer.scale, None, None, layer.tensor_scale, n, k,
                           (layer.codes.stride(0), layer.scale.stride(0)), 16, kernels.FP4, 0, False,
@@ -284,7 +285,7 @@ def test_fp4_mma_tiles_over_odd_shapes():
                 assert got.dtype == torch.bfloat16 and relative_error(got, want) < TOLERANCE, (rows, config)
                 assert torch.equal(kernels._launch(*launch), got), (rows, config)
                 ran += 1
-    assert ran == 6 * len(kernels.FP4_MMA)
+    assert ran == 6 * len(kernels.FP4_MMA + kernels.FP4_MMA_RING)
     assert not kernels._counters[x.device].any()
 
 

@@ -26,6 +26,7 @@ gluon = int4_mma.gluon
 if gluon is not None:
     import triton
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 BLOCK = 16  # inputs per NVFP4 block scale: one lane's inputs of a chunk
 
@@ -76,10 +77,12 @@ if gluon is not None:
                         N: gl.constexpr, K: gl.constexpr, STRIDE_X: gl.constexpr, STRIDE_Y: gl.constexpr,
                         STRIDE_W: gl.constexpr, STRIDE_S: gl.constexpr, SPLIT_K: gl.constexpr,
                         BLOCK_M: gl.constexpr, COLS: gl.constexpr, WARPS: gl.constexpr, UNROLL: gl.constexpr,
-                        WORD_LAYOUT: gl.constexpr, WORD3_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):  # fmt: skip
+                        STAGES: gl.constexpr, WORD_LAYOUT: gl.constexpr, WORD3_LAYOUT: gl.constexpr,
+                        X_LAYOUT: gl.constexpr, SMEM_LAYOUT: gl.constexpr):  # fmt: skip
         """y [M, N] = x [M, K] W^T for NVFP4 W: codes as int16 [N, K/4] (STRIDE_W per row), scales E4M3 [N, K/16]
         (STRIDE_S), the global scale at ts_ptr (W = E2M1 * E4M3 / global); program (column block, row block, K
-        split). Loads go straight into registers, UNROLL chunks' at a time."""
+        split). STAGES 1: loads straight into registers, UNROLL chunks' at a time; more: the words and activations
+        through a ring of STAGES chunks in shared memory (cp.async), as in ``int4_mma``."""
         BLOCK_N: gl.constexpr = 8 * COLS * WARPS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         pid_n = gl.program_id(0)
@@ -102,12 +105,44 @@ if gluon is not None:
         CHUNKS: gl.constexpr = K // 64 // SPLIT_K
         first = pid_k * CHUNKS
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        for g in range(first, first + CHUNKS, UNROLL):
-            for i in gl.static_range(UNROLL):  # one basic block: ptxas issues all its loads before the products
-                words = gl.load(w_ptrs + (g + i) * 16)
-                scale = _block_scales(s_ptrs + (g + i) * 4)
-                x = gl.load(x_ptrs + (g + i) * 64)
+        if STAGES == 1:
+            for g in range(first, first + CHUNKS, UNROLL):
+                for i in gl.static_range(UNROLL):  # one basic block: ptxas issues all its loads before the products
+                    words = gl.load(w_ptrs + (g + i) * 16)
+                    scale = _block_scales(s_ptrs + (g + i) * 4)
+                    x = gl.load(x_ptrs + (g + i) * 64)
+                    acc = _chunk_product(words, scale, x, acc, COLS, WARPS, WORD3_LAYOUT)
+        else:
+            # STAGES - 1 chunks of words and activations in flight through shared memory; block scales one chunk
+            # ahead in registers
+            w_smem = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, 16], SMEM_LAYOUT)
+            x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, BLOCK_M, 64], SMEM_LAYOUT)
+            xc_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])  # 16 bytes per copy
+            xcm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xc_layout)), M - 1)
+            xck = gl.arange(0, 64, layout=gl.SliceLayout(0, xc_layout))
+            xc_ptrs = x_ptr + gl.expand_dims(xcm, 1) * STRIDE_X + gl.expand_dims(xck, 0)
+            last = first + CHUNKS - 1
+            for i in gl.static_range(STAGES - 1):
+                g = gl.minimum(first + i, last)
+                async_copy.async_copy_global_to_shared(w_smem.index(i), w_ptrs + g * 16)
+                async_copy.async_copy_global_to_shared(x_smem.index(i), xc_ptrs + g * 64)
+                async_copy.commit_group()
+            scale = _block_scales(s_ptrs + first * 4)
+            for g in range(first, last + 1):
+                stage = (g - first) % STAGES
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of chunk g are done
+                gl.thread_barrier()  # everyone's are, and everyone has read the stage refilled next
+                refill = gl.minimum(g + STAGES - 1, last)  # past the end: a copy nobody reads, for even counts
+                after = (stage + STAGES - 1) % STAGES
+                async_copy.async_copy_global_to_shared(w_smem.index(after), w_ptrs + refill * 16)
+                async_copy.async_copy_global_to_shared(x_smem.index(after), xc_ptrs + refill * 64)
+                async_copy.commit_group()
+                words = w_smem.index(stage).load(WORD_LAYOUT)
+                x = x_smem.index(stage).load(X_LAYOUT)
+                scale_next = _block_scales(s_ptrs + gl.minimum(g + 1, last) * 4)
                 acc = _chunk_product(words, scale, x, acc, COLS, WARPS, WORD3_LAYOUT)
+                scale = scale_next
+            async_copy.wait_group(0)
         total = acc * (SCALE_DOWN / gl.load(ts_ptr))
         out_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         int4_mma.store_tile(total, y_ptr, ws_ptr, cnt_ptr, out_cols, M, N, STRIDE_Y, SPLIT_K, BLOCK_M)
@@ -151,10 +186,12 @@ def applies(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, n: int, k
             and scale.stride(-1) == 1)  # fmt: skip
 
 
-def fp4_mma(x, codes, scale, tensor_scale, cols: int, warps: int, unroll: int, split_k: int, counters: torch.Tensor):
+def fp4_mma(x, codes, scale, tensor_scale, cols: int, warps: int, unroll: int, split_k: int, counters: torch.Tensor,
+            stages: int = 1):  # fmt: skip
     """y = x W^T for NVFP4 W (``codes`` [N, K/2] bytes, ``scale`` E4M3 [N, K/16], ``tensor_scale`` fp32 [1]);
     ``applies`` must hold with ``split_k`` x ``unroll`` (the tuner offers only such tiles). ``unroll``: the 64-input
-    chunks whose loads a loop step issues together; ``counters``: zeroed int32, one per output tile."""
+    chunks whose loads a loop step issues together; ``counters``: zeroed int32, one per output tile; ``stages``: 1,
+    or the chunks in the shared-memory ring (then ``unroll`` is 1)."""
     m, k = x.shape
     n = codes.shape[0]
     block_m = 16 if m <= 16 else 32
@@ -164,7 +201,8 @@ def fp4_mma(x, codes, scale, tensor_scale, cols: int, warps: int, unroll: int, s
     halves = codes.view(torch.int16)
     _fp4_mma_kernel[grid](x, halves, scale, tensor_scale, y, workspace, counters, m, N=n, K=k, STRIDE_X=x.stride(0),
                           STRIDE_Y=y.stride(0), STRIDE_W=halves.stride(0), STRIDE_S=scale.stride(0), SPLIT_K=split_k,
-                          BLOCK_M=block_m, COLS=cols, WARPS=warps, UNROLL=unroll, WORD_LAYOUT=word_layout(warps, cols),
-                          WORD3_LAYOUT=word3_layout(warps, cols), X_LAYOUT=int4_mma.x_layout(warps, block_m, 1),
+                          BLOCK_M=block_m, COLS=cols, WARPS=warps, UNROLL=unroll, STAGES=stages,
+                          WORD_LAYOUT=word_layout(warps, cols), WORD3_LAYOUT=word3_layout(warps, cols),
+                          X_LAYOUT=int4_mma.x_layout(warps, block_m, 1), SMEM_LAYOUT=int4_mma.SMEM_LAYOUT,
                           num_warps=warps)  # fmt: skip
     return y
