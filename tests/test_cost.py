@@ -72,6 +72,29 @@ def test_command_line_writes_table_json_and_plot(tmp_path):
     assert cost.best_quality(records, "w4a16")["method"] == "gptq"  # the best record of the format's scheme
 
 
+def test_formats_of_several_records_are_priced_together_once_each(tmp_path):
+    """RECORD:fmt,fmt takes only those formats of a record, so that the latest run of each format can share one table;
+    a format asked of a record that lacks it, or given twice, is one sentence."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(infer_record()))
+    later = infer_record()
+    for row in later["formats"]:
+        row["decode_b1_tokens_per_s"] *= 2
+    second.write_text(json.dumps(later))
+    names = [r["format"] for r in infer_record()["formats"]]
+    out = tmp_path / "out"
+    cost.main([f"{first}:{names[0]}", f"{second}:{names[1]}", "--price-per-gpu-hour", "2.0", "--out", str(out)])
+    rows = json.loads((out / "cost.json").read_text())["rows"]
+    assert [r["format"] for r in rows] == names[:2]
+    want = {names[0]: infer_record()["formats"][0], names[1]: later["formats"][1]}
+    for row in rows:
+        assert row["tokens_per_s"]["1"] == want[row["format"]]["decode_b1_tokens_per_s"]
+    with pytest.raises(SystemExit, match="has no format"):
+        cost.main([f"{first}:fp16", "--price-per-gpu-hour", "2.0"])
+    with pytest.raises(SystemExit, match="more than one record"):
+        cost.main([f"{first}:{names[0]}", f"{second}:{names[0]}", "--price-per-gpu-hour", "2.0"])
+
+
 def test_fp4_formats_take_weight_only_records_for_their_quality():
     """NVFP4 and MXFP4 run weight-only kernels, so their plot points are the weight-only records of their format, not
     those that round the activations to FP4 as well, nor another format's."""

@@ -15,7 +15,8 @@ records: its peak minus the weights);
         [--decode compiled] [--quality DIR ...] [--out DIR]
 
 Several records (runs of the same shape on the same GPU, e.g. a format measured in a later run) are priced as one
-table, each row as its own run measured it.
+table, each row as its own run measured it. ``RECORD:fmt,fmt`` takes only those formats of a record, so the latest
+run of each format can be priced together (each format once).
 
 ``--quality``: records of ``ptq.run`` on a (small) model with the same formats; the plot puts each format's cost per
 million tokens against that model's perplexity, labeled as measured on a different model than the speed.
@@ -202,6 +203,22 @@ def merge_records(records: list[dict]) -> dict:
             "commands": [record.get("command") for record in records]}  # fmt: skip
 
 
+def read_record(argument: str) -> dict:
+    """An infer record from ``PATH`` or ``PATH:fmt,fmt`` (only those formats, in that order)."""
+    path, _, wanted = argument.partition(".json:")
+    path = path if not wanted else path + ".json"
+    if not Path(path).is_file():
+        raise SystemExit(f"no ptq.bench.infer record at {path}")
+    record = json.loads(Path(path).read_text())
+    if wanted:
+        by_name = {r["format"]: r for r in record["formats"]}
+        missing = [name for name in wanted.split(",") if name not in by_name]
+        if missing:
+            raise SystemExit(f"{path} has no format {', '.join(missing)} (it has {', '.join(by_name)})")
+        record = {**record, "formats": [by_name[name] for name in wanted.split(",")]}
+    return record
+
+
 def load_records(paths: list[str]) -> list[dict]:
     files = []
     for p in map(Path, paths):
@@ -211,7 +228,8 @@ def load_records(paths: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("record", nargs="+", help="ptq.bench.infer JSON records (several: of one shape and GPU)")
+    p.add_argument("record", nargs="+", help="ptq.bench.infer JSON records (several: of one shape and GPU); "
+                   "RECORD:fmt,fmt takes only those formats of it")  # fmt: skip
     p.add_argument("--price-per-gpu-hour", type=float, required=True)
     p.add_argument("--context", type=int, default=2048, help="tokens of KV cache each sequence holds")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="when the record does not say")
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.price_per_gpu_hour <= 0 or args.context < 1:
         raise SystemExit("--price-per-gpu-hour must be positive and --context at least 1")
-    record = merge_records([json.loads(Path(path).read_text()) for path in args.record])
+    record = merge_records([read_record(argument) for argument in args.record])
     gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
     report(record, args.price_per_gpu_hour, args.context, gpu, load_records(args.quality),
            Path(args.out) if args.out else None, args.decode)  # fmt: skip
