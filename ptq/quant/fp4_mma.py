@@ -7,13 +7,13 @@ its column, and its mma.sync register (u, j) holds codes j and j + 4 of the colu
 words lie along K in memory (``pack_nibbles``: code i of a word at bits 4i..4i + 3), so a lane's two words are 8
 contiguous bytes, and its 16 inputs are exactly one NVFP4 block: one scale per lane, column and chunk.
 
-Decoding a pair (codes j and j + 4, at bits 4j and 4j + 16 of the word, so in the two 16-bit halves alike): one shift
-moves both codes' e1 e0 m to bits 8..6 of their half (a bf16's two low exponent bits and its first mantissa bit),
-another moves both signs to bit 15, one LOP3 joins them. That bf16 is the E2M1 value times 2^-126 (e = 0: the
-subnormal m 2^-127; e > 0: 2^(e - 127) (1 + m/2)). One fma.bf16x2 multiplies it by the block scale times 2^118:
-the product, the weight times 2^-8, is exact (two significant bits times the scale's four) and normal for every
-E4M3 scale. So the tensor cores sum the scaled weights over the whole K in fp32, and the program multiplies by
-2^8 over the global scale once, at the end: no per-block work on the CUDA cores beyond the fma.
+Decoding a pair (codes j and j + 4, at bits 4j and 4j + 16 of the word, so in the two 16-bit halves alike): a shift
+and a mask move both codes' e1 e0 m to bits 8..6 of their half (a bf16's two low exponent bits and its first
+mantissa bit), another shift moves both signs to bit 15, one LOP3 joins them. That bf16 is the E2M1 value times
+2^-126 (e = 0: the subnormal m 2^-127; e > 0: 2^(e - 127) (1 + m/2)). One fma.bf16x2 multiplies it by the block
+scale times 2^118: the product, the weight times 2^-8, is exact (two significant bits times the scale's four) and
+normal for every E4M3 scale. So the tensor cores sum the scaled weights over the whole K in fp32, and the program
+multiplies by 2^8 over the global scale once, at the end: no per-block work on the CUDA cores beyond the fma.
 """
 
 from __future__ import annotations
