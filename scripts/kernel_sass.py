@@ -4,6 +4,7 @@
     python scripts/kernel_sass.py --kernel w8 --tiles 8,4:16,4 --fp8
     python scripts/kernel_sass.py --kernel fp4-mma --tiles 32,4:64,4:128,4 --unroll 2
     python scripts/kernel_sass.py --kernel fp4-dequantize --tiles 32,4
+    python scripts/kernel_sass.py --kernel fp4-skinny --tiles 64,4 --mx
 
 Compiles ``ptq.quant.kernels``' ``_fp4_gemv_kernel`` or ``_w8_gemv_kernel`` for sm_90 with Triton's own compiler
 and ptxas (they come with the Triton wheel; no device needed), disassembles it with the wheel's cuobjdump, and
@@ -14,7 +15,9 @@ the benchmark uses); without that the loads are not vectorized and the listing i
 One K tile per program (TILES=1, no split-K), so the count is the loop body plus the program's fixed part.
 ``fp4-mma``: ``ptq.quant.fp4_mma``'s Gluon kernel at one token (16-row MMA blocks), one loop step of ``--unroll``
 64-input chunks per program, counted with the program's fixed part. ``fp4-dequantize``: the many-token path's NVFP4
-dequantize kernel (``--tiles`` BLOCK_N,num_warps; 128 codes per row of a tile), one tile per program.
+dequantize kernel (``--tiles`` BLOCK_N,num_warps; 128 codes per row of a tile), one tile per program. ``fp4-skinny``:
+the few-token tile for FP4 weights that the MMA tile does not take (``--mx``: MXFP4's E8M0 blocks of 32, else NVFP4's
+E4M3 blocks of 16), 16 rows, one K tile of 128.
 """
 
 import argparse
@@ -77,6 +80,28 @@ def compile_fp4_dequantize(block_n: int, warps: int):
     return compiled, block_n * 128 // (32 * warps)
 
 
+def compile_fp4_skinny(block_n: int, warps: int, mx: bool):
+    """``kernels._skinny_kernel``'s FP4 tile (16 rows, BLOCK_K 128, one K tile) compiled for sm_90, and the codes each
+    thread decodes."""
+    import triton.language as tl
+
+    block_k = 128
+    signature = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8" if mx else "*fp8e4nv", "z_ptr": "*u8", "g_ptr": "*u8",
+                 "ts_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_w": "i32",
+                 "stride_s": "i32", "group": "i32"}  # fmt: skip
+    constants = dict(WEIGHT=kernels.FP4, ACT=0, ACT_ORDER=False,
+                     SCALE_KIND=kernels.SCALE_E8M0 if mx else kernels.SCALE_E4M3, DOT=tl.bfloat16, BLOCK_M=16,
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, QMAX=1.0, TILES=1, ROW_TILES=1, NIBBLE_DOTS=False,
+                     CODES=False, INT_DOT=False, SWAP=False, FP4_BLOCK=32 if mx else 16)  # fmt: skip
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(kernels._skinny_kernel, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled, block_n * block_k // (32 * warps)
+
+
 def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
     """The kernel compiled for sm_90 at one tile, and the weight codes each thread handles per K tile."""
     if kind == "fp4":
@@ -109,10 +134,11 @@ def opcodes(cubin: bytes) -> collections.Counter:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", choices=("fp4", "w8", "fp4-mma", "fp4-dequantize"), default="fp4")
+    p.add_argument("--kernel", choices=("fp4", "w8", "fp4-mma", "fp4-dequantize", "fp4-skinny"), default="fp4")
     p.add_argument("--tiles", default="4,4:8,4:8,2", help="BLOCK_N,num_warps pairs separated by ':'")
     p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
     p.add_argument("--unroll", type=int, default=2, help="fp4-mma: 64-input chunks per loop step")
+    p.add_argument("--mx", action="store_true", help="fp4-skinny: MXFP4 (default NVFP4)")
     args = p.parse_args()
     for tile in args.tiles.split(":"):
         block_n, warps = (int(v) for v in tile.split(","))
@@ -120,6 +146,8 @@ def main():
             compiled, codes = compile_fp4_mma(block_n, warps, args.unroll)
         elif args.kernel == "fp4-dequantize":
             compiled, codes = compile_fp4_dequantize(block_n, warps)
+        elif args.kernel == "fp4-skinny":
+            compiled, codes = compile_fp4_skinny(block_n, warps, args.mx)
         else:
             compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
         counts = opcodes(compiled.asm["cubin"])

@@ -242,7 +242,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr, QMAX: tl.constexpr, TILES: tl.constexpr, ROW_TILES: tl.constexpr,
         NIBBLE_DOTS: tl.constexpr, CODES: tl.constexpr, INT_DOT: tl.constexpr, SWAP: tl.constexpr,
         ROUNDS: tl.constexpr = False, SCALE_K: tl.constexpr = 128, SCALE_TILES: tl.constexpr = 1,
-        ONE_ROW: tl.constexpr = False,
+        ONE_ROW: tl.constexpr = False, FP4_BLOCK: tl.constexpr = 0,
     ):  # fmt: skip
         # Loop counts are compile-time constants (TILES = cdiv(K, BLOCK_K * SPLIT_K)): a few per model, and
         # Triton's interpreter cannot loop over a run-time count with recent numpy.
@@ -299,9 +299,21 @@ if triton is not None:
                 x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + ko[None, :], mask=xm & (ko < K)[None, :], other=0.0)
                 wmask = (ke < K)[:, None] & mask_n[None, :]
                 packed = tl.load(w_ptr + rn[None, :] * stride_w + rb[:, None], mask=wmask, other=0).to(tl.int32)
-                scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + (ke // group)[:, None], wmask, SCALE_KIND)
-                w_even = (_fp4_values(packed & 15) * scale).to(DOT)
-                w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
+                if FP4_BLOCK:  # whole blocks per tile: each block's scale loaded once, for its FP4_BLOCK / 2 bytes
+                    blocks: tl.constexpr = BLOCK_K // FP4_BLOCK
+                    rs = k0 // FP4_BLOCK + tl.arange(0, blocks)
+                    smask = (rs * FP4_BLOCK < K)[:, None] & mask_n[None, :]
+                    scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + rs[:, None], smask, SCALE_KIND)
+                    scale = scale[:, None, :]
+                    shape: tl.constexpr = [blocks, FP4_BLOCK // 2, BLOCK_N]
+                    w_even = tl.reshape(tl.reshape(_fp4_values(packed & 15), shape) * scale, [BLOCK_K // 2, BLOCK_N])
+                    w_odd = tl.reshape(tl.reshape(_fp4_values(packed >> 4), shape) * scale, [BLOCK_K // 2, BLOCK_N])
+                    w_even, w_odd = w_even.to(DOT), w_odd.to(DOT)
+                else:
+                    scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + (ke // group)[:, None], wmask,
+                                        SCALE_KIND)  # fmt: skip
+                    w_even = (_fp4_values(packed & 15) * scale).to(DOT)
+                    w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
                 acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
                 acc += tl.dot(x_odd.to(DOT), w_odd, input_precision="ieee")
             elif NIBBLE_DOTS:  # INT4 in one group per tile: x's columns 8 apart against one nibble of every word,
@@ -1101,6 +1113,7 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
                              INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant,
+                             FP4_BLOCK=group if weight == FP4 and group in (16, 32) and block_k % group == 0 else 0,
                              **(_rounding_tiles(k, block_k, block_m, m) if rounds else {}), **common)  # fmt: skip
     return y
 
