@@ -80,7 +80,7 @@ def compile_fp4_dequantize(block_n: int, warps: int):
     return compiled, block_n * 128 // (32 * warps)
 
 
-def compile_fp4_skinny(block_n: int, warps: int, mx: bool):
+def compile_fp4_skinny(block_n: int, warps: int, mx: bool, per_code_scales: bool = False):
     """``kernels._skinny_kernel``'s FP4 tile (16 rows, BLOCK_K 128, one K tile) compiled for sm_90, and the codes each
     thread decodes."""
     import triton.language as tl
@@ -93,7 +93,8 @@ def compile_fp4_skinny(block_n: int, warps: int, mx: bool):
     constants = dict(WEIGHT=kernels.FP4, ACT=0, ACT_ORDER=False,
                      SCALE_KIND=kernels.SCALE_E8M0 if mx else kernels.SCALE_E4M3, DOT=tl.bfloat16, BLOCK_M=16,
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, QMAX=1.0, TILES=1, ROW_TILES=1, NIBBLE_DOTS=False,
-                     CODES=False, INT_DOT=False, SWAP=False, FP4_BLOCK=32 if mx else 16)  # fmt: skip
+                     CODES=False, INT_DOT=False, SWAP=False,
+                     FP4_BLOCK=0 if per_code_scales else 32 if mx else 16)  # fmt: skip
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
     signature.update({name: "constexpr" for name in constants})
@@ -139,6 +140,11 @@ def main():
     p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
     p.add_argument("--unroll", type=int, default=2, help="fp4-mma: 64-input chunks per loop step")
     p.add_argument("--mx", action="store_true", help="fp4-skinny: MXFP4 (default NVFP4)")
+    p.add_argument(
+        "--per-code-scales",
+        action="store_true",
+        help="fp4-skinny: each code gathers its own block scale (FP4_BLOCK=0, the form before session 26)",
+    )
     args = p.parse_args()
     for tile in args.tiles.split(":"):
         block_n, warps = (int(v) for v in tile.split(","))
@@ -147,7 +153,7 @@ def main():
         elif args.kernel == "fp4-dequantize":
             compiled, codes = compile_fp4_dequantize(block_n, warps)
         elif args.kernel == "fp4-skinny":
-            compiled, codes = compile_fp4_skinny(block_n, warps, args.mx)
+            compiled, codes = compile_fp4_skinny(block_n, warps, args.mx, args.per_code_scales)
         else:
             compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
         counts = opcodes(compiled.asm["cubin"])
