@@ -46,11 +46,23 @@ def _signature(kind: str, fp8: bool) -> dict[str, str]:
             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "stride_w": "i32"}  # fmt: skip
 
 
+def compile_sm90(fn, signature: dict, constants: dict, warps: int, unaligned: tuple = (), gluon: bool = False):
+    """``fn`` compiled for sm_90 with the launch's specializations: every argument but ``unaligned`` declared
+    divisible by 16, the constants as constexprs."""
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in unaligned}
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source_kind
+    else:
+        source_kind = ASTSource
+    source = source_kind(fn, {**signature, **{name: "constexpr" for name in constants}}, constexprs=constants,
+                         attrs=attrs)  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
 def compile_fp4_mma(block_n: int, warps: int, unroll: int):
     """``fp4_mma._fp4_mma_kernel`` compiled for sm_90 at one token (N = 4096, K one loop step, no split-K), and the
     codes each thread decodes per loop step."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     cols, n, k = block_n // (8 * warps), 4096, 64 * unroll
     signature = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "y_ptr": "*bf16",
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32"}  # fmt: skip
@@ -58,11 +70,7 @@ def compile_fp4_mma(block_n: int, warps: int, unroll: int):
                      BLOCK_M=16, COLS=cols, WARPS=warps, UNROLL=unroll, STAGES=1,
                      WORD_LAYOUT=fp4_mma.word_layout(warps, cols), WORD3_LAYOUT=fp4_mma.word3_layout(warps, cols),
                      X_LAYOUT=int4_mma.x_layout(warps, 16, 1), SMEM_LAYOUT=int4_mma.SMEM_LAYOUT)  # fmt: skip
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
-    signature.update({name: "constexpr" for name in constants})
-    source = GluonASTSource(fp4_mma._fp4_mma_kernel, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = compile_sm90(fp4_mma._fp4_mma_kernel, signature, constants, warps, ("ts_ptr", "M"), gluon=True)
     return compiled, 16 * cols * unroll
 
 
@@ -70,17 +78,13 @@ def compile_fp4_dequantize(block_n: int, warps: int):
     """``kernels._dequantize_fp4_kernel`` for NVFP4 (blocks of 16, each tile's scales once per block) compiled for
     sm_90, and the codes each thread writes."""
     signature = {"w_ptr": "*u8", "s_ptr": "*fp8e4nv", "ts_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-                 "B": "i32", "stride_w": "i32", "stride_s": "i32", "group": "i32"}  # fmt: skip
+                 "B": "i32", "stride_w": "i32", "stride_s": "i32"}  # fmt: skip
     constants = dict(SCALE_KIND=kernels.SCALE_E4M3, BLOCK_N=block_n, BLOCK_B=64, GROUP=16)
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "group")}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(kernels._dequantize_fp4_kernel, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = compile_sm90(kernels._dequantize_fp4_kernel, signature, constants, warps, ("ts_ptr",))
     return compiled, block_n * 128 // (32 * warps)
 
 
-def compile_fp4_skinny(block_n: int, warps: int, mx: bool, per_code_scales: bool = False):
+def compile_fp4_skinny(block_n: int, warps: int, mx: bool):
     """``kernels._skinny_kernel``'s FP4 tile (16 rows, BLOCK_K 128, one K tile) compiled for sm_90, and the codes each
     thread decodes."""
     import triton.language as tl
@@ -93,13 +97,8 @@ def compile_fp4_skinny(block_n: int, warps: int, mx: bool, per_code_scales: bool
     constants = dict(WEIGHT=kernels.FP4, ACT=0, ACT_ORDER=False,
                      SCALE_KIND=kernels.SCALE_E8M0 if mx else kernels.SCALE_E4M3, DOT=tl.bfloat16, BLOCK_M=16,
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, QMAX=1.0, TILES=1, ROW_TILES=1, NIBBLE_DOTS=False,
-                     CODES=False, INT_DOT=False, SWAP=False,
-                     FP4_BLOCK=0 if per_code_scales else 32 if mx else 16)  # fmt: skip
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("ts_ptr", "M")}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(kernels._skinny_kernel, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                     CODES=False, INT_DOT=False, SWAP=False, FP4_BLOCK=32 if mx else 16)  # fmt: skip
+    compiled = compile_sm90(kernels._skinny_kernel, signature, constants, warps, ("ts_ptr", "M"))
     return compiled, block_n * block_k // (32 * warps)
 
 
@@ -114,13 +113,7 @@ def compile_tile(kind: str, block_n: int, warps: int, fp8: bool = False):
         act = kernels.ACT_FP8 if fp8 else kernels.ACT_INT8
         constants = dict(ACT=act, QMAX=kernels.QMAX[act], BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1, TILES=1,
                          ROW_TILES=1, INT_SUMS=not fp8, CODES=True, EVEN=True, STAGES=1)  # fmt: skip
-    signature = _signature(kind, fp8)
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "ts_ptr"}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return compiled, block_n * block_k // (32 * warps)
+    return compile_sm90(fn, _signature(kind, fp8), constants, warps, ("ts_ptr",)), block_n * block_k // (32 * warps)
 
 
 def opcodes(cubin: bytes) -> collections.Counter:
@@ -140,11 +133,6 @@ def main():
     p.add_argument("--fp8", action="store_true", help="w8: E4M3 weights and activations (default int8)")
     p.add_argument("--unroll", type=int, default=2, help="fp4-mma: 64-input chunks per loop step")
     p.add_argument("--mx", action="store_true", help="fp4-skinny: MXFP4 (default NVFP4)")
-    p.add_argument(
-        "--per-code-scales",
-        action="store_true",
-        help="fp4-skinny: each code gathers its own block scale (FP4_BLOCK=0, the form before session 26)",
-    )
     args = p.parse_args()
     for tile in args.tiles.split(":"):
         block_n, warps = (int(v) for v in tile.split(","))
@@ -153,7 +141,7 @@ def main():
         elif args.kernel == "fp4-dequantize":
             compiled, codes = compile_fp4_dequantize(block_n, warps)
         elif args.kernel == "fp4-skinny":
-            compiled, codes = compile_fp4_skinny(block_n, warps, args.mx, args.per_code_scales)
+            compiled, codes = compile_fp4_skinny(block_n, warps, args.mx)
         else:
             compiled, codes = compile_tile(args.kernel, block_n, warps, args.fp8)
         counts = opcodes(compiled.asm["cubin"])

@@ -148,17 +148,13 @@ if gluon is not None:
         int4_mma.store_tile(total, y_ptr, ws_ptr, cnt_ptr, out_cols, M, N, STRIDE_Y, SPLIT_K, BLOCK_M)
 
 
-def _bits(n: int) -> int:
-    return int4_mma._bits(n)
-
-
 def word_layout(warps: int, cols: int):
     """A chunk's words [BLOCK_N, 16] int16 (a column's 8 words as 16 halves): lane (c, q) of warp w holds halves
     4c..4c + 3 (words 2c, 2c + 1: 8 contiguous bytes) of columns q + 8 w + 8 WARPS t, t < COLS."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2]] + [[8 * warps * 2**i, 0] for i in range(_bits(cols))],
+        reg_bases=[[0, 1], [0, 2]] + [[8 * warps * 2**i, 0] for i in range(int4_mma._bits(cols))],
         lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[8 * 2**i, 0] for i in range(_bits(warps))],
+        warp_bases=[[8 * 2**i, 0] for i in range(int4_mma._bits(warps))],
         block_bases=[],
         shape=[8 * cols * warps, 16],
     )
@@ -167,9 +163,9 @@ def word_layout(warps: int, cols: int):
 def word3_layout(warps: int, cols: int):
     """The same words seen as [BLOCK_N columns, 8 words, 2 halves]."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 1, 0]] + [[8 * warps * 2**i, 0, 0] for i in range(_bits(cols))],
+        reg_bases=[[0, 0, 1], [0, 1, 0]] + [[8 * warps * 2**i, 0, 0] for i in range(int4_mma._bits(cols))],
         lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[8 * 2**i, 0, 0] for i in range(_bits(warps))],
+        warp_bases=[[8 * 2**i, 0, 0] for i in range(int4_mma._bits(warps))],
         block_bases=[],
         shape=[8 * cols * warps, 8, 2],
     )

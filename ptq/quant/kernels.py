@@ -299,21 +299,15 @@ if triton is not None:
                 x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + ko[None, :], mask=xm & (ko < K)[None, :], other=0.0)
                 wmask = (ke < K)[:, None] & mask_n[None, :]
                 packed = tl.load(w_ptr + rn[None, :] * stride_w + rb[:, None], mask=wmask, other=0).to(tl.int32)
-                if FP4_BLOCK:  # whole blocks per tile: each block's scale loaded once, for its FP4_BLOCK / 2 bytes
-                    blocks: tl.constexpr = BLOCK_K // FP4_BLOCK
-                    rs = k0 // FP4_BLOCK + tl.arange(0, blocks)
-                    smask = (rs * FP4_BLOCK < K)[:, None] & mask_n[None, :]
-                    scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + rs[:, None], smask, SCALE_KIND)
-                    scale = scale[:, None, :]
-                    shape: tl.constexpr = [blocks, FP4_BLOCK // 2, BLOCK_N]
-                    w_even = tl.reshape(tl.reshape(_fp4_values(packed & 15), shape) * scale, [BLOCK_K // 2, BLOCK_N])
-                    w_odd = tl.reshape(tl.reshape(_fp4_values(packed >> 4), shape) * scale, [BLOCK_K // 2, BLOCK_N])
-                    w_even, w_odd = w_even.to(DOT), w_odd.to(DOT)
-                else:
-                    scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + (ke // group)[:, None], wmask,
-                                        SCALE_KIND)  # fmt: skip
-                    w_even = (_fp4_values(packed & 15) * scale).to(DOT)
-                    w_odd = (_fp4_values(packed >> 4) * scale).to(DOT)
+                # the tile holds whole blocks (FP4_BLOCK inputs): each block's scale loaded once, for its bytes
+                blocks: tl.constexpr = BLOCK_K // FP4_BLOCK
+                rs = k0 // FP4_BLOCK + tl.arange(0, blocks)
+                smask = (rs * FP4_BLOCK < K)[:, None] & mask_n[None, :]
+                scale = _fp4_scales(s_ptr, ts_ptr, rn[None, :] * stride_s + rs[:, None], smask, SCALE_KIND)[:, None, :]
+                shape: tl.constexpr = [blocks, FP4_BLOCK // 2, BLOCK_N]
+                w_even = tl.reshape(tl.reshape(_fp4_values(packed & 15), shape) * scale, [BLOCK_K // 2, BLOCK_N])
+                w_odd = tl.reshape(tl.reshape(_fp4_values(packed >> 4), shape) * scale, [BLOCK_K // 2, BLOCK_N])
+                w_even, w_odd = w_even.to(DOT), w_odd.to(DOT)
                 acc += tl.dot(x_even.to(DOT), w_even, input_precision="ieee")
                 acc += tl.dot(x_odd.to(DOT), w_odd, input_precision="ieee")
             elif NIBBLE_DOTS:  # INT4 in one group per tile: x's columns 8 apart against one nibble of every word,
@@ -803,15 +797,14 @@ if triton is not None:
         tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, B, stride_w, stride_s, group,
-                               SCALE_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                               GROUP: tl.constexpr = 0):  # fmt: skip
+    def _dequantize_fp4_kernel(w_ptr, s_ptr, ts_ptr, out_ptr, N, K, B, stride_w, stride_s, SCALE_KIND: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
         """FP4 nibbles [N, B = ceil(K/2)] with block scales -> dequantized [N, K] in the output's dtype. The
         codes are put back in K order (low nibble first) before anything else, so that the output's columns
         are one contiguous range per tile: wide stores along each row (interleaved even and odd stores, or
-        the byte's column order, would write two bytes per 32-byte sector). GROUP (the block size, when a tile
-        holds whole blocks): each block's scale is loaded and converted once and multiplies its GROUP codes;
-        otherwise every code gathers its own."""
+        the byte's column order, would write two bytes per 32-byte sector). GROUP: the block size (16 or 32, so a
+        tile's 2 BLOCK_B codes per row are whole blocks); each block's scale is loaded and converted once and
+        multiplies its GROUP codes."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         packed = tl.load(w_ptr + rn[:, None] * stride_w + rb[None, :], mask=(rn < N)[:, None] & (rb < B)[None, :],
@@ -819,16 +812,12 @@ if triton is not None:
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, 2 * BLOCK_B])
         kk = tl.program_id(1) * 2 * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
         mask = (rn < N)[:, None] & (kk < K)[None, :]
-        if GROUP:
-            blocks: tl.constexpr = 2 * BLOCK_B // GROUP
-            rs = tl.program_id(1) * blocks + tl.arange(0, blocks)
-            scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + rs[None, :],
-                                (rn < N)[:, None] & (rs * GROUP < K)[None, :], SCALE_KIND)  # fmt: skip
-            values = tl.reshape(_fp4_values(codes), [BLOCK_N, blocks, GROUP]) * scale[:, :, None]
-            values = tl.reshape(values, [BLOCK_N, 2 * BLOCK_B])
-        else:
-            scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + (kk // group)[None, :], mask, SCALE_KIND)
-            values = _fp4_values(codes) * scale
+        blocks: tl.constexpr = 2 * BLOCK_B // GROUP
+        rs = tl.program_id(1) * blocks + tl.arange(0, blocks)
+        scale = _fp4_scales(s_ptr, ts_ptr, rn[:, None] * stride_s + rs[None, :],
+                            (rn < N)[:, None] & (rs * GROUP < K)[None, :], SCALE_KIND)  # fmt: skip
+        values = tl.reshape(_fp4_values(codes), [BLOCK_N, blocks, GROUP]) * scale[:, :, None]
+        values = tl.reshape(values, [BLOCK_N, 2 * BLOCK_B])
         tl.store(out_ptr + rn[:, None] * K + kk[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1114,9 +1103,17 @@ def _launch(config, x, w, scale, zero, g_idx, tensor_scale, n, k, strides, group
                              strides[1], group, DOT=_dot_dtype(y), BLOCK_M=block_m,
                              NIBBLE_DOTS=NIBBLE in variant and not act_order, CODES=codes,
                              INT_DOT=codes and _int8_products(act, w), SWAP=SWAP in variant,
-                             FP4_BLOCK=group if weight == FP4 and group in (16, 32) and block_k % group == 0 else 0,
+                             FP4_BLOCK=_fp4_block(group, block_k) if weight == FP4 else 0,
                              **(_rounding_tiles(k, block_k, block_m, m) if rounds else {}), **common)  # fmt: skip
     return y
+
+
+def _fp4_block(group: int, k_per_tile: int) -> int:
+    """An FP4 format's block size (``WeightSpec`` holds NVFP4 to 16 and MX to 32), checked to tile ``k_per_tile``:
+    the FP4 kernels load one scale per block of a tile."""
+    if group not in (16, 32) or k_per_tile % group:
+        raise ValueError(f"FP4 blocks of {group} do not tile {k_per_tile} inputs: the kernels take blocks of 16 or 32")
+    return group
 
 
 def _rounding_tiles(k: int, block_k: int, block_m: int, m: int) -> dict:
@@ -1457,11 +1454,9 @@ def _dequantize_fp4(codes, scale, tensor_scale, k, group, scale_kind, dtype) -> 
     n = codes.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, 32), triton.cdiv(codes.shape[1], 64))
-    whole_blocks = group in (16, 32, 64, 128)  # blocks that tile the 128 codes of a tile's row
     _dequantize_fp4_kernel[grid](codes, scale, scale if tensor_scale is None else tensor_scale, out, n, k,
-                                 codes.shape[1], codes.stride(0), scale.stride(0), group, SCALE_KIND=scale_kind,
-                                 BLOCK_N=32, BLOCK_B=64, GROUP=group if whole_blocks else 0,
-                                 num_warps=4)  # fmt: skip
+                                 codes.shape[1], codes.stride(0), scale.stride(0), SCALE_KIND=scale_kind,
+                                 BLOCK_N=32, BLOCK_B=64, GROUP=_fp4_block(group, 128), num_warps=4)  # fmt: skip
     return out
 
 
