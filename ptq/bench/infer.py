@@ -30,9 +30,10 @@ overhead, ~30 ms per step for 32 layers, hides the kernels) and replayed from a 
 static KV cache (the kernels' own speed, as serving engines run them); with ``--compile`` a third time, the
 step compiled by torch.compile (its elementwise kernels fused) and captured the same way; the prefill likewise
 (``prefill_compiled_*``). Decode attention is ``ptq.attention``'s by default (the query heads that share a
-key/value head attend as that head's queries, so the GQA cache is never copied: ``triton`` through ptq's kernel,
-the default, ``packed`` through SDPA; ``--attention sdpa``: transformers' own, which copies it on a static
-cache), the same for every format.
+key/value head attend as that head's queries, so the GQA cache is never copied: ``fused``, the default, through
+ptq's kernel, which also rotates the new token and writes it into the cache; ``triton`` the kernel alone,
+``packed`` through SDPA; ``--attention sdpa``: transformers' own, which copies it on a static cache), the same for
+every format.
 """
 
 from __future__ import annotations
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="record the kernels of one eager decode step and one prefill")
     p.add_argument("--compile", action="store_true", help="also time the graphed decode of the torch.compile'd model")
-    p.add_argument("--attention", default="triton", choices=[*ATTENTION_KINDS, "sdpa"],
+    p.add_argument("--attention", default="fused", choices=[*ATTENTION_KINDS, "sdpa"],
                    help="decode attention: ptq.attention's (GQA heads not copied) or transformers' sdpa")  # fmt: skip
     p.add_argument("--no-fuse", action="store_true",
                    help="keep the layers as stored: q, k, v and gate, up apart, act-order inputs unsorted")  # fmt: skip
